@@ -1,0 +1,1 @@
+"""Triton kernels with pure-torch references beside them (shipped as qtune.kernels)."""

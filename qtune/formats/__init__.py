@@ -1,0 +1,1 @@
+"""File formats: tensors to bytes and names (GGUF, GPTQ, AWQ), with no quantization math."""

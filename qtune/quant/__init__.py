@@ -1,0 +1,1 @@
+"""Quantization math: pure functions from tensors to tensors, with no file formats."""
