@@ -1,0 +1,349 @@
+"""Fused QLoRA linear over a bitsandbytes NF4 weight, and a patch that routes peft's LoRA layers through it.
+
+    y = x @ dequant(W)^T + bias + scaling * (dropout(x) @ A^T) @ B^T
+
+The backward dequantizes W again instead of keeping the [out, in] weight alive between forward and
+backward, and returns gradients for x, A, B and the bias, never for W. Dropout is applied outside
+(the caller passes x_lora = dropout(x)), so any LoRA dropout works and autograd routes its gradient.
+
+Dtypes follow bitsandbytes' Linear4bit + peft's LoRA Linear4bit exactly:
+  base = linear(x.to(compute_dtype), W (dequantized to compute_dtype), bias).to(x.dtype)
+  lora = (linear(linear(x_lora.to(A.dtype), A), B) * scaling).to(x.dtype)
+  y    = base + lora
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .nf4 import dequantize_nf4, dequantize_nf4_reference
+
+# ---------------------------------------------------------------------------------------------
+# NF4 weight as plain custom-op arguments (custom ops take tensors and scalars, not QuantState).
+
+
+class _NF4StateView:
+    """Duck-types the bitsandbytes QuantState attributes that dequantize_nf4 reads."""
+
+    quant_type = "nf4"
+
+    def __init__(
+        self,
+        absmax: torch.Tensor,
+        nested_absmax: Optional[torch.Tensor],
+        nested_code: Optional[torch.Tensor],
+        offset: Optional[torch.Tensor],
+        blocksize: int,
+        nested_blocksize: int,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+    ):
+        self.absmax, self.offset, self.blocksize = absmax, offset, blocksize
+        self.shape, self.dtype = torch.Size(shape), dtype
+        self.nested = nested_absmax is not None
+        self.state2 = (
+            types.SimpleNamespace(absmax=nested_absmax, code=nested_code, blocksize=nested_blocksize)
+            if self.nested
+            else None
+        )
+
+
+def nf4_weight_args(packed: torch.Tensor, quant_state: Any) -> tuple:
+    """(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features, in_features)."""
+    if quant_state.quant_type != "nf4" or len(quant_state.shape) != 2:
+        raise ValueError("expected a 2-D NF4 weight")
+    if quant_state.nested:
+        state2 = quant_state.state2
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device).reshape(1)
+        nested = (state2.absmax, state2.code, offset, int(state2.blocksize))
+    else:
+        nested = (None, None, None, 1)
+    out_features, in_features = (int(d) for d in quant_state.shape)
+    return (packed, quant_state.absmax, *nested[:3], int(quant_state.blocksize), nested[3], out_features, in_features)
+
+
+@torch.library.custom_op("qtune::dequantize_nf4", mutates_args=())
+def dequantize_nf4_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    state = _NF4StateView(
+        absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, (out_features, in_features), dtype
+    )
+    return dequantize_nf4(packed, state, dtype, backend).reshape(out_features, in_features)
+
+
+@dequantize_nf4_op.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features, in_features, dtype, backend):
+    return packed.new_empty((out_features, in_features), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward math, shared by the autograd.Function and the custom op.
+
+
+def _qlora_forward(x, x_lora, weight, lora_A, lora_B, bias, scaling, compute_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y, x_lora @ A^T); the second is kept for backward (it is [tokens, r], small)."""
+    base = F.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype)).to(x.dtype)
+    xa = F.linear(x_lora.to(lora_A.dtype), lora_A)
+    lora = (F.linear(xa, lora_B) * scaling).to(x.dtype)
+    return base + lora, xa
+
+
+def _qlora_backward(grad_y, x_dtype, x_lora, weight_fn, lora_A, lora_B, xa, bias_dtype, scaling, compute_dtype, needs):
+    """needs = (x, x_lora, A, B, bias) flags; weight_fn() dequantizes W again, only if grad x is wanted."""
+    need_x, need_x_lora, need_A, need_B, need_bias = needs
+    grad_x = grad_x_lora = grad_A = grad_B = grad_bias = None
+    grad_base = grad_y.to(compute_dtype)
+    if need_x:
+        grad_x = (grad_base @ weight_fn()).to(x_dtype)
+    if need_bias:
+        grad_bias = grad_base.reshape(-1, grad_base.shape[-1]).sum(0).to(bias_dtype)
+    if need_x_lora or need_A or need_B:
+        grad_lora = grad_y.to(lora_A.dtype) * scaling  # [.., out]
+        grad_lora_2d = grad_lora.reshape(-1, grad_lora.shape[-1])
+        if need_B:
+            grad_B = grad_lora_2d.t() @ xa.reshape(-1, xa.shape[-1])
+        grad_xa = grad_lora @ lora_B  # [.., r]
+        if need_A:
+            grad_A = grad_xa.reshape(-1, grad_xa.shape[-1]).t() @ x_lora.to(lora_A.dtype).reshape(-1, x_lora.shape[-1])
+        if need_x_lora:
+            grad_x_lora = (grad_xa @ lora_A).to(x_lora.dtype)
+    return grad_x, grad_x_lora, grad_A, grad_B, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom op (what torch.compile sees) with its autograd formula.
+
+
+@torch.library.custom_op("qtune::qlora_linear", mutates_args=())
+def qlora_linear_op(
+    x: torch.Tensor,
+    x_lora: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    out_features: int,
+    in_features: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scaling: float,
+    compute_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        weight = dequantize_nf4_op(
+            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+            out_features, in_features, compute_dtype, backend,
+        )  # fmt: skip
+        return _qlora_forward(x, x_lora, weight, lora_A, lora_B, bias, scaling, compute_dtype)[0]
+
+
+@qlora_linear_op.register_fake
+def _(x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+      out_features, in_features, lora_A, lora_B, bias, scaling, compute_dtype, backend):  # fmt: skip
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+     out_features, in_features, lora_A, lora_B, bias, scaling, compute_dtype, backend) = inputs  # fmt: skip
+    # x itself is not saved: only its dtype is needed; x_lora is what grad A needs.
+    ctx.save_for_backward(x_lora, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B)
+    ctx.meta = (x.dtype, blocksize, nested_blocksize, out_features, in_features,
+                None if bias is None else bias.dtype, scaling, compute_dtype, backend)  # fmt: skip
+
+
+def _op_backward(ctx, grad_y):
+    x_lora, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B = ctx.saved_tensors
+    (x_dtype, blocksize, nested_blocksize, out_features, in_features,
+     bias_dtype, scaling, compute_dtype, backend) = ctx.meta  # fmt: skip
+    needs = ctx.needs_input_grad
+    with torch.autocast(grad_y.device.type, enabled=False):
+
+        def weight_fn():
+            return torch.ops.qtune.dequantize_nf4(
+                packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                out_features, in_features, compute_dtype, backend,
+            )  # fmt: skip
+
+        xa = F.linear(x_lora.to(lora_A.dtype), lora_A)  # recomputed: [tokens, r], cheap
+        grads = _qlora_backward(
+            grad_y, x_dtype, x_lora, weight_fn, lora_A, lora_B, xa, bias_dtype, scaling,
+            compute_dtype, (needs[0], needs[1], needs[11], needs[12], needs[13]),
+        )  # fmt: skip
+    grad_x, grad_x_lora, grad_A, grad_B, grad_bias = grads
+    return (grad_x, grad_x_lora) + (None,) * 9 + (grad_A, grad_B, grad_bias, None, None, None)
+
+
+qlora_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    x_lora: torch.Tensor,
+    packed: torch.Tensor,
+    quant_state: Any,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = linear(x, dequant(W), bias) + scaling * linear(linear(x_lora, A), B), as the torch custom op.
+
+    x_lora is dropout(x) (pass x itself when LoRA dropout is 0). compute_dtype defaults to x.dtype.
+    backend picks the dequant implementation (see dequantize_nf4).
+    """
+    return qlora_linear_op(
+        x, x_lora, *nf4_weight_args(packed, quant_state), lora_A, lora_B, bias, float(scaling),
+        compute_dtype or x.dtype, backend,
+    )  # fmt: skip
+
+
+class QLoRALinearFunction(torch.autograd.Function):
+    """The same computation as a plain autograd.Function (eager only; torch.compile wants qlora_linear)."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, packed, quant_state, lora_A, lora_B, bias, scaling, compute_dtype, backend):
+        compute_dtype = compute_dtype or x.dtype
+        weight = dequantize_nf4(packed, quant_state, compute_dtype, backend).reshape(quant_state.shape)
+        y, xa = _qlora_forward(x, x_lora, weight, lora_A, lora_B, bias, scaling, compute_dtype)
+        del weight  # the point: backward dequantizes again rather than holding [out, in]
+        ctx.save_for_backward(x_lora, packed, lora_A, lora_B, xa)
+        ctx.quant_state, ctx.x_dtype, ctx.scaling = quant_state, x.dtype, scaling
+        ctx.compute_dtype, ctx.backend = compute_dtype, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_lora, packed, lora_A, lora_B, xa = ctx.saved_tensors
+        qs = ctx.quant_state
+
+        def weight_fn():
+            return dequantize_nf4(packed, qs, ctx.compute_dtype, ctx.backend).reshape(qs.shape)
+
+        needs = ctx.needs_input_grad
+        grads = _qlora_backward(
+            grad_y, ctx.x_dtype, x_lora, weight_fn, lora_A, lora_B, xa,
+            ctx.bias_dtype, ctx.scaling, ctx.compute_dtype, (needs[0], needs[1], needs[4], needs[5], needs[6]),
+        )  # fmt: skip
+        grad_x, grad_x_lora, grad_A, grad_B, grad_bias = grads
+        return grad_x, grad_x_lora, None, None, grad_A, grad_B, grad_bias, None, None, None
+
+
+def qlora_linear_reference(
+    x: torch.Tensor,
+    x_lora: torch.Tensor,
+    packed: torch.Tensor,
+    quant_state: Any,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Plain autograd through the torch dequant reference and F.linear (the gradient oracle)."""
+    compute_dtype = compute_dtype or x.dtype
+    weight = dequantize_nf4_reference(packed, quant_state, compute_dtype).reshape(quant_state.shape)
+    return _qlora_forward(x, x_lora, weight, lora_A, lora_B, bias, scaling, compute_dtype)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# peft integration.
+
+
+def _fusable(layer: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(adapters) != 1:
+        return False
+    adapter = adapters[0]
+    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
+        return False  # DoRA and other variants keep peft's own path
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        return False
+    weight = layer.get_base_layer().weight
+    quant_state = getattr(weight, "quant_state", None)
+    return (
+        quant_state is not None
+        and quant_state.quant_type == "nf4"
+        and not getattr(quant_state, "packing_format_for_cpu", False)  # bnb's CPU inference repack
+        and len(quant_state.shape) == 2
+    )
+
+
+def _fused_lora_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if not _fusable(self, args, kwargs):
+        return self._qtune_unfused_forward(x, *args, **kwargs)
+    base = self.get_base_layer()
+    adapter = next(a for a in self.active_adapters if a in self.lora_A)
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    compute_dtype = base.compute_dtype or x.dtype
+    lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    dropout = self.lora_dropout[adapter]
+    if torch.is_autocast_enabled(x.device.type):
+        # peft then runs the LoRA matmuls under autocast; the op runs with autocast off, so cast here.
+        autocast_dtype = torch.get_autocast_dtype(x.device.type)
+        lora_A, lora_B = lora_A.to(autocast_dtype), lora_B.to(autocast_dtype)
+        x_lora = dropout(x).to(autocast_dtype)
+    else:
+        x_lora = dropout(x.to(lora_A.dtype))
+    return qlora_linear(
+        x, x_lora, base.weight, base.weight.quant_state, lora_A, lora_B, self.scaling[adapter],
+        bias=base.bias, compute_dtype=compute_dtype, backend=getattr(self, "_qtune_backend", "auto"),
+    )  # fmt: skip
+
+
+def patch_peft_model(model: torch.nn.Module, backend: str = "auto") -> int:
+    """Route every peft LoRA layer over a bitsandbytes NF4 Linear4bit through the fused op.
+
+    Layers fall back to peft's own forward, call by call, when fusion does not apply (several active
+    adapters, DoRA, LoRA bias, merged or disabled adapters, extra forward arguments). Returns the
+    number of layers patched; patching twice is harmless. `unpatch_peft_model` undoes it.
+    """
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear4bit):
+            if "_qtune_unfused_forward" not in module.__dict__:
+                module._qtune_unfused_forward = module.forward
+                module.forward = types.MethodType(_fused_lora_forward, module)
+            module._qtune_backend = backend
+            count += 1
+    return count
+
+
+def unpatch_peft_model(model: torch.nn.Module) -> int:
+    """Restore peft's own forward on layers patched by patch_peft_model; returns how many."""
+    count = 0
+    for module in model.modules():
+        if "_qtune_unfused_forward" in module.__dict__:
+            del module.__dict__["forward"]
+            del module.__dict__["_qtune_unfused_forward"]
+            count += 1
+    return count

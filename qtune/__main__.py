@@ -1,0 +1,5 @@
+import sys
+
+from qtune.cli import main
+
+sys.exit(main())

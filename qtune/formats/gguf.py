@@ -1,0 +1,548 @@
+"""HF checkpoint -> one GGUF file (llama.cpp): tensors, architecture metadata, tokenizer, chat template.
+
+The tensors are quantized by qtune's own ggml quantizers (``qtune.quant.ggml_quants``), with the
+per-tensor types of llama.cpp's mixes (``qtune.quant.ggml_mixes``), written in llama.cpp's tensor
+order. Without an imatrix the result equals, tensor for tensor, what ``llama_model_quantize`` makes
+from our F32 file. Supported architectures: llama, mistral (written as llama) and qwen2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from qtune.errors import QtuneError
+from qtune.quant.ggml_mixes import Fallback, choose_types, llama_tensor_order, quant_mix
+from qtune.quant.ggml_quants import quantize
+
+Q = GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class _Arch:
+    gguf_arch: str
+    permute_qk: bool  # HF rotate-half RoPE layout -> llama.cpp's interleaved pairs
+
+
+# HF model_type -> how llama.cpp's converter writes it
+ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _Arch("llama", permute_qk=True),
+    "mistral": _Arch("llama", permute_qk=True),
+    "qwen2": _Arch("qwen2", permute_qk=False),
+}
+
+_GLOBAL_TENSORS = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+}
+_LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+# llama.cpp identifies a BPE pre-tokenizer by the sha256 of the token ids of this text
+# (get_vocab_base_pre in llama.cpp's convert_hf_to_gguf / conversion/base.py).
+_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
+    "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+# The hashes of the llama / mistral / qwen2 families' tokenizers (from llama.cpp's table).
+PRE_TOKENIZERS: dict[str, str] = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama-3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2 / Qwen2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
+    "0e9433cbbb161f89e264eb32e8e64bfe69e834973ffca5d41d3948a604a3e2a3": "pixtral",
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+
+# When the hash is unknown (a known tokenizer family with another vocabulary), the pre-tokenizer is
+# recognised by its definition: llama.cpp's "pre" selects exactly these split regexes at runtime.
+_PRE_TOKENIZER_REGEXES: dict[str, str] = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    shape: tuple[int, ...]  # numpy order: [rows, n_per_row]
+    qtype: str
+    nbytes: int
+    imatrix: bool  # quantized with importance weights
+
+
+@dataclass
+class GGUFExportReport:
+    path: Path
+    quant: str
+    file_type: int
+    tensors: list[TensorReport] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+    size_bytes: int = 0  # the whole file
+    n_params: int = 0
+    seconds: float = 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Tensor data bits per parameter (llama.cpp's BPW)."""
+        return 8.0 * sum(t.nbytes for t in self.tensors) / max(1, self.n_params)
+
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.qtype] = counts.get(t.qtype, 0) + 1
+        return counts
+
+    def summary(self) -> str:
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(self.type_counts().items()))
+        return (f"{self.path.name}: {self.quant}, {self.size_bytes / 2**20:.1f} MiB, {self.bits_per_weight:.2f} bpw, "
+                f"{len(self.fallbacks)} fallbacks, {self.seconds:.1f} s ({types})")
+
+
+# ---------------------------------------------------------------- public API
+
+
+def export_gguf(
+    checkpoint_dir: Path,
+    output: Path,
+    quant: str = "Q4_K_M",
+    imatrix: dict[str, torch.Tensor] | None = None,
+    device: str | torch.device = "cpu",
+) -> GGUFExportReport:
+    """Write ``checkpoint_dir`` (an HF safetensors checkpoint with its tokenizer) as one GGUF file.
+
+    ``imatrix`` maps tensors (HF module names such as ``model.layers.0.mlp.down_proj`` or GGUF names
+    such as ``blk.0.ffn_down.weight``) to per-input-column importances (mean x², ``qtune.imatrix``).
+    The file is written under a temporary name beside ``output`` and renamed when complete.
+    """
+    start = time.perf_counter()
+    checkpoint_dir, output = Path(checkpoint_dir), Path(output)
+    mix = quant_mix(quant)
+    config = _read_config(checkpoint_dir)
+    arch = _architecture(config)
+    hp = _hyperparameters(config)
+    tokenizer_kv = tokenizer_metadata(checkpoint_dir, hp["vocab_size"])
+    sources = _tensor_sources(checkpoint_dir, config, arch)
+    extra = _extra_tensors(config, hp)
+
+    shapes = {name: src.shape for name, src in sources.items()} | {n: tuple(t.shape) for n, t in extra.items()}
+    order = llama_tensor_order(shapes)
+    is_70b = hp["n_layer"] == 80 and (arch.gguf_arch == "qwen2" or hp["n_head"] != hp["n_head_kv"])
+    choice = choose_types(mix.name, [(n, shapes[n]) for n in order], hp["n_layer"], is_70b=is_70b)
+    importance = _imatrix_by_gguf_name(imatrix, arch, shapes) if imatrix else {}
+
+    writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
+    _add_model_metadata(writer, config, checkpoint_dir, arch, hp)
+    for key, (value, vtype, sub_type) in tokenizer_kv.items():
+        writer.add_key_value(key, value, vtype, sub_type)
+    # last and in this order, as llama_model_quantize re-sets them: its output is then byte-identical
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(int(mix.file_type))
+
+    report = GGUFExportReport(path=output, quant=mix.name, file_type=int(mix.file_type), fallbacks=choice.fallbacks)
+    for name in order:
+        qtype, shape = choice.types[name], shapes[name]
+        nbytes = _nbytes(qtype, shape)
+        writer.add_tensor_info(name, _byte_shape(qtype, shape), np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+        report.n_params += math.prod(shape)
+
+    def tensor_bytes() -> Iterator[np.ndarray]:
+        for name in order:
+            qtype, shape = choice.types[name], shapes[name]
+            weight = extra[name] if name in extra else sources[name].load(device)
+            weights = importance.get(name)
+            if qtype in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
+                weights = None  # ggml ignores it for these types
+            rows = weight.reshape(-1, shape[-1]) if len(shape) > 1 else weight.reshape(1, -1)
+            data = quantize(rows, qtype, None if weights is None else weights.to(rows.device))
+            report.tensors.append(TensorReport(name, shape, qtype.name, data.numel(), weights is not None))
+            yield data.cpu().numpy().reshape(-1)
+
+    _write_atomically(writer, output, tensor_bytes())
+    report.size_bytes = output.stat().st_size
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def hf_to_gguf_name(hf_name: str, model_type: str = "llama") -> str:
+    """The GGUF tensor name of an HF parameter or module name (``.weight`` is assumed when absent)."""
+    if model_type not in ARCHITECTURES:
+        raise QtuneError(_unsupported_message(model_type))
+    if not hf_name.endswith((".weight", ".bias")):
+        hf_name += ".weight"
+    stem, suffix = hf_name.rsplit(".", 1)
+    if stem in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if match and match.group(2) in _LAYER_TENSORS:
+        return f"blk.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}.{suffix}"
+    raise QtuneError(f"no GGUF tensor name for '{hf_name}' in a {model_type} model")
+
+
+def check_chat_roundtrip(gguf_path: Path, tokenizer_dir: Path) -> list[str]:
+    """Problems (empty if none) between the GGUF's chat template / special tokens and the HF tokenizer's."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    reader = gguf.GGUFReader(str(gguf_path))
+    kv = {f.name: f for f in reader.fields.values()}
+
+    def value(key: str):
+        return kv[key].contents() if key in kv else None
+
+    problems = []
+    template, expected_template = value("tokenizer.chat_template"), tokenizer.chat_template
+    if template != expected_template:
+        problems.append(f"chat template differs: GGUF has {_clip(template)}, tokenizer has {_clip(expected_template)}")
+    tokens = value("tokenizer.ggml.tokens") or []
+    for role in ("bos", "eos"):
+        expected_id = getattr(tokenizer, f"{role}_token_id")
+        found_id = value(f"tokenizer.ggml.{role}_token_id")
+        if expected_id is not None and found_id != expected_id:
+            problems.append(f"{role} token id: GGUF has {found_id}, tokenizer has {expected_id}")
+    eos_id, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
+    if eos_id is not None:
+        found = tokens[eos_id] if eos_id < len(tokens) else None
+        if found != eos_text:
+            problems.append(f"eos token text: GGUF token {eos_id} is {found!r}, tokenizer's eos is {eos_text!r}")
+    add_bos = _adds_token(tokenizer, tokenizer.bos_token_id, first=True)
+    if value("tokenizer.ggml.add_bos_token") != add_bos:
+        problems.append(f"add_bos_token: GGUF has {value('tokenizer.ggml.add_bos_token')}, tokenizer adds BOS: {add_bos}")
+    return problems
+
+
+def tokenizer_metadata(checkpoint_dir: Path, vocab_size: int) -> dict[str, tuple]:
+    """GGUF tokenizer KVs {key: (value, GGUFValueType, array item type)} from the HF tokenizer files."""
+    from transformers import AutoTokenizer
+
+    checkpoint_dir = Path(checkpoint_dir)
+    tokenizer_json = checkpoint_dir / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        if (checkpoint_dir / "tokenizer.model").is_file():
+            raise QtuneError(
+                f"{checkpoint_dir} has only a SentencePiece tokenizer.model; qtune's GGUF export supports "
+                "BPE tokenizers (tokenizer.json) only"
+            )
+        raise QtuneError(
+            f"{checkpoint_dir} has no tokenizer (tokenizer.json); the GGUF file must carry the tokenizer, so save "
+            "it next to the model (tokenizer.save_pretrained)"
+        )
+    model = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise QtuneError(
+            f"{tokenizer_json}: only byte-level BPE tokenizers (GPT-2 style) are supported by the GGUF export, "
+            f"got {model.get('type')}{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise QtuneError(f"the tokenizer has token id {max(vocab.values())} but the model's vocab_size is {vocab_size}")
+
+    chkhsh = sha256(str(tokenizer.encode(_CHECK_TEXT)).encode()).hexdigest()
+    pre = PRE_TOKENIZERS.get(chkhsh) or _pre_tokenizer_by_definition(tokenizer)
+    if pre is None:
+        raise QtuneError(
+            f"the BPE pre-tokenizer of {checkpoint_dir} is not one llama.cpp knows under qtune's supported models "
+            f"(check hash {chkhsh}); supported: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}"
+        )
+
+    tokens, token_types = _vocab(tokenizer, vocab, vocab_size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    V = gguf.GGUFValueType
+    kv: dict[str, tuple] = {
+        "tokenizer.ggml.model": ("gpt2", V.STRING, None),
+        "tokenizer.ggml.pre": (pre, V.STRING, None),
+        "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING),
+        "tokenizer.ggml.token_type": (token_types, V.ARRAY, V.INT32),
+        "tokenizer.ggml.merges": (merges, V.ARRAY, V.STRING),
+    }
+    for role in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            kv[f"tokenizer.ggml.{role}_token_id"] = (int(token_id), V.UINT32, None)
+    kv["tokenizer.ggml.add_bos_token"] = (_adds_token(tokenizer, tokenizer.bos_token_id, first=True), V.BOOL, None)
+    kv["tokenizer.ggml.add_eos_token"] = (_adds_token(tokenizer, tokenizer.eos_token_id, first=False), V.BOOL, None)
+    if isinstance(tokenizer.chat_template, str):
+        kv["tokenizer.chat_template"] = (tokenizer.chat_template, V.STRING, None)
+    return kv
+
+
+# ---------------------------------------------------------------- checkpoint reading
+
+
+def _read_config(checkpoint_dir: Path) -> dict:
+    path = checkpoint_dir / "config.json"
+    if not path.is_file():
+        raise QtuneError(f"{checkpoint_dir} has no config.json; is it a Hugging Face checkpoint?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _unsupported_message(model_type: str) -> str:
+    return (f"GGUF export does not support the '{model_type}' architecture; supported: "
+            f"{', '.join(ARCHITECTURES)}")
+
+
+def _architecture(config: dict) -> _Arch:
+    model_type = config.get("model_type", "?")
+    if model_type not in ARCHITECTURES:
+        raise QtuneError(_unsupported_message(model_type))
+    if config.get("num_local_experts") or config.get("num_experts"):
+        raise QtuneError(f"GGUF export does not support mixture-of-experts {model_type} models")
+    return ARCHITECTURES[model_type]
+
+
+def _hyperparameters(config: dict) -> dict:
+    n_head = config["num_attention_heads"]
+    hp = {
+        "n_layer": config["num_hidden_layers"],
+        "n_embd": config["hidden_size"],
+        "n_ff": config["intermediate_size"],
+        "n_head": n_head,
+        "n_head_kv": config.get("num_key_value_heads") or n_head,
+        "n_ctx": config.get("max_position_embeddings", 4096),
+        "eps": config.get("rms_norm_eps", 1e-6),
+        "vocab_size": config["vocab_size"],
+        "head_dim": config.get("head_dim") or config["hidden_size"] // n_head,
+    }
+    rope = dict(config.get("rope_parameters") or {})
+    if config.get("rope_scaling"):
+        rope.update(config["rope_scaling"])
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise QtuneError(f"GGUF export supports RoPE types default, linear and llama3, not '{rope_type}'")
+    hp["rope"], hp["rope_type"] = rope, rope_type
+    return hp
+
+
+def _add_model_metadata(writer: gguf.GGUFWriter, config: dict, checkpoint_dir: Path, arch: _Arch, hp: dict) -> None:
+    name = config.get("_name_or_path") or checkpoint_dir.name
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(str(name).rstrip("/").split("/")[-1])
+    writer.add_block_count(hp["n_layer"])
+    writer.add_context_length(hp["n_ctx"])
+    writer.add_embedding_length(hp["n_embd"])
+    writer.add_feed_forward_length(hp["n_ff"])
+    writer.add_head_count(hp["n_head"])
+    writer.add_head_count_kv(hp["n_head_kv"])
+    writer.add_rope_freq_base(float(hp["rope"]["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(hp["eps"]))
+    if config.get("head_dim") is not None:
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
+    if hp["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(hp["rope"]["factor"]))
+    if arch.gguf_arch == "llama":
+        writer.add_vocab_size(hp["vocab_size"])
+        writer.add_rope_dimension_count(hp["head_dim"])
+
+
+@dataclass
+class _Source:
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    permute_heads: int | None  # Q/K rows to reorder for llama.cpp's RoPE layout
+
+    def load(self, device: str | torch.device) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), framework="pt", device="cpu") as f:
+            t = f.get_tensor(self.key)
+        t = t.to(device=device, dtype=torch.float32)
+        if self.permute_heads:
+            t = _permute_for_rope(t, self.permute_heads)
+        return t.contiguous()
+
+
+def _permute_for_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF keeps each head's rotary halves apart; llama.cpp wants them as interleaved pairs."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _tensor_sources(checkpoint_dir: Path, config: dict, arch: _Arch) -> dict[str, _Source]:
+    from safetensors import safe_open
+
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise QtuneError(f"{checkpoint_dir} has no .safetensors weights (GGUF export reads safetensors checkpoints)")
+    n_head = config["num_attention_heads"]
+    n_head_kv = config.get("num_key_value_heads") or n_head
+    sources: dict[str, _Source] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                name = hf_to_gguf_name(key, config["model_type"])
+                permute = None
+                if arch.permute_qk and ".self_attn.q_proj." in key:
+                    permute = n_head
+                elif arch.permute_qk and ".self_attn.k_proj." in key:
+                    permute = n_head_kv
+                sources[name] = _Source(file, key, tuple(f.get_slice(key).get_shape()), permute)
+    if config.get("tie_word_embeddings", False):
+        sources.pop("output.weight", None)
+    if "token_embd.weight" not in sources:
+        raise QtuneError(f"{checkpoint_dir} has no model.embed_tokens.weight")
+    return sources
+
+
+def _extra_tensors(config: dict, hp: dict) -> dict[str, torch.Tensor]:
+    """llama3 RoPE scaling is a per-frequency factor tensor in GGUF (rope_freqs.weight)."""
+    if hp["rope_type"] != "llama3":
+        return {}
+    rope, dim = hp["rope"], hp["head_dim"]
+    freqs = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            factors.append(1.0)
+        elif wavelen > old_ctx / low:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return {"rope_freqs.weight": torch.tensor(factors, dtype=torch.float32)}
+
+
+def _imatrix_by_gguf_name(imatrix: dict[str, torch.Tensor], arch: _Arch, shapes: dict) -> dict[str, torch.Tensor]:
+    model_type = "qwen2" if arch.gguf_arch == "qwen2" else "llama"
+    out = {}
+    for key, values in imatrix.items():
+        name = key if key in shapes or re.match(r"(blk\.\d+\.|output\.|token_embd\.)", key) else hf_to_gguf_name(key, model_type)
+        if name not in shapes:
+            continue  # e.g. output.weight of a tied model
+        values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+        if values.numel() != shapes[name][-1]:
+            raise ValueError(f"imatrix entry {key} has {values.numel()} values but {name} has rows of {shapes[name][-1]}")
+        if not torch.isfinite(values).all():
+            raise ValueError(f"imatrix entry {key} has non-finite values")
+        out[name] = values
+    return out
+
+
+# ---------------------------------------------------------------- tokenizer helpers
+
+
+def _vocab(tokenizer, vocab: dict[str, int], vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and llama.cpp token types for ids 0..vocab_size-1 (gaps become unused [PADi])."""
+    T = gguf.TokenType
+    by_id = {i: tok for tok, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(T.UNUSED))
+            continue
+        if i in added:
+            info = added[i]
+            if not info.normalized:
+                # llama.cpp expects control / user-defined tokens pre-normalized
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            looks_special = token.startswith("<|") and token.endswith("|>")
+            types.append(int(T.CONTROL if info.special or looks_special else T.USER_DEFINED))
+        else:
+            types.append(int(T.NORMAL))
+        tokens.append(token)
+    return tokens, types
+
+
+def _pre_tokenizer_by_definition(tokenizer) -> str | None:
+    """'llama-bpe' / 'qwen2' when the pre-tokenizer is exactly that family's regex split + byte level."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return None
+    state = json.loads(backend.pre_tokenizer.__getstate__())
+    steps = state.get("pretokenizers", [])
+    if state.get("type") != "Sequence" or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert"):
+        return None
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
+        return None
+    return _PRE_TOKENIZER_REGEXES.get(split.get("pattern", {}).get("Regex"))
+
+
+def _adds_token(tokenizer, token_id: int | None, first: bool) -> bool:
+    if token_id is None:
+        return False
+    ids = tokenizer.encode("a", add_special_tokens=True)
+    return bool(ids) and ids[0 if first else -1] == token_id and ids != tokenizer.encode("a", add_special_tokens=False)
+
+
+def _clip(text) -> str:
+    return repr(text if text is None or len(text) < 60 else text[:57] + "...")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _byte_shape(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> tuple[int, ...]:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return (*shape[:-1], shape[-1] // block * size)
+
+
+def _nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+    return math.prod(_byte_shape(qtype, shape))
+
+
+def _write_atomically(writer: gguf.GGUFWriter, output: Path, tensors: Iterator[np.ndarray]) -> None:
+    """Write header, KVs, tensor infos and tensors to a temporary file, then rename it to ``output``."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for data in tensors:
+            writer.write_tensor_data(data)
+        for handle in writer.fout or []:
+            handle.flush()
+            os.fsync(handle.fileno())
+        writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        for handle in writer.fout or []:
+            handle.close()
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,470 @@
+"""Decoder-block-by-block GPTQ / AWQ over an HF causal LM (llama, mistral, qwen2 layouts).
+
+Only one block and its calibration activations live on ``device`` at a time:
+1. the embeddings run once and the inputs (and every keyword argument, e.g.
+   ``position_embeddings`` and the attention mask) of each decoder layer call are caught;
+2. each block is quantized, then run on its inputs to make the next block's inputs,
+   so later blocks see the errors of earlier quantized blocks.
+
+The model is changed in place: quantized linears hold their fake-quantized
+weights (and for AWQ, norms and preceding linears carry the folded scales), so the
+returned ``QuantizedWeight`` records plus the model are what a format writer needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qtune.quant import awq as awq_math
+from qtune.quant.gptq import HessianAccumulator, gptq_quantize
+from qtune.quant.rtn import QuantizedWeight, check_bits, rtn_quantize
+
+# true_sequential order: each later group sees inputs produced by the already-quantized earlier ones
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+LINEAR_NAMES = tuple(name for group in SEQUENTIAL_GROUPS for name in group)
+TOKENWISE_CHUNK = 8192  # tokens per matmul when AWQ evaluates token-wise modules
+
+
+@dataclass
+class LayerwiseResult:
+    quantized_layers: dict[str, QuantizedWeight]  # full module name -> codes and grids
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # full module name -> per-layer numbers
+    method: str = ""
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class _Batch:
+    hidden: Tensor  # [b, s, H] input to the current block
+    token_mask: Tensor  # [b, s] bool, real (non-padding) tokens
+    layer_kwargs: list[dict[str, Any]]  # per decoder layer: keyword arguments of its call
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no model.layers; supported architectures are llama, mistral, qwen2"
+        )
+    present = dict(layers[0].named_modules())
+    missing = [name for name in LINEAR_NAMES if not isinstance(present.get(name), nn.Linear)]
+    if missing:
+        raise ValueError(f"decoder layer {type(layers[0]).__name__} lacks nn.Linear modules {missing}")
+    return layers
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _check_calibration(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [n_samples, seq_len] tensor, got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+        )
+    return attention_mask.to(torch.bool)
+
+
+class _LayerCatcher(nn.Module):
+    """Stands in for a decoder layer: records its call and passes hidden states through."""
+
+    def __init__(self, index: int, last: bool, sink: list[tuple[Tensor, dict[str, Any]]]) -> None:
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args:
+            raise ValueError("decoder layers called with positional arguments beyond hidden_states are unsupported")
+        self.sink.append((hidden_states, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def capture_block_inputs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, batch_size: int, device: torch.device
+) -> list[_Batch]:
+    """Run the embeddings only, catching each decoder layer's call (inputs + all kwargs)."""
+    mask = _check_calibration(input_ids, attention_mask)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    layers = decoder_layers(model)
+    inner = model.model
+    originals = list(layers)
+    moved: list[tuple[nn.Module, torch.device]] = []
+    for name, child in inner.named_children():
+        if name in ("layers", "norm"):
+            continue
+        params = list(child.parameters()) + list(child.buffers())
+        if params:
+            moved.append((child, params[0].device))
+            child.to(device)
+    batches: list[_Batch] = []
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            sink: list[tuple[Tensor, dict[str, Any]]] = []
+            for i in range(len(layers)):
+                layers[i] = _LayerCatcher(i, i == len(layers) - 1, sink)
+            ids = input_ids[start : start + batch_size].to(device)
+            batch_mask = mask[start : start + batch_size].to(device)
+            try:
+                with torch.no_grad():
+                    inner(input_ids=ids, attention_mask=batch_mask.long(), use_cache=False)
+            except _StopForward:
+                pass
+            if len(sink) != len(originals):
+                raise RuntimeError(f"caught {len(sink)} decoder layer calls, expected {len(originals)}")
+            batches.append(_Batch(hidden=sink[0][0], token_mask=batch_mask, layer_kwargs=[kw for _, kw in sink]))
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        for child, original_device in moved:
+            child.to(original_device)
+    return batches
+
+
+def _first_output(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _run_block(layer: nn.Module, batches: list[_Batch], layer_index: int) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            batch.hidden = _first_output(layer(batch.hidden, **batch.layer_kwargs[layer_index]))
+
+
+@contextmanager
+def _input_hooks(
+    layer: nn.Module, names: tuple[str, ...], on_input: Callable[[str, Tensor], None], stop_after_all: bool
+) -> Iterator[None]:
+    """Call ``on_input(name, x)`` for each named linear's input; optionally stop the block once all fired."""
+    fired: set[str] = set()
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            on_input(name, args[0])
+            fired.add(name)
+            if stop_after_all and fired.issuperset(names):
+                fired.clear()
+                raise _StopForward
+
+        return hook
+
+    handles = [layer.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run_block_for_inputs(layer: nn.Module, batches: list[_Batch], layer_index: int) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            try:
+                layer(batch.hidden, **batch.layer_kwargs[layer_index])
+            except _StopForward:
+                pass
+
+
+def _set_weight(linear: nn.Linear, weight: Tensor) -> None:
+    linear.weight.data.copy_(weight.to(linear.weight.dtype))
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _block_on(layer: nn.Module, device: torch.device) -> Iterator[None]:
+    params = list(layer.parameters())
+    home = params[0].device if params else device
+    layer.to(device)
+    try:
+        yield
+    finally:
+        layer.to(home)
+
+
+def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return next(model.parameters()).device
+
+
+def quantize_model_gptq(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    true_sequential: bool = True,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LayerwiseResult:
+    """GPTQ every q/k/v/o/gate/up/down linear of every decoder layer, in place."""
+    with _eval_mode(model):
+        return _quantize_model_gptq(
+            model, input_ids, attention_mask, bits, group_size, sym, act_order, damp, block_size,
+            true_sequential, batch_size, device, progress,
+        )
+
+
+def _quantize_model_gptq(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, bits: int, group_size: int, sym: bool,
+    act_order: bool, damp: float, block_size: int, true_sequential: bool, batch_size: int,
+    device: torch.device | str | None, progress: Callable[[str], None] | None,
+) -> LayerwiseResult:
+    check_bits(bits)
+    layers = decoder_layers(model)
+    device_ = _resolve_device(model, device)
+    batches = capture_block_inputs(model, input_ids, attention_mask, batch_size, device_)
+    groups = SEQUENTIAL_GROUPS if true_sequential else (LINEAR_NAMES,)
+    result = LayerwiseResult(quantized_layers={}, method="gptq")
+    for index, layer in enumerate(layers):
+        with _block_on(layer, device_):
+            for names in groups:
+                accumulators = {
+                    name: HessianAccumulator(layer.get_submodule(name).in_features, device_) for name in names
+                }
+                current_mask: list[Tensor] = []
+
+                def collect(name: str, x: Tensor) -> None:
+                    accumulators[name].add_batch(x, current_mask[0])
+
+                with _input_hooks(layer, names, collect, stop_after_all=True):
+                    with torch.no_grad():
+                        for batch in batches:
+                            current_mask[:] = [batch.token_mask]
+                            try:
+                                layer(batch.hidden, **batch.layer_kwargs[index])
+                            except _StopForward:
+                                pass
+                for name in names:
+                    linear = layer.get_submodule(name)
+                    full_name = f"model.layers.{index}.{name}"
+                    try:
+                        quantized = gptq_quantize(
+                            linear.weight.data, accumulators[name].hessian, bits, group_size, sym, act_order,
+                            damp, block_size,
+                        )
+                    except ValueError as exc:
+                        raise ValueError(f"{full_name}: {exc}") from exc
+                    _set_weight(linear, quantized.weight)
+                    result.quantized_layers[full_name] = quantized.to("cpu")  # codes only, off the device
+                    result.stats[full_name] = {
+                        "loss": quantized.loss,
+                        "damp": quantized.damp,
+                        "damp_retries": quantized.damp_retries,
+                        "dead_columns": quantized.dead_columns,
+                    }
+                    del accumulators[name]
+            _run_block(layer, batches, index)
+        if progress is not None:
+            progress(f"gptq: layer {index + 1}/{len(layers)} done")
+    return result
+
+
+def _masked_mse(output: Tensor, reference: Tensor, token_mask: Tensor | None) -> tuple[float, int]:
+    """Sum of squared differences over real tokens (all when ``token_mask`` is None), and the element count."""
+    diff = output.float() - reference.float()
+    if token_mask is not None:
+        diff = diff[token_mask]
+    return float(diff.pow(2).sum()), diff.numel()
+
+
+def _real_tokens(chunks: list[Tensor], masks: list[Tensor | None]) -> Tensor:
+    """[tokens, K]: the non-padding rows of every chunk."""
+    return torch.cat([x.reshape(-1, x.shape[-1]) if m is None else x[m] for x, m in zip(chunks, masks)])
+
+
+def _scale_linear_inputs(linear: nn.Linear, scales: Tensor) -> None:
+    linear.weight.data.copy_((linear.weight.data.float() * scales.unsqueeze(0)).to(linear.weight.dtype))
+
+
+def _scale_previous_op(previous: nn.Module, scales: Tensor) -> None:
+    """Divide the previous op's output channels by ``scales`` (norm weight or linear rows)."""
+    weight = previous.weight.data
+    if weight.dim() == 1:
+        weight.copy_((weight.float() / scales).to(weight.dtype))
+    else:
+        weight.copy_((weight.float() / scales.unsqueeze(1)).to(weight.dtype))
+    bias = getattr(previous, "bias", None)
+    if bias is not None:
+        bias.data.copy_((bias.data.float() / scales).to(bias.dtype))
+
+
+def _awq_groups(layer: nn.Module) -> list[tuple[str, tuple[str, ...], str]]:
+    """(previous op, balanced linears, inspected module) for one decoder layer."""
+    groups = [("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")]
+    v_proj, o_proj = layer.get_submodule("self_attn.v_proj"), layer.get_submodule("self_attn.o_proj")
+    if v_proj.weight.shape == o_proj.weight.shape:  # with GQA, v has fewer outputs than o has inputs
+        groups.append(("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+    groups.append(("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
+    groups.append(("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
+    return groups
+
+
+def quantize_model_awq(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+    apply_clip: bool = True,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LayerwiseResult:
+    """AWQ every decoder layer in place: fold scales, clip, then round to the asymmetric AWQ grid."""
+    with _eval_mode(model):
+        return _quantize_model_awq(
+            model, input_ids, attention_mask, bits, group_size, n_grid, duo_scaling, apply_clip, batch_size, device,
+            progress,
+        )
+
+
+def _quantize_model_awq(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, bits: int, group_size: int, n_grid: int,
+    duo_scaling: bool, apply_clip: bool, batch_size: int, device: torch.device | str | None,
+    progress: Callable[[str], None] | None,
+) -> LayerwiseResult:
+    check_bits(bits)  # any width for the math; the AWQ GEMM writer takes 4-bit only
+    layers = decoder_layers(model)
+    device_ = _resolve_device(model, device)
+    for index, layer in enumerate(layers):
+        for name in LINEAR_NAMES:
+            linear = layer.get_submodule(name)
+            awq_math.check_awq_group_size(linear.in_features, group_size, f"model.layers.{index}.{name}")
+    batches = capture_block_inputs(model, input_ids, attention_mask, batch_size, device_)
+    result = LayerwiseResult(quantized_layers={}, method="awq")
+    input_of = {  # which captured activation feeds each linear
+        "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+        "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+        "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
+    }
+    captured_names = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    for index, layer in enumerate(layers):
+        with _block_on(layer, device_):
+            features: dict[str, list[Tensor]] = {name: [] for name in captured_names}
+            with _input_hooks(layer, captured_names, lambda n, x: features[n].append(x.detach()), False):
+                _run_block_for_inputs(layer, batches, index)
+            # only attention mixes tokens: every other inspected module sees the real tokens of all
+            # batches as a few large chunks, with the padding dropped
+            chunk_masks: dict[str, list[Tensor | None]] = {"self_attn.q_proj": [b.token_mask for b in batches]}
+            for name in captured_names[1:]:
+                valid = torch.cat([x[b.token_mask] for x, b in zip(features[name], batches)])
+                features[name] = list(valid.split(TOKENWISE_CHUNK))
+                chunk_masks[name] = [None] * len(features[name])
+
+            for previous_name, linear_names, inspected_name in _awq_groups(layer):
+                feature_key = input_of[linear_names[0]]
+                inputs, masks = features[feature_key], chunk_masks[feature_key]
+                inspected = layer.get_submodule(inspected_name)
+                linears = [layer.get_submodule(name) for name in linear_names]
+                is_attention = inspected_name == "self_attn"
+
+                def run_inspected(x: Tensor, chunk: int) -> Tensor:
+                    if is_attention:
+                        kwargs = batches[chunk].layer_kwargs[index]
+                        return _first_output(inspected(hidden_states=x, **kwargs))
+                    return _first_output(inspected(x))
+
+                with torch.no_grad():
+                    references = [run_inspected(x, i) for i, x in enumerate(inputs)]
+                originals = [linear.weight.data.clone() for linear in linears]
+
+                def evaluate(candidates: list[Tensor]) -> float:
+                    total, count = 0.0, 0
+                    try:
+                        for linear, weight in zip(linears, candidates):
+                            _set_weight(linear, weight)
+                        with torch.no_grad():
+                            for i, x in enumerate(inputs):
+                                sq, n = _masked_mse(run_inspected(x, i), references[i], masks[i])
+                                total, count = total + sq, count + n
+                    finally:
+                        for linear, weight in zip(linears, originals):
+                            linear.weight.data.copy_(weight)
+                    return total / max(count, 1)
+
+                x_mean = awq_math.activation_mean(_real_tokens(inputs, masks))
+                search = awq_math.search_scales(
+                    x_mean, originals, evaluate, bits=bits, group_size=group_size, n_grid=n_grid,
+                    duo_scaling=duo_scaling,
+                )
+                scales = search.scales.to(device_)
+                _scale_previous_op(layer.get_submodule(previous_name), scales)
+                for linear in linears:
+                    _scale_linear_inputs(linear, scales)
+                features[feature_key] = [(x.float() / scales).to(x.dtype) for x in inputs]
+                for name in linear_names:
+                    result.stats[f"model.layers.{index}.{name}"] = {
+                        "awq_ratio": search.ratio,
+                        "awq_error": search.error,
+                        "rtn_error": search.rtn_error,
+                        "scaled_by": previous_name,
+                    }
+
+            for name in LINEAR_NAMES:
+                full_name = f"model.layers.{index}.{name}"
+                linear = layer.get_submodule(name)
+                weight = linear.weight.data.float()
+                if apply_clip and name not in ("self_attn.q_proj", "self_attn.k_proj"):
+                    key = input_of[name]
+                    x = _real_tokens(features[key], chunk_masks[key])
+                    weight = awq_math.apply_clip(weight, awq_math.search_clip(weight, x, bits, group_size))
+                quantized = rtn_quantize(weight, bits, group_size, sym=False, convention="awq")
+                _set_weight(linear, quantized.dequantize())
+                result.quantized_layers[full_name] = quantized.to("cpu")
+                result.stats.setdefault(full_name, {})["clipped"] = apply_clip and name not in (
+                    "self_attn.q_proj", "self_attn.k_proj",
+                )
+            features.clear()
+            _run_block(layer, batches, index)
+        if progress is not None:
+            progress(f"awq: layer {index + 1}/{len(layers)} done")
+    return result
+

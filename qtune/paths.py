@@ -1,0 +1,78 @@
+"""Atomic file and directory writes: nothing is ever left half-written under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where qtune keeps converted built-in models and built wheels (``QTUNE_CACHE`` overrides)."""
+    return Path(os.environ.get("QTUNE_CACHE", Path.home() / ".cache" / "qtune"))
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` (and the directories) to disk before a rename publishes it."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging directory beside ``final``; on success it is renamed to ``final``.
+
+    On any error the staging directory is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield staging
+        fsync_tree(staging)
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(f"{final} already exists")
+            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, trash)
+            os.replace(staging, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path, mode: str = "w") -> Iterator:
+    """Open a temporary file beside ``final`` for writing; rename it to ``final`` when closed cleanly."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(final: Path, text: str) -> None:
+    with atomic_file(final) as handle:
+        handle.write(text)

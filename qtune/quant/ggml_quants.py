@@ -1,0 +1,190 @@
+"""GGUF tensor quantization: float32 rows -> the exact bytes ggml stores, and back.
+
+``quantize`` reproduces ``ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix)`` of
+ggml 0.25.3 (the llama.cpp bundled with llama-cpp-python 0.3.36) byte for byte, with or without an
+importance matrix, for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+Everything is vectorized torch on the input's device; the float32 operation order of the C code is
+kept (see ``ggml_search``) so CPU and CUDA give the same bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from qtune.quant import ggml_kquants as kq
+from qtune.quant import ggml_legacy as lq
+from qtune.quant.ggml_search import div, seqsum, sqrt
+
+Q = GGMLQuantizationType
+
+SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (
+    Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+)
+
+# Rows are quantized in chunks of about this many values (a few dozen float32 temporaries of a
+# chunk are alive at once). GPUs get bigger chunks: there the cost is per kernel launch.
+CHUNK_VALUES = 1 << 17
+CHUNK_VALUES_GPU = 1 << 22
+
+_KQUANT: dict[GGMLQuantizationType, Callable[..., torch.Tensor]] = {
+    Q.Q2_K: kq.quantize_q2_k,
+    Q.Q3_K: kq.quantize_q3_k,
+    Q.Q4_K: kq.quantize_q4_k,
+    Q.Q5_K: kq.quantize_q5_k,
+    Q.Q6_K: kq.quantize_q6_k,
+}
+_LEGACY_REF: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
+    Q.Q4_0: lq.quantize_q4_0,
+    Q.Q4_1: lq.quantize_q4_1,
+    Q.Q5_0: lq.quantize_q5_0,
+    Q.Q5_1: lq.quantize_q5_1,
+    Q.Q8_0: lq.quantize_q8_0,
+}
+_LEGACY_WEIGHTED: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    Q.Q4_0: lq.quantize_q4_0_weighted,
+    Q.Q4_1: lq.quantize_q4_1_weighted,
+    Q.Q5_0: lq.quantize_q5_0_weighted,
+    Q.Q5_1: lq.quantize_q5_1_weighted,
+}
+_DEQUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
+    Q.Q4_0: lq.dequantize_q4_0,
+    Q.Q4_1: lq.dequantize_q4_1,
+    Q.Q5_0: lq.dequantize_q5_0,
+    Q.Q5_1: lq.dequantize_q5_1,
+    Q.Q8_0: lq.dequantize_q8_0,
+    Q.Q2_K: kq.dequantize_q2_k,
+    Q.Q3_K: kq.dequantize_q3_k,
+    Q.Q4_K: kq.dequantize_q4_k,
+    Q.Q5_K: kq.dequantize_q5_k,
+    Q.Q6_K: kq.dequantize_q6_k,
+}
+
+
+def block_size(qtype: GGMLQuantizationType) -> int:
+    """Values per block (1 for the float types)."""
+    return GGML_QUANT_SIZES[_check_type(qtype)][0]
+
+
+def type_size(qtype: GGMLQuantizationType) -> int:
+    """Bytes per block."""
+    return GGML_QUANT_SIZES[_check_type(qtype)][1]
+
+
+def row_bytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
+    """Bytes of one quantized row of ``n_per_row`` values (ggml_row_size)."""
+    _check_row_length(qtype, n_per_row)
+    return n_per_row // block_size(qtype) * type_size(qtype)
+
+
+def quantize(
+    x: torch.Tensor, qtype: GGMLQuantizationType, imatrix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize rows ``x`` [rows, n_per_row] to ggml ``qtype``: uint8 [rows, row_bytes].
+
+    ``imatrix`` is the per-column importance vector [n_per_row] (llama.cpp's imatrix entry for this
+    tensor). As in ggml it is ignored by F32/F16/BF16/Q8_0 and switches the other types to their
+    importance-weighted search.
+    """
+    qtype = _check_type(qtype)
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"quantize expects a 2-D float tensor [rows, n_per_row], got {tuple(x.shape)} {x.dtype}")
+    rows, n_per_row = x.shape
+    _check_row_length(qtype, n_per_row)
+    x = x.to(torch.float32).contiguous()
+    if imatrix is not None:
+        if imatrix.shape != (n_per_row,):
+            raise ValueError(f"imatrix must have shape ({n_per_row},), got {tuple(imatrix.shape)}")
+        imatrix = imatrix.to(device=x.device, dtype=torch.float32).contiguous()
+
+    if qtype == Q.F32:
+        return x.view(torch.uint8).reshape(rows, n_per_row * 4).clone()
+    if qtype == Q.F16:
+        return _to_f16_bits(x).view(torch.uint8).reshape(rows, n_per_row * 2)
+    if qtype == Q.BF16:
+        return _to_bf16_bits(x).view(torch.uint8).reshape(rows, n_per_row * 2)
+
+    out = torch.empty(rows, row_bytes(qtype, n_per_row), dtype=torch.uint8, device=x.device)
+    if rows == 0:
+        return out
+    bs = block_size(qtype)
+    weighted = imatrix is not None and qtype != Q.Q8_0
+    legacy_sigma2 = None
+    if weighted and qtype in _LEGACY_WEIGHTED:
+        # quantize_row_q4_0_impl & co: sigma2 is the mean square over the whole row
+        legacy_sigma2 = div(seqsum(x * x), float(n_per_row))
+    step = max(1, (CHUNK_VALUES if x.device.type == "cpu" else CHUNK_VALUES_GPU) // n_per_row)
+    for r0 in range(0, rows, step):
+        xc = x[r0 : r0 + step]
+        nr = xc.shape[0]
+        blocks = xc.reshape(-1, bs)
+        if qtype in _KQUANT:
+            qw = imatrix.expand(nr, n_per_row).reshape(-1, bs) if weighted else None
+            data = _KQUANT[qtype](blocks, qw)
+        elif weighted:
+            sigma2 = legacy_sigma2[r0 : r0 + nr].view(nr, 1, 1)
+            xb = xc.view(nr, -1, bs)
+            weights = (imatrix.view(1, -1, bs) * sqrt(sigma2 + xb * xb)).reshape(-1, bs)
+            data = _LEGACY_WEIGHTED[qtype](blocks, weights)
+        else:
+            data = _LEGACY_REF[qtype](blocks)
+        out[r0 : r0 + nr] = data.to(torch.uint8).view(nr, -1)
+    return out
+
+
+def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType, n_per_row: int) -> torch.Tensor:
+    """Decode ggml ``qtype`` rows (uint8 [rows, row_bytes]) to float32 [rows, n_per_row]."""
+    qtype = _check_type(qtype)
+    nbytes = row_bytes(qtype, n_per_row)
+    if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != nbytes:
+        raise ValueError(
+            f"{qtype.name} rows of {n_per_row} values need uint8 data [rows, {nbytes}], "
+            f"got {data.dtype} {tuple(data.shape)}"
+        )
+    rows = data.shape[0]
+    data = data.contiguous()
+    if qtype == Q.F32:
+        return data.view(torch.float32).clone()
+    if qtype == Q.F16:
+        return data.view(torch.float16).to(torch.float32)
+    if qtype == Q.BF16:
+        return data.view(torch.bfloat16).to(torch.float32)
+    blocks = data.view(-1, type_size(qtype)).to(torch.int32)
+    return _DEQUANT[qtype](blocks).reshape(rows, n_per_row)
+
+
+def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    try:
+        qtype = GGMLQuantizationType(qtype)
+    except ValueError:
+        raise ValueError(f"unknown ggml type {qtype!r}") from None
+    if qtype not in SUPPORTED_TYPES:
+        names = ", ".join(t.name for t in SUPPORTED_TYPES)
+        raise ValueError(f"ggml type {qtype.name} is not supported (supported: {names})")
+    return qtype
+
+
+def _check_row_length(qtype: GGMLQuantizationType, n_per_row: int) -> None:
+    bs = GGML_QUANT_SIZES[qtype][0]
+    if n_per_row <= 0 or n_per_row % bs != 0:
+        raise ValueError(
+            f"{qtype.name} stores blocks of {bs} values: n_per_row={n_per_row} is not a multiple of {bs}"
+        )
+
+
+def _to_f16_bits(x: torch.Tensor) -> torch.Tensor:
+    """GGML_FP32_TO_FP16: round to nearest even; NaN becomes 0x7E00 with the sign kept."""
+    bits = x.to(torch.float16).view(torch.int16)
+    nan_bits = torch.where(x.view(torch.int32) < 0, -0x8000 | 0x7E00, 0x7E00).to(torch.int16)
+    return torch.where(torch.isnan(x), nan_bits, bits)
+
+
+def _to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    """ggml_compute_fp32_to_bf16: round to nearest even on the bits; NaN is forced quiet."""
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    quiet_nan = (u >> 16) | 64
+    bits = torch.where((u & 0x7FFFFFFF) > 0x7F800000, quiet_nan, rounded) & 0xFFFF
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)

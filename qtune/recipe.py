@@ -1,0 +1,431 @@
+"""The recipe: one YAML file, validated strictly before any heavy work starts.
+
+Every problem is reported with its key path and the YAML line it comes from. Unknown keys name
+the nearest valid key. Command-line overrides (``--set a.b=value``) are applied before validation,
+and the fully resolved recipe is what a run saves next to its outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qtune.errors import QtuneError
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+LORA_TARGET_PRESETS = ("all-linear",)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    base: str = Field("smollm2-135m-instruct", min_length=1)
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("needs at least one module name, or 'all-linear'")
+        return value
+
+
+class DataSource(Section):
+    """A local file, a folder written by ``datasets.save_to_disk``, or a ``datasets`` hub id."""
+
+    path: str | None = None
+    hub: str | None = None
+    subset: str | None = None
+    split: str = "train"
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"{self.hub}[{self.split}]"
+
+
+class FieldNames(Section):
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    text: str = "text"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    category: str = "category"
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(default_factory=list)
+    validation: list[DataSource] = Field(default_factory=list)
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    format: Literal["alpaca", "chat", "completion"] = "alpaca"
+    fields: FieldNames = Field(default_factory=FieldNames)
+    prompt_style: Literal["auto", "chat_template", "alpaca"] = "auto"
+    system_prompt: str | None = None
+    completion_only_loss: bool | None = None
+    max_length: int = Field(512, ge=8, le=1_048_576)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    packing: bool = False
+    max_train_samples: int | None = Field(None, ge=1)
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [_source_from_shorthand(item) for item in value]
+        return value
+
+    @property
+    def loss_on_completions_only(self) -> bool:
+        if self.completion_only_loss is not None:
+            return self.completion_only_loss
+        return self.format in ("alpaca", "chat")
+
+
+def _source_from_shorthand(item: Any) -> Any:
+    """``"data/train.jsonl"`` means a path, ``"org/name"`` a hub id; a mapping is taken as it is."""
+    if not isinstance(item, str):
+        return item
+    if item.endswith(DATA_FILE_SUFFIXES) or item.startswith((".", "/", "~")) or os.path.exists(item):
+        return {"path": item}
+    return {"hub": item}
+
+
+class TrainingSection(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    save_steps: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    dataloader_workers: int = Field(0, ge=0)
+
+
+class TrackingSection(Section):
+    backend: Literal["wandb", "none"] = "wandb"
+    project: str = "qtune"
+    entity: str | None = None
+    run_name: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+class OutputSection(Section):
+    dir: str = "runs/qtune"
+    merge_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    merge_base: Literal["auto", "dequantized", "original"] = "auto"
+
+
+class EvaluationSection(Section):
+    max_new_tokens: int = Field(64, ge=1)
+    max_samples: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class Recipe(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    export: list[dict[str, Any]] = Field(default_factory=list)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+
+
+@dataclass(frozen=True)
+class RecipeProblem:
+    path: tuple[str | int, ...]
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = ".".join(str(part) for part in self.path) or "(top level)"
+        at = f" (line {self.line})" if self.line is not None else ""
+        return f"{where}{at}: {self.message}"
+
+
+class RecipeError(QtuneError):
+    def __init__(self, source: str, problems: list[RecipeProblem]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"recipe {source} has {len(problems)} problem(s):\n{lines}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys, which plain YAML silently overwrites."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_index(node: yaml.Node | None, path: tuple = (), index: dict | None = None) -> dict[tuple, int]:
+    """Map each key path in the YAML document to its 1-based line."""
+    index = {} if index is None else index
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = path + (key_node.value,)
+            index[child] = key_node.start_mark.line + 1
+            _line_index(value_node, child, index)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            child = path + (i,)
+            index[child] = item.start_mark.line + 1
+            _line_index(item, child, index)
+    return index
+
+
+def _line_for(path: tuple, lines: dict[tuple, int]) -> int | None:
+    for end in range(len(path), 0, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``training.learning_rate=1e-4`` -> (["training", "learning_rate"], 0.0001)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise QtuneError(f"--set {text!r}: expected KEY=VALUE, for example training.learning_rate=1e-4")
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise QtuneError(f"--set {text!r}: the value is not valid YAML: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise QtuneError(f"--set {text!r}: {where} is not a section, it holds {child!r}")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
+    """The valid keys at ``path`` of the schema, for 'did you mean' hints."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for candidate in candidates:
+            for inner in (candidate, *getattr(candidate, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    current = inner
+                    break
+            else:
+                continue
+            break
+        else:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _describe_pydantic_error(error: dict) -> tuple[tuple, str]:
+    path = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+    if error["type"] == "extra_forbidden":
+        key = str(path[-1])
+        valid = _field_names(Recipe, path[:-1])
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return path, f"unknown key '{key}'{hint} (valid keys: {', '.join(valid)})"
+    message = error["msg"]
+    if "input" in error and error["type"] not in ("missing",):
+        message += f" (got {error['input']!r})"
+    return path, message
+
+
+def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
+    """Rules that involve several fields, or the machine the recipe will run on."""
+    problems: list[RecipeProblem] = []
+    data, training, quant = recipe.data, recipe.training, recipe.quantization
+
+    if training.optimizer.startswith(("paged_", "adamw_8bit")) and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(RecipeProblem(("training", "optimizer"), f"{training.optimizer} needs bitsandbytes, which is not installed; install it or use adamw_torch"))
+    if quant.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(RecipeProblem(("quantization", "load_in_4bit"), "4-bit loading needs bitsandbytes, which is not installed"))
+    if not data.train:
+        problems.append(RecipeProblem(("data", "train"), "no training data: give at least one file, saved dataset or hub id"))
+    if data.validation and data.validation_fraction:
+        problems.append(RecipeProblem(("data", "validation_fraction"), "give either validation sources or validation_fraction, not both"))
+    if data.format == "completion" and data.completion_only_loss and data.fields.prompt == data.fields.completion:
+        problems.append(RecipeProblem(("data", "completion_only_loss"), "completion data needs distinct prompt and completion fields for completion-only loss"))
+    if recipe.lora.use_dora and quant.quant_type == "fp4":
+        problems.append(RecipeProblem(("lora", "use_dora"), "DoRA is only supported on NF4 or unquantized bases"))
+    if quant.compute_dtype == "float16" and not _cuda_available():
+        problems.append(RecipeProblem(("quantization", "compute_dtype"), "float16 compute needs a CUDA GPU; on CPU use float32 or bfloat16 (or auto)"))
+    if recipe.tracking.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        problems.append(RecipeProblem(("tracking", "mode"), "online tracking needs WANDB_API_KEY in the environment; use offline or auto"))
+    if data.packing and recipe.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+        problems.append(RecipeProblem(("data", "packing"), "packing needs an attention implementation that keeps packed sequences apart"))
+
+    for split in ("train", "validation"):
+        for i, source in enumerate(getattr(data, split)):
+            where = ("data", split, i)
+            if (source.path is None) == (source.hub is None):
+                problems.append(RecipeProblem(where, "give exactly one of 'path' or 'hub'"))
+                continue
+            if source.path is not None:
+                resolved = resolve_path(source.path, base_dir)
+                if not resolved.exists():
+                    problems.append(RecipeProblem(where + ("path",), f"dataset file not found: {resolved}"))
+                elif resolved.is_file() and not os.access(resolved, os.R_OK):
+                    problems.append(RecipeProblem(where + ("path",), f"dataset file is not readable: {resolved}"))
+                elif resolved.is_file() and not resolved.name.endswith(DATA_FILE_SUFFIXES):
+                    problems.append(RecipeProblem(where + ("path",), f"unsupported file type {resolved.suffix!r}; use one of {', '.join(DATA_FILE_SUFFIXES)}"))
+
+    return problems
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    expanded = Path(os.path.expanduser(path))
+    return expanded if expanded.is_absolute() else (base_dir / expanded).resolve()
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    source: Path
+    base_dir: Path
+
+    def path(self, value: str) -> Path:
+        return resolve_path(value, self.base_dir)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.path(self.recipe.output.dir)
+
+    def with_absolute_paths(self) -> Recipe:
+        """The recipe with every relative path resolved, so it means the same when read from the run directory."""
+        recipe = self.recipe.model_copy(deep=True)
+        for source in [*recipe.data.train, *recipe.data.validation]:
+            if source.path is not None:
+                source.path = str(self.path(source.path))
+        recipe.output.dir = str(self.output_dir)
+        local_base = self.path(recipe.model.base)
+        if local_base.is_dir():
+            recipe.model.base = str(local_base)
+        return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Read, override and validate a recipe. Raises RecipeError listing every problem found."""
+    source = Path(path)
+    if not source.is_file():
+        raise QtuneError(f"recipe not found: {source}")
+    try:
+        text = source.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QtuneError(f"cannot read recipe {source}: {exc}") from exc
+    return parse_recipe(text, str(source), source.resolve().parent, overrides or [])
+
+
+def parse_recipe(text: str, source: str, base_dir: Path, overrides: list[str] | None = None) -> LoadedRecipe:
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(source, [RecipeProblem((), f"invalid YAML{line}: {problem}")]) from exc
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise RecipeError(source, [RecipeProblem((), f"a recipe is a mapping of sections, got {type(raw).__name__}")])
+    lines = _line_index(node)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            error_path, message = _describe_pydantic_error(error)
+            problems.append(RecipeProblem(error_path, message, _line_for(error_path, lines)))
+        raise RecipeError(source, problems) from None
+    problems = [RecipeProblem(p.path, p.message, _line_for(p.path, lines)) for p in check_rules(recipe, base_dir)]
+    if problems:
+        raise RecipeError(source, problems)
+    return LoadedRecipe(recipe=recipe, source=Path(source), base_dir=base_dir)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML, with secrets from the environment redacted."""
+    from qtune.secrets import redact
+
+    return redact(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,228 @@
+"""Training: transformers' Trainer with peft and bitsandbytes, plus atomic checkpoints, exact resume,
+a NaN guard and throughput/memory metrics."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from qtune import data as qdata
+from qtune import models, rundir, tracking
+from qtune.errors import NonFiniteLossError, QtuneError
+from qtune.paths import atomic_dir, fsync_tree, write_text_atomic
+from qtune.recipe import LoadedRecipe, TrainingSection
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def optimizer_name(training: TrainingSection) -> str:
+    """The optimizer that really runs. Paging needs CUDA unified memory; on CPU the same update runs unpaged."""
+    if torch.cuda.is_available() or not training.optimizer.startswith("paged_"):
+        return training.optimizer
+    unpaged = {"paged_adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "adamw_torch"}[training.optimizer]
+    log.info("on CPU %s runs as %s: paging needs CUDA unified memory", training.optimizer, unpaged)
+    return unpaged
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class QtuneTrainer(Trainer):
+        """Trainer with atomic checkpoints, a NaN/inf guard, and tokens/s + peak memory in every log."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.tokens_seen = 0
+            self._last_log = (time.perf_counter(), 0)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.tokens_seen += int(inputs.pop("num_real_tokens", inputs["input_ids"].numel()))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            bad = torch.tensor(float(not torch.isfinite(loss).all()), device=loss.device)
+            if self.args.world_size > 1:
+                torch.distributed.all_reduce(bad)
+            if bad.item():
+                raise NonFiniteLossError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}")
+            return loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs.pop("num_real_tokens", None)
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+        def log(self, logs, start_time=None):
+            now = time.perf_counter()
+            since, tokens_then = self._last_log
+            if "loss" in logs:
+                tokens = self.tokens_seen * self.args.world_size
+                logs["tokens_per_second"] = round((tokens - tokens_then) / max(now - since, 1e-9), 2)
+                logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
+                self._last_log = (now, tokens)
+            super().log(logs, start_time)
+
+        def _save_checkpoint(self, model, trial):
+            # Trainer writes checkpoint-N in place; write it into a staging directory and rename it,
+            # so a checkpoint-N directory is always complete.
+            run_dir = Path(self.args.output_dir)
+            final = run_dir / f"checkpoint-{self.state.global_step}"
+            staging_root = run_dir / f".checkpoint-{self.state.global_step}.tmp-staging"
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self.args.output_dir = str(staging_root)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = str(run_dir)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                written = staging_root / final.name
+                fsync_tree(written)
+                os.replace(written, final)
+                shutil.rmtree(staging_root, ignore_errors=True)
+                self.state.best_model_checkpoint = None
+                _rotate(run_dir, self.qtune_keep)
+            self.accelerator.wait_for_everyone()
+
+    return QtuneTrainer
+
+
+def _rotate(run_dir: Path, keep: int) -> None:
+    for old in rundir.checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def training_arguments(loaded: LoadedRecipe, run_dir: Path, report_to: list[str]):
+    from transformers import TrainingArguments
+
+    recipe = loaded.recipe
+    t = recipe.training
+    dtype = models.compute_dtype(recipe.quantization)
+    on_cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
+        optim=optimizer_name(t),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        seed=t.seed,
+        data_seed=t.seed,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,
+        report_to=report_to,
+        run_name=recipe.tracking.run_name or run_dir.name,
+        remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers,
+        use_cpu=not on_cuda,
+        bf16=on_cuda and dtype == torch.bfloat16,
+        fp16=on_cuda and dtype == torch.float16,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+
+
+def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train the recipe's adapter; returns the run directory. The final adapter lands in run_dir/adapter."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    recipe = loaded.recipe
+    run_dir = loaded.output_dir
+    state = PartialState()
+    if state.is_main_process:
+        rundir.claim(run_dir, loaded.with_absolute_paths(), resume=resume, overwrite=overwrite)
+    state.wait_for_everyone()
+    if (run_dir / rundir.ADAPTER_DIR).is_dir() and not overwrite:
+        log.info("%s already holds a trained adapter; nothing to train", run_dir)
+        return run_dir
+    resume_from = rundir.latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        log.info("no complete checkpoint in %s yet; starting from the beginning", run_dir)
+
+    set_seed(recipe.training.seed)
+    checkpoint = models.resolve_base(recipe.model)
+    tokenizer = models.load_tokenizer(checkpoint, recipe.model.trust_remote_code)
+    prepared = qdata.prepare_data(recipe.data, tokenizer, loaded.base_dir, recipe.training.seed)
+    if state.is_main_process:
+        write_text_atomic(run_dir / "data_report.json", json.dumps({k: v.as_dict() for k, v in prepared.reports.items()}, indent=2))
+    log.info("data: %s", {k: v.as_dict() for k, v in prepared.reports.items()})
+
+    base = models.load_base(checkpoint, recipe.model, recipe.quantization)
+    model = models.attach_lora(base, recipe.lora, recipe.training.gradient_checkpointing)
+
+    run = tracking.start_run(recipe, run_dir) if state.is_main_process else None
+    report_to = ["wandb"] if run is not None else []
+    args = training_arguments(loaded, run_dir, report_to)
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.validation if recipe.training.eval_steps and prepared.validation else None,
+        data_collator=qdata.Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    trainer.qtune_keep = recipe.training.keep_checkpoints
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except NonFiniteLossError as exc:
+        last = rundir.latest_checkpoint(run_dir)
+        kept = f"the last good checkpoint is {last.name}" if last else "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"{exc}; training stopped, {kept}. Lower training.learning_rate or check the data") from None
+    except OSError as exc:
+        if state.is_main_process:
+            rundir.remove_staging(run_dir)
+        last = rundir.latest_checkpoint(run_dir)
+        kept = f"the latest complete checkpoint is still {last.name}" if last else "no complete checkpoint exists yet"
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else f"writing failed ({exc.strerror or exc})"
+        raise QtuneError(f"{reason} while saving to {run_dir}; {kept}. Free space and run again with --resume") from None
+    finally:
+        tracking.finish_run(run)
+    elapsed = time.perf_counter() - started
+
+    if state.is_main_process:
+        with atomic_dir(run_dir / rundir.ADAPTER_DIR, overwrite=True) as staging:
+            trainer.model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        history = trainer.state.log_history
+        write_text_atomic(run_dir / "train_log.json", json.dumps(history, indent=2))
+        losses = [h["loss"] for h in history if "loss" in h]
+        rundir.update_run_file(
+            run_dir,
+            trained=True,
+            train_seconds=round(elapsed, 1),
+            steps=trainer.state.global_step,
+            final_loss=losses[-1] if losses else None,
+            tokens_seen=trainer.tokens_seen * args.world_size,
+            peak_memory_gb=round(peak_memory_gb(), 3),
+        )
+    state.wait_for_everyone()
+    return run_dir

@@ -1,0 +1,103 @@
+"""Time qtune's GGUF quantizers against ggml_quantize_chunk on an [N, K] matrix.
+
+    OMP_NUM_THREADS=2 python scripts/bench_ggml_quants.py --rows 1024 --threads 2
+    python scripts/bench_ggml_quants.py --device cuda --rows 4096      # GPU run, ggml still on CPU
+
+ggml gets the same number of CPU threads (row slices quantized in parallel, as llama-quantize
+does). The ggml column needs llama-cpp-python (scripts/build_llama_cpp.sh); without it only our
+timings are printed. Every run also checks that both produce the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import pathlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from qtune.quant.ggml_quants import quantize, row_bytes
+
+
+def load_ggml_quantize_chunk():
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    path = pathlib.Path(spec.origin).parent / "lib" / "libggml-base.so"
+    if not path.exists():
+        return None
+    fn = ctypes.CDLL(str(path)).ggml_quantize_chunk
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p]
+    fn.restype = ctypes.c_size_t
+    return fn
+
+
+def ggml_quantize(fn, x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None,
+                  threads: int) -> np.ndarray:
+    rows, n = x.shape
+    rb = row_bytes(qtype, n)
+    out = np.zeros((rows, rb), dtype=np.uint8)
+    qw = None if imatrix is None else imatrix.ctypes.data
+    step = (rows + threads - 1) // threads
+
+    def work(r0: int) -> None:  # ctypes drops the GIL during the call
+        nr = min(step, rows - r0)
+        fn(int(qtype), x[r0].ctypes.data, out[r0].ctypes.data, 0, nr, n, qw)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(0, rows, step)))
+    return out
+
+
+def timed(f):
+    t0 = time.perf_counter()
+    result = f()
+    return result, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1024)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--types", nargs="+", default=["Q4_K", "Q6_K"])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    x = (rng.standard_normal((args.rows, args.cols)) * 0.02).astype(np.float32)
+    imatrix = rng.lognormal(0.0, 1.0, args.cols).astype(np.float32)
+    xt = torch.from_numpy(x).to(args.device)
+    qwt = torch.from_numpy(imatrix).to(args.device)
+    fn = load_ggml_quantize_chunk()
+
+    # warm-up (CUDA context, allocator) on a slice
+    quantize(xt[: min(8, args.rows)], GGMLQuantizationType.Q4_K)
+
+    print(f"[{args.rows}, {args.cols}] float32, {args.threads} CPU threads, ours on {args.device}")
+    print(f"{'type':6} {'imatrix':8} {'ours s':>9} {'ggml s':>9} {'ours/ggml':>10}  bytes")
+    for name in args.types:
+        qtype = GGMLQuantizationType[name]
+        for qw_np, qw_t in ((None, None), (imatrix, qwt)):
+            ours, t_ours = timed(lambda: quantize(xt, qtype, qw_t))
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+                ours, t_ours = timed(lambda: (quantize(xt, qtype, qw_t), torch.cuda.synchronize())[0])
+            if fn is None:
+                print(f"{name:6} {str(qw_np is not None):8} {t_ours:9.3f} {'-':>9} {'-':>10}  (no llama_cpp)")
+                continue
+            ref, t_ref = timed(lambda: ggml_quantize(fn, x, qtype, qw_np, args.threads))
+            same = "equal" if np.array_equal(ours.cpu().numpy(), ref) else "DIFFER"
+            print(f"{name:6} {str(qw_np is not None):8} {t_ours:9.3f} {t_ref:9.3f} {t_ours / t_ref:10.1f}  {same}")
+
+
+if __name__ == "__main__":
+    main()

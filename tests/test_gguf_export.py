@@ -1,0 +1,495 @@
+"""GGUF export (qtune.formats.gguf) against gguf-py, llama.cpp (llama-cpp-python) and the HF model.
+
+llama.cpp oracles need llama-cpp-python: build and install it with scripts/build_llama_cpp.sh; without
+it those tests skip. The tokenizer is the built-in model's (SmolLM2, BPE "smollm"), saved next to tiny
+random llama / mistral / qwen2 models.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from qtune.errors import QtuneError
+from qtune.formats import gguf as gguf_export
+from qtune.formats.gguf import check_chat_roundtrip, export_gguf, hf_to_gguf_name
+from qtune.imatrix import Imatrix, collect_imatrix, read_imatrix, to_gguf_names, write_imatrix
+from qtune.modelfile import modelfile_text, write_modelfile
+from qtune.quant.ggml_mixes import QUANT_MIXES, choose_types, llama_tensor_order
+from qtune.quant.ggml_quants import dequantize, row_bytes
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+needs_llama_cpp = pytest.mark.skipif(
+    not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh"
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def builtin_dir() -> Path:
+    from qtune.models import builtin_checkpoint
+
+    try:
+        return builtin_checkpoint("smollm2-135m-instruct")
+    except QtuneError as exc:
+        pytest.skip(f"built-in model unavailable: {exc}")
+
+
+def make_model(root: Path, tokenizer_dir: Path, model_type: str = "llama", hidden: int = 256, inter: int = 512,
+               layers: int = 8, heads: int = 4, kv_heads: int = 2, tied: bool = True, seed: int = 0,
+               **extra) -> Path:
+    """A tiny random HF checkpoint (weights fp16-representable) with the built-in tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=49152, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.08,
+        **extra,
+    )
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    out = root / f"{model_type}-{hidden}-{inter}-{'tied' if tied else 'untied'}-{seed}"
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory, builtin_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llama": make_model(root, builtin_dir),
+        # 320 / 600 wide rows: k-quant fallbacks, and F16 where even 32 does not divide (600)
+        "llama-odd": make_model(root, builtin_dir, hidden=320, inter=600, heads=5, kv_heads=1, layers=4, tied=False),
+        "mistral": make_model(root, builtin_dir, "mistral", layers=3, tied=False, seed=1),
+        "qwen2": make_model(root, builtin_dir, "qwen2", layers=3, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, models) -> dict[tuple[str, str], Path]:
+    """Lazily exported files, shared by the tests."""
+    root = tmp_path_factory.mktemp("gguf")
+    cache: dict[tuple[str, str], Path] = {}
+
+    class Exports(dict):
+        def __missing__(self, key):
+            model, quant = key
+            path = root / f"{model}-{quant}.gguf"
+            export_gguf(models[model], path, quant)
+            self[key] = path
+            return path
+
+    return Exports(cache)
+
+
+@functools.lru_cache(maxsize=16)
+def _reader(path: Path, mtime: float) -> gguf.GGUFReader:
+    return gguf.GGUFReader(str(path))  # ~2 s each: it parses the 49k-token vocabulary
+
+
+def reader(path: Path) -> gguf.GGUFReader:
+    return _reader(Path(path), Path(path).stat().st_mtime)
+
+
+def read_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    return {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), t.data.tobytes()) for t in reader(path).tensors}
+
+
+def read_kv(path: Path) -> dict:
+    return {f.name: f.contents() for f in reader(path).fields.values() if not f.name.startswith("GGUF.")}
+
+
+def assert_same_file(ours: Path, theirs: Path) -> None:
+    """Byte-identical files; on a difference, say which tensors or keys differ."""
+    if ours.read_bytes() == theirs.read_bytes():
+        return
+    a, b = read_tensors(ours), read_tensors(theirs)
+    assert list(a) == list(b), "tensor order differs"
+    bad = [f"{n}: ours {a[n][0]} {a[n][1]}, llama.cpp {b[n][0]} {b[n][1]}" for n in a if a[n] != b[n]]
+    assert not bad, "tensors differ:\n" + "\n".join(bad[:10])
+    ka, kb = read_kv(ours), read_kv(theirs)
+    assert ka == kb, [k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)]
+    raise AssertionError("same tensors and keys, but the files differ (key order or padding)")
+
+
+def llama_quantize(src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama.cpp's llama_model_quantize with the ftype (and --pure) of qtune's mix ``quant``."""
+    import llama_cpp
+
+    mix = QUANT_MIXES[quant]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(mix.file_type)
+    params.pure = mix.pure
+    params.nthread = 1
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            key = name.encode()
+            keep += [values, key]
+            entries[i].name = key
+            entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = values.size
+        params.imatrix = entries
+        keep.append(entries)
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+def hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def llama_cpp_model(path: Path):
+    import llama_cpp
+
+    # F32 KV cache: the default F16 cache alone moves logits by ~1e-3
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
+                           n_threads=1, type_k=0, type_v=0)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def prompt_ids(builtin_dir: Path, n: int = 48) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(builtin_dir)
+    text = "The quick brown fox jumps over the lazy dog. Quantization maps weights to a few levels, " * 4
+    return tok.encode(text)[:n]
+
+
+# ---------------------------------------------------------------- type choice (no llama.cpp needed)
+
+
+def _llama_names(n_layer: int, width: int = 256, ff: int = 512, tied: bool = True) -> list[tuple[str, tuple]]:
+    names = [("token_embd.weight", (1000, width)), ("output_norm.weight", (width,))]
+    if not tied:
+        names.append(("output.weight", (1000, width)))
+    for i in range(n_layer):
+        for part, shape in [("attn_q", (width, width)), ("attn_k", (width // 2, width)), ("attn_v", (width // 2, width)),
+                            ("attn_output", (width, width)), ("ffn_gate", (ff, width)), ("ffn_up", (ff, width)),
+                            ("ffn_down", (width, ff)), ("attn_norm", (width,)), ("ffn_norm", (width,))]:
+            names.append((f"blk.{i}.{part}.weight", shape))
+    return names
+
+
+@pytest.mark.parametrize("n_layer,more_bits", [
+    (8, {0, 3, 6, 7}),
+    (32, {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}),
+])
+def test_q4_k_m_rules(n_layer, more_bits):
+    choice = choose_types("Q4_K_M", _llama_names(n_layer), n_layer)
+    for i in range(n_layer):
+        want = Q.Q6_K if i in more_bits else Q.Q4_K
+        assert choice.types[f"blk.{i}.attn_v.weight"] == want
+        assert choice.types[f"blk.{i}.ffn_down.weight"] == want
+        assert choice.types[f"blk.{i}.attn_q.weight"] == Q.Q4_K
+        assert choice.types[f"blk.{i}.attn_norm.weight"] == Q.F32
+    assert choice.types["token_embd.weight"] == Q.Q6_K  # tied: the output rule
+    assert choice.fallbacks == []
+    untied = choose_types("Q4_K_M", _llama_names(n_layer, tied=False), n_layer)
+    assert untied.types["token_embd.weight"] == Q.Q4_K and untied.types["output.weight"] == Q.Q6_K
+
+
+def test_mix_rules_and_fallbacks():
+    q3 = choose_types("Q3_K_M", _llama_names(32), 32).types
+    assert [q3[f"blk.{i}.attn_v.weight"] for i in (0, 1, 2)] == [Q.Q5_K, Q.Q5_K, Q.Q4_K]
+    assert [q3[f"blk.{i}.ffn_down.weight"] for i in (0, 1, 2)] == [Q.Q5_K, Q.Q5_K, Q.Q4_K]
+    assert q3["blk.5.attn_output.weight"] == Q.Q4_K and q3["blk.5.attn_q.weight"] == Q.Q3_K
+    q4s = choose_types("Q4_K_S", _llama_names(32), 32).types
+    assert [q4s[f"blk.{i}.attn_v.weight"] for i in (3, 4)] == [Q.Q5_K, Q.Q4_K]
+    assert [q4s[f"blk.{i}.ffn_down.weight"] for i in (3, 4)] == [Q.Q5_K, Q.Q4_K]
+    q5s = choose_types("Q5_K_S", _llama_names(8), 8).types
+    assert q5s["blk.0.attn_v.weight"] == Q.Q5_K and q5s["token_embd.weight"] == Q.Q6_K
+    pure = choose_types("Q4_0", _llama_names(8), 8).types
+    assert pure["token_embd.weight"] == Q.Q4_0 and pure["blk.0.ffn_down.weight"] == Q.Q4_0
+
+    odd = choose_types("Q4_K_M", _llama_names(8, width=576, ff=1536), 8)
+    assert odd.types["token_embd.weight"] == Q.Q8_0  # output rule: rows not a multiple of 256
+    assert odd.types["blk.0.attn_q.weight"] == Q.Q5_0 and odd.types["blk.0.attn_v.weight"] == Q.Q8_0
+    assert odd.types["blk.0.ffn_down.weight"] == Q.Q6_K  # 1536 = 6 * 256
+    assert {(f.wanted, f.used) for f in odd.fallbacks} == {(Q.Q4_K, Q.Q5_0), (Q.Q6_K, Q.Q8_0)}
+    assert "blk.0.attn_q.weight" in str(odd.fallbacks[0]) or odd.fallbacks[0].name.startswith("blk.")
+    f16 = choose_types("Q5_K_M", [("blk.0.ffn_down.weight", (64, 600))], 1)
+    assert f16.types["blk.0.ffn_down.weight"] == Q.F16 and f16.fallbacks[0].used == Q.F16
+    with pytest.raises(ValueError, match="unknown GGUF quantization 'Q7_K'.*Q4_K_M"):
+        choose_types("Q7_K", [], 1)
+
+
+def test_llama_tensor_order():
+    names = ["blk.10.attn_q.weight", "output.weight", "blk.2.ffn_up.weight", "token_embd.weight", "blk.2.attn_k.weight"]
+    assert llama_tensor_order(names) == [
+        "output.weight", "token_embd.weight", "blk.2.attn_k.weight", "blk.2.ffn_up.weight", "blk.10.attn_q.weight"]
+
+
+# ---------------------------------------------------------------- file contents (gguf-py)
+
+
+def test_f32_tensors_are_the_hf_weights(models, exported):
+    from safetensors.torch import load_file
+
+    model_dir = models["llama-odd"]
+    weights = load_file(model_dir / "model.safetensors")
+    tensors = read_tensors(exported["llama-odd", "F32"])
+    assert "output.weight" in tensors and len(tensors) == 2 + 1 + 4 * 9
+    for hf_name, w in weights.items():
+        qtype, shape, data = tensors[hf_to_gguf_name(hf_name)]
+        values = np.frombuffer(data, dtype=np.float32).reshape(shape[::-1] if len(shape) > 1 else shape)
+        if ".q_proj." in hf_name or ".k_proj." in hf_name:
+            heads = 5 if ".q_proj." in hf_name else 1
+            w = w.reshape(heads, 2, -1, w.shape[1]).transpose(1, 2).reshape(w.shape)
+        np.testing.assert_array_equal(values.reshape(w.shape), w.numpy(), err_msg=hf_name)
+    llama_tied = read_tensors(exported["llama", "F32"])
+    assert "output.weight" not in llama_tied
+
+
+@pytest.mark.parametrize("model,quant", [
+    ("llama-odd", "Q4_K_M"), ("qwen2", "Q4_K_M"),
+    pytest.param("qwen2", "Q3_K_M", marks=pytest.mark.slow), pytest.param("llama", "BF16", marks=pytest.mark.slow),
+])
+def test_gguf_py_dequantizes_like_ours(exported, model, quant):
+    reader = gguf.GGUFReader(str(exported[model, quant]))
+    kinds = set()
+    for t in reader.tensors:
+        n_per_row, raw = int(t.shape[0]), np.ascontiguousarray(t.data)
+        if t.tensor_type == Q.F32:
+            ours = raw.astype(np.float32)
+        else:
+            rows = torch.from_numpy(raw.view(np.uint8).reshape(-1, row_bytes(t.tensor_type, n_per_row)))
+            ours = dequantize(rows, t.tensor_type, n_per_row).numpy()
+        theirs = gguf.dequantize(t.data, t.tensor_type)
+        np.testing.assert_array_equal(ours.reshape(-1), np.asarray(theirs, dtype=np.float32).reshape(-1), err_msg=t.name)
+        kinds.add(t.tensor_type)
+    assert len(kinds) >= 2
+
+
+def test_metadata_and_chat_roundtrip(models, exported, builtin_dir, tmp_path):
+    kv = read_kv(exported["qwen2", "Q4_K_M"])
+    assert kv["general.architecture"] == "qwen2" and kv["general.file_type"] == 15
+    assert kv["qwen2.block_count"] == 3 and kv["qwen2.attention.head_count_kv"] == 2
+    # transformers loads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer (qwen2 split regex)
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "qwen2"
+    assert read_kv(exported["llama", "Q4_K_M"])["tokenizer.ggml.pre"] == "smollm"
+    assert len(kv["tokenizer.ggml.tokens"]) == 49152 and len(kv["tokenizer.ggml.merges"]) > 40000
+    assert kv["tokenizer.ggml.eos_token_id"] == 2 and kv["tokenizer.ggml.add_bos_token"] is False
+    assert read_kv(exported["mistral", "F16"])["general.architecture"] == "llama"
+    assert check_chat_roundtrip(exported["qwen2", "Q4_K_M"], models["qwen2"]) == []
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(builtin_dir, other, ignore=shutil.ignore_patterns("*.safetensors"))
+    (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    problems = check_chat_roundtrip(exported["qwen2", "Q4_K_M"], other)
+    assert len(problems) == 1 and "chat template differs" in problems[0]
+
+
+def test_unsupported_architecture(tmp_path, models):
+    bad = tmp_path / "gpt2"
+    shutil.copytree(models["qwen2"], bad)
+    config = (bad / "config.json").read_text().replace('"model_type": "qwen2"', '"model_type": "gpt2"')
+    (bad / "config.json").write_text(config)
+    with pytest.raises(QtuneError, match="does not support the 'gpt2' architecture; supported: llama, mistral, qwen2"):
+        export_gguf(bad, tmp_path / "x.gguf", "Q8_0")
+
+
+def test_missing_tokenizer(tmp_path, models):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(models["qwen2"] / name, bare / name)
+    with pytest.raises(QtuneError, match="has no tokenizer"):
+        export_gguf(bare, tmp_path / "x.gguf", "Q8_0")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_unknown_pre_tokenizer(tmp_path, models):
+    import json
+
+    odd = tmp_path / "odd-tokenizer"
+    shutil.copytree(models["llama"], odd)
+    spec = json.loads((odd / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    (odd / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(QtuneError, match="BPE pre-tokenizer .* is not one llama.cpp knows"):
+        export_gguf(odd, tmp_path / "x.gguf", "Q8_0")
+
+
+def test_failed_write_leaves_no_file(tmp_path, models, monkeypatch):
+    calls = []
+    real_write = gguf.GGUFWriter.write_tensor_data
+
+    def disk_full(self, tensor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, tensor, *args, **kwargs)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.gguf").write_bytes(b"previous")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_gguf(models["qwen2"], out / "model.gguf", "Q8_0")
+    assert sorted(p.name for p in out.iterdir()) == ["model.gguf"]
+    assert (out / "model.gguf").read_bytes() == b"previous"
+
+
+# ---------------------------------------------------------------- llama.cpp oracles
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model", ["llama", "mistral", "qwen2", "llama-odd"])
+def test_llama_cpp_f16_matches_hf(models, exported, builtin_dir, model):
+    ids = prompt_ids(builtin_dir)
+    ref = log_softmax(hf_logits(models[model], ids))
+    llm = llama_cpp_model(exported[model, "F16"])
+    llm.eval(ids)
+    got = log_softmax(np.array(llm.scores[: len(ids)], dtype=np.float64))
+    kl = (np.exp(ref) * (ref - got)).sum(-1).mean()
+    assert kl <= 1e-4, kl
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(models[model], dtype=torch.float32).eval()
+    prompt = ids[:8]
+    with torch.no_grad():
+        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    llm.reset()
+    llm.eval(prompt)
+    cpp_out = []
+    for _ in range(32):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        cpp_out.append(token)
+        llm.eval([token])
+    assert cpp_out == hf_out
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model,quant", [
+    ("llama", "Q4_K_M"), ("llama-odd", "Q4_K_M"), ("qwen2", "Q4_K_M"), ("llama-odd", "Q2_K"),
+    *[pytest.param(m, q, marks=pytest.mark.slow) for m, q in [
+        ("mistral", "Q5_K_M"), ("llama", "Q3_K_M"), ("llama", "Q4_K_S"), ("llama-odd", "Q5_K_S"), ("llama", "Q6_K"),
+        ("llama-odd", "Q8_0"), ("llama", "Q4_0"), ("llama-odd", "Q4_1"), ("llama", "Q5_1"), ("qwen2", "F16"),
+        ("llama", "BF16"),
+    ]],
+])
+def test_equals_llama_model_quantize(exported, tmp_path, model, quant):
+    theirs = tmp_path / "llama.gguf"
+    llama_quantize(exported[model, "F32"], theirs, quant)
+    assert_same_file(exported[model, quant], theirs)
+
+
+@needs_llama_cpp
+def test_imatrix_export_equals_llama_model_quantize(models, exported, builtin_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = models["llama-odd"]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids(builtin_dir, 40)])
+    stats = collect_imatrix(hf, [ids, ids[:, :20]])
+    assert stats.counts["model.layers.0.mlp.down_proj"] == 60
+    inputs = []
+    hook = hf.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, i, o: inputs.append(i[0]) and None)
+    with torch.no_grad():
+        hf(ids)
+        hf(ids[:, :20])
+    hook.remove()
+    manual = sum((x[0].double() ** 2).sum(0) for x in inputs)
+    torch.testing.assert_close(stats.sums["model.layers.1.mlp.down_proj"], manual)
+    means = stats.means()
+
+    ours = tmp_path / "ours.gguf"
+    report = export_gguf(model_dir, ours, "Q4_K_M", imatrix=means)
+    assert any(t.imatrix for t in report.tensors)
+    theirs = tmp_path / "llama.gguf"
+    gguf_means = to_gguf_names(stats).means()
+    llama_quantize(exported["llama-odd", "F32"], theirs, "Q4_K_M", {k: v.numpy() for k, v in gguf_means.items()})
+    assert_same_file(ours, theirs)
+    assert read_tensors(ours)["blk.0.attn_q.weight"] != read_tensors(exported["llama-odd", "Q4_K_M"])["blk.0.attn_q.weight"]
+
+    # the imatrix file round trip gives llama.cpp's loader values
+    path = tmp_path / "imatrix.gguf"
+    write_imatrix(path, to_gguf_names(stats))
+    back = read_imatrix(path)
+    kv = read_kv(path)
+    assert kv["general.type"] == "imatrix" and kv["imatrix.chunk_size"] == 512
+    assert back.counts == to_gguf_names(stats).counts
+    for name, values in back.means().items():
+        torch.testing.assert_close(values, gguf_means[name], rtol=0, atol=0)
+
+
+def test_legacy_imatrix_read(tmp_path):
+    import struct
+
+    values = np.array([2.0, 4.0, 6.0], dtype=np.float32)
+    name = b"blk.0.attn_q.weight"
+    data = struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 2, 3) + values.tobytes()
+    (tmp_path / "old.dat").write_bytes(data)
+    stats = read_imatrix(tmp_path / "old.dat")
+    torch.testing.assert_close(stats.means()["blk.0.attn_q.weight"], torch.tensor([1.0, 2.0, 3.0]))
+    (tmp_path / "junk.dat").write_bytes(b"\x00\x00")
+    with pytest.raises(QtuneError, match="neither a GGUF nor a legacy"):
+        read_imatrix(tmp_path / "junk.dat")
+
+
+def test_modelfile(tmp_path, models, exported):
+    path = write_modelfile(exported["qwen2", "Q8_0"], models["qwen2"])
+    text = path.read_text()
+    assert text.startswith(f"FROM ./{exported['qwen2', 'Q8_0'].name}\n")
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+    other = modelfile_text("m.gguf", "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}", "</s>")
+    assert "TEMPLATE" not in other.replace("# TEMPLATE omitted", "") and 'PARAMETER stop "</s>"' in other
+    llama3 = modelfile_text("m.gguf", "<|start_header_id|>{{ role }}<|end_header_id|>{{ c }}<|eot_id|>", "<|eot_id|>")
+    assert "<|start_header_id|>assistant<|end_header_id|>" in llama3 and llama3.count('PARAMETER stop "<|eot_id|>"') == 1
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_builtin_model_quality_order(builtin_dir, tmp_path):
+    """Perplexity of the built-in model under each export, scored by llama.cpp on the same text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(builtin_dir)
+    text = (Path(__file__).read_text() + (Path(gguf_export.__file__).read_text()))[:6000]
+    ids = tok.encode(text)[:256]
+    ppl = {}
+    for quant in ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M"):
+        path = tmp_path / f"{quant}.gguf"
+        export_gguf(builtin_dir, path, quant)
+        llm = llama_cpp_model(path)
+        llm.eval(ids)
+        logp = log_softmax(np.array(llm.scores[: len(ids)], dtype=np.float64))
+        nll = -logp[np.arange(len(ids) - 1), ids[1:]].mean()
+        ppl[quant] = float(np.exp(nll))
+        path.unlink()
+    assert all(np.isfinite(v) for v in ppl.values()), ppl
+    assert abs(ppl["Q8_0"] - ppl["F16"]) / ppl["F16"] < 0.01, ppl
+    assert ppl["F16"] < ppl["Q6_K"] < ppl["Q5_K_M"] < ppl["Q4_K_M"] < ppl["Q3_K_M"], ppl

@@ -1,0 +1,577 @@
+"""qtune.kernels: every Triton kernel against its torch reference, the references against bitsandbytes.
+
+Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set here, before the kernels are
+defined) on small, odd shapes; with CUDA the same tests run the compiled kernels on the GPU.
+Outputs are poisoned with NaN before each kernel run, so unwritten elements fail the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import types
+
+import numpy as np
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit definitions
+
+from qtune.kernels import nf4, qlora_linear, w4a16  # noqa: E402
+
+try:
+    import bitsandbytes.functional as bnb_functional
+except ImportError:  # the GPU machine may lack it
+    bnb_functional = None
+
+
+def _triton_runs_here() -> bool:
+    if not nf4.HAS_TRITON or CUDA:
+        return nf4.HAS_TRITON
+    # The interpreter needs triton itself (tl.cdiv, tl.sum, ...) imported after TRITON_INTERPRET=1;
+    # when something imported it earlier, test_triton_kernels_in_a_fresh_process runs these tests.
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.cdiv, InterpretedFunction) and isinstance(nf4._nf4_dequant_kernel, InterpretedFunction)
+
+
+TRITON_HERE = _triton_runs_here()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    not TRITON_HERE,
+    reason="triton is not installed (pip install triton)" if not nf4.HAS_TRITON
+    else "triton was imported before TRITON_INTERPRET=1: see test_triton_kernels_in_a_fresh_process",
+)
+needs_bnb = pytest.mark.skipif(bnb_functional is None, reason="bitsandbytes is not importable")
+
+
+@pytest.mark.skipif(not nf4.HAS_TRITON, reason="triton is not installed (pip install triton)")
+@pytest.mark.skipif(TRITON_HERE, reason="the Triton tests run in this process")
+def test_triton_kernels_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "triton"],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-5000:]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_nf4_state(shape, blocksize=64, nested=True, dtype=torch.bfloat16, seed=0, device=DEVICE):
+    """A random (packed, quant_state): random bytes and scales, no quantizer involved, no zeros in scales."""
+    g = _gen(seed)
+    numel = int(np.prod(shape))
+    n_blocks = -(-numel // blocksize)
+    packed = torch.randint(0, 256, ((numel + 1) // 2, 1), generator=g, dtype=torch.uint8)
+    if nested:
+        absmax = torch.randint(0, 256, (n_blocks,), generator=g, dtype=torch.uint8)
+        code2 = torch.sort(torch.rand(256, generator=g) * 2 - 1).values
+        absmax2 = torch.rand(-(-n_blocks // 256), generator=g) * 0.5 + 0.01
+        state2 = types.SimpleNamespace(absmax=absmax2.to(device), code=code2.to(device), blocksize=256)
+        offset = torch.rand((), generator=g) + 0.1
+        qs = types.SimpleNamespace(absmax=absmax.to(device), state2=state2, offset=offset.to(device), nested=True)
+    else:
+        absmax = torch.rand(n_blocks, generator=g) * 3 + 0.01
+        qs = types.SimpleNamespace(absmax=absmax.to(device), state2=None, offset=None, nested=False)
+    qs.shape, qs.dtype, qs.blocksize, qs.quant_type = torch.Size(shape), dtype, blocksize, "nf4"
+    return packed.to(device), qs
+
+
+def as_bnb_state(qs):
+    state2 = None
+    if qs.nested:
+        state2 = bnb_functional.QuantState(
+            absmax=qs.state2.absmax.cpu(), code=qs.state2.code.cpu(), blocksize=qs.state2.blocksize, dtype=torch.float32
+        )
+    return bnb_functional.QuantState(
+        absmax=qs.absmax.cpu(), shape=qs.shape, code=nf4.nf4_code(), blocksize=qs.blocksize, quant_type="nf4",
+        dtype=qs.dtype, offset=None if qs.offset is None else qs.offset.cpu(), state2=state2,
+    )  # fmt: skip
+
+
+def bnb_dequant(packed, qs):
+    out = bnb_functional.dequantize_4bit(packed.cpu(), qs)
+    return out.reshape(qs.shape) if len(qs.shape) == 1 else out  # bnb's CPU op returns [1, n] for 1-D
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    a, e = actual.cpu().contiguous(), expected.cpu().contiguous()
+    assert not torch.isnan(a).any(), "unwritten (NaN-poisoned) or NaN elements"
+    if a.dtype.is_floating_point:
+        a, e = a.view(torch.uint8), e.view(torch.uint8)
+    mismatch = (a != e).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} bytes differ, first at {mismatch[:3].tolist()}"
+
+
+NF4_SHAPES = [(3, 7), (64, 64), (5, 333), (1, 9), (2, 1), (130,), (129,), (257, 129), (33, 200)]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+# ------------------------------------------------------------------------------------------ NF4
+
+
+def test_nf4_table_is_bitsandbytes_table():
+    if bnb_functional is None:
+        pytest.skip("bitsandbytes is not importable")
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    assert torch.equal(nf4.nf4_code(), _get_4bit_code("nf4", torch.device("cpu")))
+
+
+@needs_bnb
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", NF4_SHAPES)
+def test_nf4_reference_matches_bitsandbytes_on_quantized_weights(shape, nested):
+    weight = torch.randn(shape, generator=_gen(hash(shape) % 1000)) * 2 + 0.1
+    packed, qs = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    for dtype in DTYPES:
+        qs.dtype = dtype
+        assert_bitwise_equal(nf4.dequantize_nf4_reference(packed, qs), bnb_dequant(packed, qs))
+        assert_bitwise_equal(nf4.dequantize_nf4(packed, qs), bnb_dequant(packed, qs))
+
+
+@needs_bnb
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_reference_matches_bitsandbytes_on_random_states(blocksize, nested):
+    for seed, shape in enumerate([(37, 91), (4, 1000), (1, 255)]):
+        packed, qs = random_nf4_state(shape, blocksize, nested, seed=seed, device="cpu")
+        for dtype in DTYPES:
+            qs.dtype = dtype
+            assert_bitwise_equal(nf4.dequantize_nf4_reference(packed, qs), bnb_dequant(packed, as_bnb_state(qs)))
+
+
+def test_nf4_quant_storage_other_than_uint8():
+    packed, qs = random_nf4_state((6, 10), device="cpu", seed=3)
+    as_bf16 = packed.view(-1).view(torch.bfloat16).reshape(-1, 1)  # bnb's quant_storage=torch.bfloat16
+    assert_bitwise_equal(nf4.dequantize_nf4_reference(as_bf16, qs), nf4.dequantize_nf4_reference(packed, qs))
+
+
+@needs_triton
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", NF4_SHAPES)
+def test_nf4_triton_matches_reference(shape, nested, blocksize):
+    packed, qs = random_nf4_state(shape, blocksize, nested, seed=len(shape) * 1000 + shape[0] + blocksize)
+    numel = int(np.prod(shape))
+    for dtype in DTYPES:
+        out = torch.full((numel,), float("nan"), dtype=dtype, device=DEVICE)
+        actual = nf4.dequantize_nf4_triton(packed, qs, dtype, out=out)
+        assert_bitwise_equal(actual, nf4.dequantize_nf4_reference(packed, qs, dtype))
+
+
+@needs_triton
+@needs_bnb
+def test_nf4_triton_matches_bitsandbytes():
+    weight = torch.randn(67, 45, generator=_gen(11))
+    packed, qs = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    qs.dtype = torch.float16
+    expected = bnb_dequant(packed, qs)
+    qs.to(DEVICE)
+    assert_bitwise_equal(nf4.dequantize_nf4(packed.to(DEVICE), qs, backend="triton"), expected)
+
+
+@needs_triton
+def test_nf4_triton_bf16_rounds_ties_to_even():
+    # absmax values whose product with code 1.0 (nibble 15) sits exactly halfway between two bf16 values
+    ties = [0x3F808000, 0x3F818000, 0x40000001, 0x3F7FFFFF, 0x7F7FFFFF]  # even tie, odd tie, above, carry, overflow
+    absmax = torch.tensor(ties, dtype=torch.int32).view(torch.float32)
+    packed = torch.full((len(ties) * 32, 1), 0xFF, dtype=torch.uint8)
+    qs = types.SimpleNamespace(absmax=absmax.to(DEVICE), nested=False, state2=None, offset=None, quant_type="nf4",
+                               shape=torch.Size((len(ties), 64)), dtype=torch.bfloat16, blocksize=64)  # fmt: skip
+    actual = nf4.dequantize_nf4_triton(packed.to(DEVICE), qs)
+    assert_bitwise_equal(actual, absmax[:, None].expand(-1, 64).to(torch.bfloat16))
+
+
+def test_nf4_dispatch_and_errors():
+    packed, qs = random_nf4_state((4, 6), device="cpu")
+    assert_bitwise_equal(nf4.dequantize_nf4(packed, qs), nf4.dequantize_nf4_reference(packed, qs))
+    with pytest.raises(ValueError, match="backend"):
+        nf4.dequantize_nf4(packed, qs, backend="cuda")
+    qs.quant_type = "fp4"
+    with pytest.raises(ValueError, match="nf4"):
+        nf4.dequantize_nf4_reference(packed, qs)
+
+
+def test_kernels_folder_is_not_a_top_level_package(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
+    origin = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert os.path.dirname(nf4.__file__) not in origin.stdout
+
+
+# ------------------------------------------------------------------------------------------ W4A16
+
+
+def pack_rows_lsb_first(codes: torch.Tensor) -> torch.Tensor:
+    """[8R, C] codes -> int32 [R, C]: row 8r + j in nibble j (GPTQ qweight)."""
+    c = codes.numpy().astype(np.uint32).reshape(-1, 8, codes.shape[1])
+    words = np.zeros((c.shape[0], c.shape[2]), np.uint32)
+    for j in range(8):
+        words |= c[:, j, :] << np.uint32(4 * j)
+    return torch.from_numpy(words.view(np.int32))
+
+
+def pack_columns(codes: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
+    """[R, 8C] codes -> int32 [R, C]: nibble i holds column 8c + order[i] (GPTQ qzeros; AWQ with its order)."""
+    c = codes.numpy().astype(np.uint32).reshape(codes.shape[0], -1, 8)
+    words = np.zeros(c.shape[:2], np.uint32)
+    for i, column in enumerate(order):
+        words |= c[:, :, column] << np.uint32(4 * i)
+    return torch.from_numpy(words.view(np.int32))
+
+
+def random_w4a16(layout, in_features, out_features, group_size, act_order=False, seed=0, bias=False):
+    g = _gen(seed)
+    n_groups = -(-in_features // group_size)
+    codes = torch.randint(0, 16, (in_features, out_features), generator=g)
+    zeros = torch.randint(1, 16, (n_groups, out_features), generator=g)  # v1 stores zero - 1 >= 0
+    scales = (torch.rand(n_groups, out_features, generator=g) * 0.02 + 0.002).half()
+    g_idx = None
+    if layout == "awq":
+        qweight, qzeros = pack_columns(codes, w4a16.AWQ_ORDER), pack_columns(zeros, w4a16.AWQ_ORDER)
+    else:
+        qweight = pack_rows_lsb_first(codes)
+        qzeros = pack_columns(zeros - 1 if layout == "gptq" else zeros)
+        g_idx = torch.arange(in_features, dtype=torch.int32) // group_size
+        if act_order:
+            g_idx = g_idx[torch.randperm(in_features, generator=g)]
+    b = (torch.randn(out_features, generator=g) * 0.1).half() if bias else None
+    tensors = dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx, bias=b)
+    group = g_idx.long() if g_idx is not None else torch.arange(in_features) // group_size
+    expected_weight = (codes - zeros[group]).float() * scales[group].float()  # the spec's dequant, in fp32
+    return {k: (v.to(DEVICE) if v is not None else None) for k, v in tensors.items()}, expected_weight
+
+
+@pytest.mark.parametrize("layout", w4a16.LAYOUTS)
+def test_w4a16_reference_dequant_follows_the_spec(layout):
+    t, expected = random_w4a16(layout, 48, 24, 16, act_order=layout == "gptq", seed=1)
+    weight = w4a16.dequantize_w4a16_reference(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], layout, 16)
+    assert_bitwise_equal(weight.cpu(), expected.half())
+
+
+def test_w4a16_gptq_v1_symmetric_fingerprint():
+    t, _ = random_w4a16("gptq", 16, 8, 16)
+    codes, zeros = w4a16.unpack_w4a16_reference(t["qweight"], torch.full_like(t["qzeros"], 0x77777777), "gptq")
+    assert (zeros == 8).all()
+
+
+def w4a16_tolerance(dtype):
+    # fp32 accumulation in a different order, then one rounding to dtype: a few ulp of the output
+    return dict(rtol=2 * 2.0**-8, atol=0) if dtype == torch.bfloat16 else dict(rtol=2 * 2.0**-11, atol=0)
+
+
+W4A16_CASES = [  # layout, K, N, group size, act-order, drop a trivial g_idx, BLOCK_K
+    ("gptq", 72, 40, 16, True, False, 32),  # act-order gather; K, N not multiples of the tiles
+    ("gptq", 40, 24, 32, False, True, 32),  # aligned groups (one zeros/scales row per tile), ragged last group
+    ("gptq", 40, 24, 32, False, False, 16),  # trivial g_idx passed in: gathered
+    ("gptq_v2", 56, 48, 24, True, False, 16),
+    ("awq", 64, 40, 16, False, True, 16),  # aligned
+    ("awq", 96, 40, 32, False, True, 64),  # BLOCK_K does not divide the group size: gathered
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout,in_features,out_features,group_size,act_order,drop_g_idx,block_k", W4A16_CASES)
+@pytest.mark.parametrize("m", [1, 5, 19])
+def test_w4a16_triton_matches_reference(layout, in_features, out_features, group_size, act_order, drop_g_idx,
+                                        block_k, m, dtype):  # fmt: skip
+    t, _ = random_w4a16(layout, in_features, out_features, group_size, act_order, seed=m, bias=m in (1, 5))
+    g_idx = None if drop_g_idx else t["g_idx"]
+    x = torch.randn(m, in_features, generator=_gen(m)).to(dtype).to(DEVICE)
+    args = (t["qweight"], t["qzeros"], t["scales"], g_idx, layout, group_size, t["bias"])
+    expected = w4a16.w4a16_matmul_reference(x, *args)
+    blocks = (1, 32, block_k) if m == 1 else (16, 32, block_k)  # several tiles, ragged edges
+    out = torch.full((m, out_features), float("nan"), dtype=dtype, device=DEVICE)
+    actual = w4a16.w4a16_matmul_triton(x, *args, blocks=blocks, out=out)
+    assert not torch.isnan(actual).any()
+    tol = w4a16_tolerance(dtype)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"], atol=tol["rtol"] * scale * 0.5)
+
+
+@needs_triton
+@pytest.mark.parametrize("group_size", [8, 16])  # 16: the aligned-groups path where g_idx is None
+@pytest.mark.parametrize("layout", w4a16.LAYOUTS)
+def test_w4a16_triton_dequant_is_exact(layout, group_size):
+    # x = identity picks rows of W out of the kernel: every product is w * 1 and every sum exact
+    in_features, out_features = 40, 24
+    t, _ = random_w4a16(layout, in_features, out_features, group_size, act_order=layout == "gptq", seed=5)
+    g_idx = t["g_idx"] if layout == "gptq" else None
+    eye = torch.eye(in_features, dtype=torch.float16, device=DEVICE)
+    args = (t["qweight"], t["qzeros"], t["scales"], g_idx, layout, group_size)
+    weight = w4a16.dequantize_w4a16_reference(*args)
+    assert_bitwise_equal(w4a16.w4a16_matmul_triton(eye, *args, blocks=(16, 16, 16)), weight)
+    assert_bitwise_equal(w4a16.w4a16_matmul_triton(eye[3:4], *args, blocks=(1, 16, 16)), weight[3:4])
+
+
+def test_trivial_group_size():
+    assert w4a16.trivial_group_size(torch.arange(40) // 16) == 16
+    assert w4a16.trivial_group_size(torch.zeros(40, dtype=torch.int32)) == 40
+    assert w4a16.trivial_group_size(torch.tensor([0, 0, 1, 1, 0, 1])) is None
+
+
+def test_quant_linear_w4a16_module():
+    t, expected = random_w4a16("gptq", 48, 32, 16, act_order=True, seed=9, bias=True)
+    state_dict = {f"layer.{k}": v for k, v in t.items() if v is not None}
+    module = w4a16.QuantLinearW4A16.from_state_dict(state_dict, "layer", "gptq", backend="torch")
+    assert (module.in_features, module.out_features, module.kernel_uses_g_idx) == (48, 32, True)
+    trivial = dict(state_dict, **{"layer.g_idx": torch.arange(48, dtype=torch.int32).to(DEVICE) // 16})
+    assert not w4a16.QuantLinearW4A16.from_state_dict(trivial, "layer", "gptq").kernel_uses_g_idx
+    assert_bitwise_equal(module.dequantize().cpu(), expected.half().t())
+    x = torch.randn(2, 3, 48, generator=_gen(2)).half().to(DEVICE)
+    y = module(x)
+    assert y.shape == (2, 3, 32)
+    ref = torch.nn.functional.linear(x.float(), module.dequantize().float(), t["bias"].float())
+    torch.testing.assert_close(y.float(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+    if TRITON_HERE:
+        module.backend = "triton"
+        torch.testing.assert_close(module(x).float(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="group_size"):
+        w4a16.QuantLinearW4A16(t["qweight"], t["qzeros"], t["scales"], "gptq")
+
+
+# ------------------------------------------------------------------------------------------ fused QLoRA linear
+
+
+def qlora_case(x_dtype, compute_dtype, seed, bias=True, out_features=40, in_features=70, rank=4):
+    g = _gen(seed)
+    packed, qs = random_nf4_state((out_features, in_features), 64, True, compute_dtype, seed=seed)
+    x = torch.randn(2, 3, in_features, generator=g).to(x_dtype).to(DEVICE).requires_grad_()
+    lora_A = (torch.randn(rank, in_features, generator=g) * 0.2).to(DEVICE).requires_grad_()
+    lora_B = (torch.randn(out_features, rank, generator=g) * 0.2).to(DEVICE).requires_grad_()
+    b = (torch.randn(out_features, generator=g) * 0.1).to(compute_dtype).to(DEVICE).requires_grad_() if bias else None
+    grad_y = torch.randn(2, 3, out_features, generator=g).to(x_dtype).to(DEVICE)
+    return packed, qs, x, lora_A, lora_B, b, grad_y
+
+
+def forward_backward(fn, leaves, grad_y):
+    for t in leaves:
+        t.grad = None
+    y = fn()
+    y.backward(grad_y)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def independent_qlora(x, packed, qs, lora_A, lora_B, bias, scaling, compute_dtype, dropout_p=0.0, seed=0):
+    """bitsandbytes' Linear4bit + peft's LoRA, written out with plain autograd."""
+    weight = nf4.dequantize_nf4_reference(packed, qs, compute_dtype)
+    base = torch.nn.functional.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype))
+    x_lora = x.to(lora_A.dtype)
+    if dropout_p:
+        torch.manual_seed(seed)
+        x_lora = torch.nn.functional.dropout(x_lora, dropout_p)
+    return base.to(x.dtype) + (((x_lora @ lora_A.t()) @ lora_B.t()) * scaling).to(x.dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("x_dtype,compute_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                   (torch.float32, torch.bfloat16)])  # fmt: skip
+def test_qlora_linear_gradients_match_autograd(backend, x_dtype, compute_dtype):
+    packed, qs, x, lora_A, lora_B, bias, grad_y = qlora_case(x_dtype, compute_dtype, seed=hash(str(x_dtype)) % 97)
+    leaves = [x, lora_A, lora_B, bias]
+    expected = forward_backward(
+        lambda: independent_qlora(x, packed, qs, lora_A, lora_B, bias, 0.5, compute_dtype), leaves, grad_y
+    )
+    as_op = forward_backward(
+        lambda: qlora_linear.qlora_linear(x, x, packed, qs, lora_A, lora_B, 0.5, bias, compute_dtype, backend),
+        leaves, grad_y,
+    )  # fmt: skip
+    as_function = forward_backward(
+        lambda: qlora_linear.QLoRALinearFunction.apply(x, x, packed, qs, lora_A, lora_B, bias, 0.5, compute_dtype, backend),
+        leaves, grad_y,
+    )  # fmt: skip
+    # same dequantized weight (bit-identical); matmul grads differ only in accumulation order
+    tol = dict(rtol=1e-5, atol=1e-5) if x_dtype == compute_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, result in [("op", as_op), ("function", as_function)]:
+        for what, a, e in zip(["y", "grad x", "grad A", "grad B", "grad bias"], result, expected):
+            assert a.dtype == e.dtype, (name, what)
+            scale = e.abs().max().item()
+            torch.testing.assert_close(a, e, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=f"{name} {what}")
+
+
+def test_qlora_linear_with_dropout_routes_the_dropout_gradient():
+    packed, qs, x, lora_A, lora_B, bias, grad_y = qlora_case(torch.float32, torch.float32, seed=4, bias=False)
+    leaves = [x, lora_A, lora_B]
+
+    def fused():
+        torch.manual_seed(7)
+        x_lora = torch.nn.functional.dropout(x, 0.3)
+        return qlora_linear.qlora_linear(x, x_lora, packed, qs, lora_A, lora_B, 2.0)
+
+    expected = forward_backward(
+        lambda: independent_qlora(x, packed, qs, lora_A, lora_B, None, 2.0, torch.float32, 0.3, seed=7), leaves, grad_y
+    )
+    for a, e in zip(forward_backward(fused, leaves, grad_y), expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_qlora_linear_saves_no_dequantized_weight():
+    packed, qs, x, lora_A, lora_B, bias, grad_y = qlora_case(torch.float32, torch.float32, seed=5)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = qlora_linear.qlora_linear(x, x, packed, qs, lora_A, lora_B, 0.5, bias)
+    weight_shape = tuple(qs.shape)
+    assert not [s for s in saved if s[0] in (weight_shape, weight_shape[::-1]) and s[1].is_floating_point]
+    y.backward(grad_y)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_qlora_linear_under_torch_compile(backend):
+    packed, qs, x, lora_A, lora_B, bias, grad_y = qlora_case(torch.float32, torch.float32, seed=6)
+    leaves = [x, lora_A, lora_B, bias]
+    eager = forward_backward(lambda: qlora_linear.qlora_linear(x, x, packed, qs, lora_A, lora_B, 0.5, bias), leaves, grad_y)
+    compiled_fn = torch.compile(
+        lambda x: qlora_linear.qlora_linear(x, x, packed, qs, lora_A, lora_B, 0.5, bias), backend=backend, fullgraph=True
+    )
+    compiled = forward_backward(lambda: compiled_fn(x), leaves, grad_y)
+    for a, e in zip(compiled, eager):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------ peft integration
+
+
+@pytest.fixture(scope="module")
+def tiny_qlora_model():
+    if bnb_functional is None:
+        pytest.skip("bitsandbytes is not importable")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=72, intermediate_size=136, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+        placement = {"device_map": {"": DEVICE}} if CUDA else {}
+        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=torch.float32, **placement)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    model = get_peft_model(model, lora)
+    model.train()  # in eval mode, bitsandbytes repacks CPU weights into a layout of its own
+    return model
+
+
+def training_step(model, ids):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach().clone(), grads
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_patch_peft_model_matches_peft(tiny_qlora_model, autocast):
+    model = tiny_qlora_model
+    ids = torch.randint(0, 97, (2, 11), generator=_gen(1)).to(DEVICE)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        expected_logits, expected_grads = training_step(model, ids)
+        try:
+            assert qlora_linear.patch_peft_model(model, backend="torch") == 14  # 7 linears x 2 layers
+            assert qlora_linear.patch_peft_model(model, backend="torch") == 14  # idempotent
+            logits, grads = training_step(model, ids)
+        finally:
+            assert qlora_linear.unpatch_peft_model(model) == 14
+    tol = 2e-2 if autocast else 1e-4
+    torch.testing.assert_close(logits, expected_logits, rtol=tol, atol=tol * expected_logits.abs().max().item())
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        err = ((grad - expected_grads[name]).norm() / expected_grads[name].norm()).item()
+        assert err < tol, (name, err)
+
+
+def test_patched_layers_fall_back_when_fusion_does_not_apply(tiny_qlora_model):
+    model = tiny_qlora_model
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    qlora_linear.patch_peft_model(model, backend="torch")
+    calls = []
+    original = layer._qtune_unfused_forward
+    layer._qtune_unfused_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        x = torch.randn(1, 2, 72, device=DEVICE)
+        layer(x)
+        assert calls == []
+        with model.disable_adapter():
+            layer(x)
+        assert calls == [1]
+    finally:
+        layer._qtune_unfused_forward = original
+        qlora_linear.unpatch_peft_model(model)
+
+
+# ------------------------------------------------------------------------------------------ compiled for Hopper
+
+SM90_CHECK = r"""
+import json, re, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import compile as triton_compile
+from qtune.kernels import nf4, w4a16
+
+def ptx(kernel, signature, constexprs, options):
+    # as a launch with 16-byte aligned pointers and sizes specializes it
+    attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind != "constexpr"}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+nf4_signature = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
+                 "offset_ptr": "*fp32", "nf4_code_ptr": "*fp32", "out_ptr": "*bf16", "numel": "i32",
+                 "nested_blocksize": "i32", "BLOCKSIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr",
+                 "NESTED": "constexpr"}
+nf4_ptx = ptx(nf4._nf4_dequant_kernel, nf4_signature, {"BLOCKSIZE": 64, "BLOCKS_PER_PROGRAM": 32, "NESTED": True},
+              dict(nf4.NF4_COMPILE_OPTIONS, num_warps=4))
+w4_signature = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
+                "groups_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+                "group_size": "i32", "stride_xm": "i32", "stride_om": "i32", "LAYOUT": "constexpr",
+                "ALIGNED_GROUPS": "constexpr", "HAS_BIAS": "constexpr", "DOT_IN_FP32": "constexpr",
+                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+w4_ptx = {layout: ptx(w4a16._w4a16_kernel, w4_signature,
+                      {"LAYOUT": layout, "ALIGNED_GROUPS": True, "HAS_BIAS": True, "DOT_IN_FP32": False,
+                       "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, {"num_warps": 8})
+          for layout in (0, 2)}
+print(json.dumps({
+    "nf4_fma": len(re.findall(r"\bfma\.rn\.f32", nf4_ptx)),
+    "nf4_wide_stores": len(re.findall(r"st\.global\.v4\.b32", nf4_ptx)),
+    "w4a16_wgmma": [len(re.findall(r"wgmma\.mma_async", p)) for p in w4_ptx.values()],
+}))
+"""
+
+
+@pytest.mark.skipif(not nf4.HAS_TRITON, reason="triton is not installed (pip install triton)")
+@pytest.mark.skipif(CUDA, reason="with a GPU the tests above run the compiled kernels themselves")
+def test_kernels_compile_for_sm90():
+    """Ahead-of-time compile for an H100 with Triton's bundled ptxas (no GPU needed), in a fresh process
+    since this one may define the kernels for the interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SM90_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    if run.returncode and "ImportError" in run.stderr and "triton" in run.stderr:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {run.stderr[-300:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    # bitsandbytes rounds code2[q] * absmax2 before adding the offset: a fused multiply-add would not
+    assert result["nf4_fma"] == 0
+    assert result["nf4_wide_stores"] > 0, "NF4 output stores are not 16 bytes wide"
+    assert all(n > 0 for n in result["w4a16_wgmma"]), "W4A16 tiles do not use Hopper's wgmma"
