@@ -57,7 +57,7 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         return [dict(row) for row in csv.DictReader(handle)]
 
 
@@ -305,15 +305,16 @@ def tokenize_records(records: Sequence[dict], formatter: Formatter, cfg: DataSec
         except ValueError as exc:
             raise QtuneError(f"{where}: record {i + 1}: {exc}") from None
         example = tokenize_rendered(rendered, formatter.tokenizer)
-        if len(example.input_ids) > cfg.max_length:
+        truncated = len(example.input_ids) > cfg.max_length
+        if truncated:
             if cfg.overlong == "drop":
                 report.dropped_overlong += 1
                 continue
-            report.truncated += 1
             example = Example(example.input_ids[: cfg.max_length], example.labels[: cfg.max_length])
         if all(label == IGNORE_INDEX for label in example.labels[1:]):
             report.dropped_no_labels += 1
             continue
+        report.truncated += truncated
         examples.append(example)
         if rendered.prompt is not None:
             prompts.append({"prompt": rendered.prompt, "reference": rendered.reference, "category": rendered.category})
@@ -400,6 +401,8 @@ def prepare_data(cfg: DataSection, tokenizer, base_dir: Path, seed: int) -> Prep
         shuffled = list(train_records)
         random.Random(seed).shuffle(shuffled)
         cut = max(1, round(len(shuffled) * cfg.validation_fraction))
+        if cut >= len(shuffled):
+            raise QtuneError(f"{where_train} has {len(shuffled)} record(s): too few to hold out {cfg.validation_fraction:.0%} for validation")
         validation_records, train_records = shuffled[:cut], shuffled[cut:]
         where_val = f"{cfg.validation_fraction:.0%} of {where_train}"
     else:

@@ -119,6 +119,7 @@ def measure_bases(
     adapter_model,
     full_model,
     original: dict[str, torch.Tensor],
+    dequantized: dict[str, torch.Tensor],
     deltas: dict[str, LoraDelta],
     rows: Sequence[dict],
     pad_token_id: int,
@@ -126,7 +127,6 @@ def measure_bases(
     bases: Sequence[str] = MERGE_BASES,
 ) -> dict[str, Divergence]:
     """Load each candidate merge (rounded to the output dtype) into ``full_model`` and score it against the adapter model."""
-    dequantized = dequantized_weights(adapter_model)
     results = {}
     for base_name in bases:
         state = rounded(candidate_state(base_name, original, dequantized, deltas), dtype)

@@ -154,7 +154,20 @@ def load_base(checkpoint: Path, model: ModelSection, quant: QuantizationSection)
     )
     if quant.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
-    return AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    _keep_cpu_eval_exact(model)
+    return model
+
+
+def _keep_cpu_eval_exact(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in eval mode and multiplies in bf16,
+    so evaluation would not compute what training did; keep the training path (dequantize, then matmul
+    in the compute dtype)."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_full_precision(checkpoint: Path, model: ModelSection, dtype: torch.dtype = torch.float32):
@@ -164,6 +177,33 @@ def load_full_precision(checkpoint: Path, model: ModelSection, dtype: torch.dtyp
         checkpoint, trust_remote_code=model.trust_remote_code, attn_implementation=model.attn_implementation,
         dtype=dtype, device_map=device_map(),
     )
+
+
+def dequantize_for_inference(model) -> int:
+    """Give every 4-bit linear a weight dequantized once, so inference stops re-dequantizing per token.
+
+    The output is what training computed (dequantize, then matmul in the compute dtype), at the cost
+    of holding the dense weights; used for evaluation on CPU. Returns the number of layers changed.
+    """
+    import types
+
+    import bitsandbytes as bnb
+    from bitsandbytes.nn import Linear4bit
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and not hasattr(module, "dense_weight"):
+            weight = module.weight
+            dtype = module.compute_dtype or torch.float32
+            module.dense_weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+            module.forward = types.MethodType(_dense_linear_forward, module)
+            changed += 1
+    return changed
+
+
+def _dense_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    bias = None if self.bias is None else self.bias.to(self.dense_weight.dtype)
+    return torch.nn.functional.linear(x.to(self.dense_weight.dtype), self.dense_weight, bias).to(x.dtype)
 
 
 def lora_config(lora: LoraSection):
@@ -198,3 +238,11 @@ def load_adapter_model(checkpoint: Path, adapter_dir: Path, model: ModelSection,
 
     base = load_base(checkpoint, model, quant)
     return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def for_inference(model):
+    """Eval mode, with 4-bit weights dequantized once when running on CPU (see dequantize_for_inference)."""
+    model.eval()
+    if next(model.parameters()).device.type == "cpu":
+        dequantize_for_inference(model)
+    return model

@@ -56,13 +56,15 @@ def merge_run(run_dir: Path) -> Path:
     full_model = models.load_full_precision(checkpoint, recipe.model, torch.float32).eval()
     original = {k: v.detach().clone() for k, v in full_model.state_dict().items()}
     deltas = merge.lora_deltas(adapter_model)
+    dequantized = merge.dequantized_weights(adapter_model)
+    models.for_inference(adapter_model)
     if not deltas:
         raise QtuneError(f"the adapter in {adapter_dir} has no LoRA layers to merge")
     dtype = merge.choose_dtype(recipe.output.merge_dtype, getattr(full_model.config, "dtype", None), original)
     bases = merge.MERGE_BASES if recipe.output.merge_base == "auto" else (recipe.output.merge_base,)
     if not any(isinstance(m, _linear4bit()) for m in adapter_model.modules()):
         bases = ("original",)  # an unquantized base has no dequantized variant
-    scores = merge.measure_bases(adapter_model, full_model, original, deltas, rows, tokenizer.pad_token_id, dtype, bases)
+    scores = merge.measure_bases(adapter_model, full_model, original, dequantized, deltas, rows, tokenizer.pad_token_id, dtype, bases)
     chosen = min(scores, key=lambda name: scores[name].mean_kl)
     report = merge.MergeReport(
         chosen=chosen,
@@ -72,7 +74,6 @@ def merge_run(run_dir: Path) -> Path:
         tokens=scores[chosen].tokens,
     )
     del adapter_model
-    dequantized = merge.dequantized_weights(models.load_base(checkpoint, recipe.model, recipe.quantization)) if chosen == "dequantized" else {}
     final = merge.rounded(merge.candidate_state(chosen, original, dequantized, deltas), dtype)
     full_model.load_state_dict(final, strict=False)
     full_model.to(dtype)
@@ -96,9 +97,9 @@ def _linear4bit():
 def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Path):
     recipe = loaded.recipe
     if name == "base":
-        return models.load_base(checkpoint, recipe.model, recipe.quantization)
+        return models.for_inference(models.load_base(checkpoint, recipe.model, recipe.quantization))
     if name == "adapter":
-        return models.load_adapter_model(checkpoint, run_dir / rundir.ADAPTER_DIR, recipe.model, recipe.quantization)
+        return models.for_inference(models.load_adapter_model(checkpoint, run_dir / rundir.ADAPTER_DIR, recipe.model, recipe.quantization))
     if name == "merged":
         return models.load_full_precision(run_dir / rundir.MERGED_DIR, recipe.model, torch.float32)
     raise QtuneError(f"unknown artifact '{name}'; choose one of {', '.join(ARTIFACTS)}")

@@ -114,13 +114,26 @@ class DataSection(Section):
         return self.format in ("alpaca", "chat")
 
 
-def _source_from_shorthand(item: Any) -> Any:
-    """``"data/train.jsonl"`` means a path, ``"org/name"`` a hub id; a mapping is taken as it is."""
+def _source_from_shorthand(item: Any, base_dir: Path | None = None) -> Any:
+    """``"data/train.jsonl"`` (or any existing file or folder) means a path, ``"org/name"`` a hub id."""
     if not isinstance(item, str):
         return item
-    if item.endswith(DATA_FILE_SUFFIXES) or item.startswith((".", "/", "~")) or os.path.exists(item):
+    looks_local = item.endswith(DATA_FILE_SUFFIXES) or item.startswith((".", "/", "~"))
+    if looks_local or (base_dir is not None and resolve_path(item, base_dir).exists()):
         return {"path": item}
     return {"hub": item}
+
+
+def _expand_data_shorthands(raw: dict, base_dir: Path) -> None:
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for split in ("train", "validation"):
+        value = data.get(split)
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            data[split] = [_source_from_shorthand(item, base_dir) for item in value]
 
 
 class TrainingSection(Section):
@@ -204,6 +217,8 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # keys merged in with << may be overridden explicitly; that is not a duplicate
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
@@ -232,7 +247,10 @@ def _line_index(node: yaml.Node | None, path: tuple = (), index: dict | None = N
     return index
 
 
-def _line_for(path: tuple, lines: dict[tuple, int]) -> int | None:
+def _line_for(path: tuple, lines: dict[tuple, int], overridden: set[tuple] = frozenset()) -> int | None:
+    """The YAML line of ``path`` (or of its nearest parent); None for a value set on the command line."""
+    if any(path[: len(o)] == o for o in overridden):
+        return None
     for end in range(len(path), 0, -1):
         if path[:end] in lines:
             return lines[path[:end]]
@@ -240,7 +258,7 @@ def _line_for(path: tuple, lines: dict[tuple, int]) -> int | None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``training.learning_rate=1e-4`` -> (["training", "learning_rate"], 0.0001)."""
+    """``training.lora=8`` -> (["training", "lora"], 8): the value is parsed as YAML, the schema coerces it."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise QtuneError(f"--set {text!r}: expected KEY=VALUE, for example training.learning_rate=1e-4")
@@ -291,8 +309,14 @@ def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def _describe_pydantic_error(error: dict) -> tuple[tuple, str]:
-    path = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+    path = tuple(
+        part for part in error["loc"]
+        if not (isinstance(part, str) and (part.startswith("function-") or "[" in part or part in _TYPE_NAMES))
+    )
     if error["type"] == "extra_forbidden":
         key = str(path[-1])
         valid = _field_names(Recipe, path[:-1])
@@ -326,8 +350,6 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
         problems.append(RecipeProblem(("quantization", "compute_dtype"), "float16 compute needs a CUDA GPU; on CPU use float32 or bfloat16 (or auto)"))
     if recipe.tracking.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         problems.append(RecipeProblem(("tracking", "mode"), "online tracking needs WANDB_API_KEY in the environment; use offline or auto"))
-    if data.packing and recipe.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-        problems.append(RecipeProblem(("data", "packing"), "packing needs an attention implementation that keeps packed sequences apart"))
 
     for split in ("train", "validation"):
         for i, source in enumerate(getattr(data, split)):
@@ -409,16 +431,21 @@ def parse_recipe(text: str, source: str, base_dir: Path, overrides: list[str] | 
     if not isinstance(raw, dict):
         raise RecipeError(source, [RecipeProblem((), f"a recipe is a mapping of sections, got {type(raw).__name__}")])
     lines = _line_index(node)
+    overridden = {tuple(parse_override(text)[0]) for text in overrides or []}
     raw = apply_overrides(raw, overrides or [])
+    _expand_data_shorthands(raw, base_dir)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = []
+        problems: dict[tuple, RecipeProblem] = {}
         for error in exc.errors():
             error_path, message = _describe_pydantic_error(error)
-            problems.append(RecipeProblem(error_path, message, _line_for(error_path, lines)))
-        raise RecipeError(source, problems) from None
-    problems = [RecipeProblem(p.path, p.message, _line_for(p.path, lines)) for p in check_rules(recipe, base_dir)]
+            if error_path in problems:
+                problems[error_path] = RecipeProblem(error_path, f"{problems[error_path].message}; or {message}", problems[error_path].line)
+            else:
+                problems[error_path] = RecipeProblem(error_path, message, _line_for(error_path, lines, overridden))
+        raise RecipeError(source, list(problems.values())) from None
+    problems = [RecipeProblem(p.path, p.message, _line_for(p.path, lines, overridden)) for p in check_rules(recipe, base_dir)]
     if problems:
         raise RecipeError(source, problems)
     return LoadedRecipe(recipe=recipe, source=Path(source), base_dir=base_dir)
@@ -426,6 +453,6 @@ def parse_recipe(text: str, source: str, base_dir: Path, overrides: list[str] | 
 
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML, with secrets from the environment redacted."""
-    from qtune.secrets import redact
+    from qtune.secrets import redact_data
 
-    return redact(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return yaml.safe_dump(redact_data(recipe.model_dump(mode="json")), sort_keys=False)

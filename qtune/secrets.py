@@ -20,6 +20,17 @@ def redact(text: str) -> str:
     return text
 
 
+def redact_data(value):
+    """``redact`` applied to every string inside nested lists and dicts."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [redact_data(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_data(v) for k, v in value.items()}
+    return value
+
+
 class RedactingFilter(logging.Filter):
     """Masks secret values in every log record that passes through a handler."""
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
 from qtune.recipe import Recipe, TrackingSection
-from qtune.secrets import redact
+from qtune.secrets import redact_data
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,26 @@ def start_run(recipe: Recipe, run_dir: Path, job_type: str = "train"):
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     config = _redacted_config(recipe)
-    run = wandb.init(
+    # After a crash the dead process's W&B service can hold the run id for a few seconds.
+    for attempt in range(20):
+        try:
+            run = _init(wandb, recipe, run_dir, run_id, mode, job_type, config)
+            break
+        except Exception as exc:  # wandb reports this as a generic server-response error
+            if "in use" not in str(exc):
+                raise
+            time.sleep(1.5)
+    else:
+        run_id = uuid.uuid4().hex[:8]
+        log.warning("the previous W&B run is still held by a dead process; logging to a new run %s", run_id)
+        id_file.write_text(run_id)
+        run = _init(wandb, recipe, run_dir, run_id, mode, job_type, config)
+    log.info("W&B run %s (%s) in %s", run.id, mode, run_dir / "wandb")
+    return run
+
+
+def _init(wandb, recipe: Recipe, run_dir: Path, run_id: str, mode: str, job_type: str, config: dict):
+    return wandb.init(
         project=recipe.tracking.project,
         entity=recipe.tracking.entity,
         name=recipe.tracking.run_name or run_dir.name,
@@ -46,14 +66,10 @@ def start_run(recipe: Recipe, run_dir: Path, job_type: str = "train"):
         config=config,
         settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False),
     )
-    log.info("W&B run %s (%s) in %s", run.id, mode, run_dir / "wandb")
-    return run
 
 
 def _redacted_config(recipe: Recipe) -> dict:
-    import json
-
-    return json.loads(redact(json.dumps(recipe.model_dump(mode="json"))))
+    return redact_data(recipe.model_dump(mode="json"))
 
 
 def finish_run(run) -> None:

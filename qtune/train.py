@@ -18,7 +18,7 @@ from qtune import data as qdata
 from qtune import models, rundir, tracking
 from qtune.errors import NonFiniteLossError, QtuneError
 from qtune.paths import atomic_dir, fsync_tree, write_text_atomic
-from qtune.recipe import LoadedRecipe, TrainingSection
+from qtune.recipe import LoadedRecipe, Recipe, TrainingSection
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,9 @@ def _rotate(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def training_arguments(loaded: LoadedRecipe, run_dir: Path, report_to: list[str]):
+def training_arguments(recipe: Recipe, run_dir: Path, report_to: list[str]):
     from transformers import TrainingArguments
 
-    recipe = loaded.recipe
     t = recipe.training
     dtype = models.compute_dtype(recipe.quantization)
     on_cuda = torch.cuda.is_available()
@@ -154,11 +153,11 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -
     from accelerate import PartialState
     from transformers import set_seed
 
-    recipe = loaded.recipe
+    recipe = loaded.with_absolute_paths()
     run_dir = loaded.output_dir
     state = PartialState()
     if state.is_main_process:
-        rundir.claim(run_dir, loaded.with_absolute_paths(), resume=resume, overwrite=overwrite)
+        rundir.claim(run_dir, recipe, resume=resume, overwrite=overwrite)
     state.wait_for_everyone()
     if (run_dir / rundir.ADAPTER_DIR).is_dir() and not overwrite:
         log.info("%s already holds a trained adapter; nothing to train", run_dir)
@@ -166,6 +165,8 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -
     resume_from = rundir.latest_checkpoint(run_dir) if resume else None
     if resume and resume_from is None:
         log.info("no complete checkpoint in %s yet; starting from the beginning", run_dir)
+    elif resume_from is not None:
+        log.info("resuming from %s", resume_from.name)
 
     set_seed(recipe.training.seed)
     checkpoint = models.resolve_base(recipe.model)
@@ -180,7 +181,7 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -
 
     run = tracking.start_run(recipe, run_dir) if state.is_main_process else None
     report_to = ["wandb"] if run is not None else []
-    args = training_arguments(loaded, run_dir, report_to)
+    args = training_arguments(recipe, run_dir, report_to)
     trainer = _trainer_class()(
         model=model,
         args=args,

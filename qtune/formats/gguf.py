@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -84,9 +85,11 @@ PRE_TOKENIZERS: dict[str, str] = {
 
 # When the hash is unknown (a known tokenizer family with another vocabulary), the pre-tokenizer is
 # recognised by its definition: llama.cpp's "pre" selects exactly these split regexes at runtime.
+_SPLIT_HEAD = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_SPLIT_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _PRE_TOKENIZER_REGEXES: dict[str, str] = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    _SPLIT_HEAD + r"\p{N}{1,3}" + _SPLIT_TAIL: "llama-bpe",  # digits in groups of up to 3
+    _SPLIT_HEAD + r"\p{N}" + _SPLIT_TAIL: "qwen2",  # single digits
 }
 
 
@@ -97,6 +100,10 @@ class TensorReport:
     qtype: str
     nbytes: int
     imatrix: bool  # quantized with importance weights
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / math.prod(self.shape)
 
 
 @dataclass
@@ -207,16 +214,87 @@ def hf_to_gguf_name(hf_name: str, model_type: str = "llama") -> str:
     raise QtuneError(f"no GGUF tensor name for '{hf_name}' in a {model_type} model")
 
 
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order: [rows, n_per_row]
+    offset: int  # absolute file offset of the data
+    nbytes: int
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, object], list[GGUFTensorInfo]]:
+    """The KV metadata and tensor infos of a GGUF file (fast: gguf.GGUFReader takes seconds on a vocabulary)."""
+    with open(path, "rb") as f:
+        buf = f.read(1 << 20)
+        while True:
+            try:
+                return _parse_header(buf)
+            except (struct.error, IndexError):
+                more = f.read(len(buf))
+                if not more:
+                    raise QtuneError(f"{path} is not a complete GGUF file") from None
+                buf += more
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _parse_header(buf: bytes) -> tuple[dict[str, object], list[GGUFTensorInfo]]:
+    magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
+    if magic != 0x46554747 or version not in (2, 3):
+        raise QtuneError(f"not a GGUF v2/v3 file (magic {magic:#x}, version {version})")
+    pos = 24
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        if pos + 8 + n > len(buf):
+            raise IndexError
+        pos += 8 + n
+        return buf[pos - n : pos].decode("utf-8", errors="replace")
+
+    def value(vtype: int):
+        nonlocal pos
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            item_type, n = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            return [value(item_type) for _ in range(n)]
+        fmt = _SCALARS[vtype]
+        (v,) = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return v
+
+    kv: dict[str, object] = {}
+    for _ in range(n_kv):
+        key = string()
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        kv[key] = value(vtype)
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        ne = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        qtype = GGMLQuantizationType(qtype)
+        shape = tuple(int(x) for x in reversed(ne))
+        infos.append(GGUFTensorInfo(name, qtype, shape, offset, _nbytes(qtype, shape)))
+    align = int(kv.get("general.alignment", 32))
+    data_start = (pos + align - 1) // align * align
+    return kv, [GGUFTensorInfo(t.name, t.qtype, t.shape, data_start + t.offset, t.nbytes) for t in infos]
+
+
 def check_chat_roundtrip(gguf_path: Path, tokenizer_dir: Path) -> list[str]:
     """Problems (empty if none) between the GGUF's chat template / special tokens and the HF tokenizer's."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    reader = gguf.GGUFReader(str(gguf_path))
-    kv = {f.name: f for f in reader.fields.values()}
-
-    def value(key: str):
-        return kv[key].contents() if key in kv else None
+    kv, _ = read_gguf_header(Path(gguf_path))
+    value = kv.get
 
     problems = []
     template, expected_template = value("tokenizer.chat_template"), tokenizer.chat_template
@@ -393,7 +471,14 @@ def _permute_for_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def _tensor_sources(checkpoint_dir: Path, config: dict, arch: _Arch) -> dict[str, _Source]:
     from safetensors import safe_open
 
-    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({checkpoint_dir / f for f in weight_map.values()})
+    elif (checkpoint_dir / "model.safetensors").is_file():
+        files = [checkpoint_dir / "model.safetensors"]
+    else:
+        files = sorted(checkpoint_dir.glob("*.safetensors"))
     if not files:
         raise QtuneError(f"{checkpoint_dir} has no .safetensors weights (GGUF export reads safetensors checkpoints)")
     n_head = config["num_attention_heads"]

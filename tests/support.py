@@ -1,0 +1,111 @@
+"""Shared builders for tests: tiny random models with a real tokenizer, and recipes around them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART_DATA = REPO / "recipes" / "data"
+
+
+def builtin_tokenizer():
+    from qtune.models import builtin_checkpoint, load_tokenizer
+
+    return load_tokenizer(builtin_checkpoint("smollm2-135m-instruct"))
+
+
+def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised llama with the built-in model's tokenizer, saved as a normal checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = builtin_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_recipe(base: Path, out_dir: Path, **sections) -> dict:
+    recipe = {
+        "model": {"base": str(base)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
+        "data": {
+            "train": str(QUICKSTART_DATA / "quickstart_train.jsonl"),
+            "validation": str(QUICKSTART_DATA / "quickstart_validation.jsonl"),
+            "max_length": 128,
+            "max_train_samples": 64,
+        },
+        "training": {
+            "max_steps": 6, "micro_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2, "logging_steps": 1,
+            "optimizer": "paged_adamw_8bit", "gradient_checkpointing": False, "seed": 3, "warmup_steps": 1,
+        },
+        "tracking": {"mode": "offline", "project": "qtune-tests"},
+        "output": {"dir": str(out_dir)},
+        "evaluation": {"max_samples": 8, "max_new_tokens": 24},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def qtune_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "qtune", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    history = json.loads((run_dir / "train_log.json").read_text())
+    return [(h["step"], h["loss"]) for h in history if "loss" in h]
+
+
+def wandb_records(path: Path) -> list:
+    """Every record of an offline W&B run file (``run-*.wandb``), parsed with wandb's own protobufs.
+
+    The file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version), then 32 KiB
+    blocks of chunks, each with a 7-byte header (crc32, length, type: full/first/middle/last).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, header, position, pending, records = 32768, 7, 7, b"", []
+    while position + header <= len(data):
+        left_in_block = block - position % block
+        if left_in_block < header:
+            position += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + header])
+        if kind == 0 and length == 0:
+            position += left_in_block
+            continue
+        chunk = data[position + header : position + header + length]
+        position += header + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
