@@ -39,6 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", action="append", choices=["base", "adapter", "merged"],
                    help="what to score (repeatable; default: everything the run has)")
 
+    p = commands.add_parser("export", help="re-quantize a run's merged model (or any HF checkpoint) to GGUF, GPTQ or AWQ")
+    p.add_argument("source", help="a run directory (its merged model is used) or an HF checkpoint directory")
+    p.add_argument("--format", required=True, choices=["gguf", "gptq", "awq"])
+    p.add_argument("--quant", default="Q4_K_M", help="GGUF type or mix, e.g. Q4_K_M, Q5_K_M, Q8_0, F16 (default Q4_K_M)")
+    p.add_argument("--output", help="output file (GGUF) or directory (GPTQ/AWQ); default: RUN_DIR/exports/<name>")
+    p.add_argument("--bits", type=int, default=4, help="GPTQ: 2, 3, 4 or 8; AWQ: 4 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 for one group per row (default 128)")
+    p.add_argument("--asym", action="store_true", help="GPTQ: asymmetric grid (written as checkpoint_format gptq_v2)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size (desc_act)")
+    p.add_argument("--calibration", help="calibration text (.txt), jsonl file, saved dataset or datasets id; default: the run's training data")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--no-imatrix", action="store_true", help="GGUF: quantize without an importance matrix (then byte-identical to llama.cpp)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
     p = commands.add_parser("run", help="train, evaluate, merge and evaluate again, in one command")
     _recipe_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace whatever the output directory holds")
@@ -98,6 +113,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "eval":
         pipeline.evaluate_run(Path(args.run_dir), args.artifact)
+        return 0
+    if args.command == "export":
+        from pydantic import ValidationError
+
+        from qtune.exports import export
+        from qtune.recipe import ExportTarget
+
+        try:
+            target = ExportTarget(
+                format=args.format, quant=args.quant, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                act_order=args.act_order, calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
+                imatrix=not args.no_imatrix,
+            )
+        except ValidationError as exc:
+            raise QtuneError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())) from None
+        out = export(Path(args.source), target, Path(args.output) if args.output else None, overwrite=args.overwrite)
+        print(f"qtune: {args.format} export written to {out}")
         return 0
     if args.command == "run":
         return pipeline.run(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite)

@@ -165,6 +165,12 @@ def run(loaded: LoadedRecipe, overwrite: bool = False) -> int:
         merge_run(run_dir)
     if "merged" not in done:
         evaluate_run(run_dir, ["merged"])
+    from qtune.exports import export
+
+    for target in loaded.recipe.export:
+        output = run_dir / "exports" / target.default_name()
+        if not output.exists():
+            export(run_dir, target, output)
     summary = {a: json.loads((run_dir / "eval" / f"{a}.json").read_text()) for a in ARTIFACTS}
     print(format_summary(summary, json.loads((run_dir / "merge_report.json").read_text())))
     return 0

@@ -155,6 +155,7 @@ class TrainingSection(Section):
     eval_steps: int | None = Field(None, ge=1)
     logging_steps: int = Field(10, ge=1)
     dataloader_workers: int = Field(0, ge=0)
+    fused_kernels: Literal["auto", "on", "off"] = "auto"
 
 
 class TrackingSection(Section):
@@ -172,6 +173,61 @@ class OutputSection(Section):
     merge_base: Literal["auto", "dequantized", "original"] = "auto"
 
 
+EXPORT_ARCHITECTURES = ("llama", "mistral", "qwen2")
+GGUF_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+)
+
+
+class ExportTarget(Section):
+    """One deployable file: a GGUF, or a GPTQ or AWQ checkpoint directory."""
+
+    format: Literal["gguf", "gptq", "awq"]
+    quant: str = "Q4_K_M"
+    imatrix: bool = True
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    damp: float = Field(0.01, gt=0, lt=1)
+    calibration: str | None = None
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=16)
+    output: str | None = None
+
+    @field_validator("quant")
+    @classmethod
+    def _known_quant(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in GGUF_TYPES:
+            close = difflib.get_close_matches(upper, GGUF_TYPES, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"unknown GGUF type {value!r}{hint} (supported: {', '.join(GGUF_TYPES)})")
+        return upper
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if self.group_size not in (32, 64, 128, -1):
+            found.append(("group_size", "must be 32, 64, 128 or -1 (one group per row)"))
+        if self.format == "gptq" and self.bits not in (2, 3, 4, 8):
+            found.append(("bits", f"GPTQ checkpoints hold 2, 3, 4 or 8 bits, not {self.bits}"))
+        if self.format == "awq":
+            if self.bits != 4:
+                found.append(("bits", f"AWQ's GEMM layout holds 4 bits only, not {self.bits}"))
+            if self.group_size == -1:
+                found.append(("group_size", "AWQ's GEMM layout needs a group size (32, 64 or 128)"))
+            if self.act_order:
+                found.append(("act_order", "act-order is a GPTQ option; AWQ has no g_idx"))
+        return found
+
+    def default_name(self) -> str:
+        if self.format == "gguf":
+            return f"model-{self.quant}.gguf"
+        group = "channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"{self.format}-{self.bits}bit-{group}{'-asym' if not self.sym and self.format == 'gptq' else ''}"
+
+
 class EvaluationSection(Section):
     max_new_tokens: int = Field(64, ge=1)
     max_samples: int | None = Field(None, ge=1)
@@ -186,7 +242,7 @@ class Recipe(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
-    export: list[dict[str, Any]] = Field(default_factory=list)
+    export: list[ExportTarget] = Field(default_factory=list)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
 
 
@@ -348,8 +404,19 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
         problems.append(RecipeProblem(("lora", "use_dora"), "DoRA is only supported on NF4 or unquantized bases"))
     if quant.compute_dtype == "float16" and not _cuda_available():
         problems.append(RecipeProblem(("quantization", "compute_dtype"), "float16 compute needs a CUDA GPU; on CPU use float32 or bfloat16 (or auto)"))
+    if training.fused_kernels == "on" and not _cuda_available():
+        problems.append(RecipeProblem(("training", "fused_kernels"), "the fused QLoRA kernels need a CUDA GPU; use auto or off on CPU"))
+    if training.fused_kernels == "on" and (not quant.load_in_4bit or quant.quant_type != "nf4" or recipe.lora.use_dora):
+        problems.append(RecipeProblem(("training", "fused_kernels"), "the fused QLoRA kernels cover NF4 bases with plain LoRA (no DoRA)"))
     if recipe.tracking.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         problems.append(RecipeProblem(("tracking", "mode"), "online tracking needs WANDB_API_KEY in the environment; use offline or auto"))
+
+    for i, target in enumerate(recipe.export):
+        problems.extend(RecipeProblem(("export", i, key), message) for key, message in target.problems())
+    if recipe.export:
+        model_type = base_model_type(recipe.model, base_dir)
+        if model_type is not None and model_type not in EXPORT_ARCHITECTURES:
+            problems.append(RecipeProblem(("export",), f"the base model's architecture '{model_type}' cannot be exported; supported: {', '.join(EXPORT_ARCHITECTURES)}"))
 
     for split in ("train", "validation"):
         for i, source in enumerate(getattr(data, split)):
@@ -367,6 +434,30 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
                     problems.append(RecipeProblem(where + ("path",), f"unsupported file type {resolved.suffix!r}; use one of {', '.join(DATA_FILE_SUFFIXES)}"))
 
     return problems
+
+
+def base_model_type(model: ModelSection, base_dir: Path) -> str | None:
+    """The base model's ``model_type`` when it can be read without a download; None when it can't."""
+    import json
+
+    if model.base == "smollm2-135m-instruct":
+        return "llama"
+    candidates = [resolve_path(model.base, base_dir) / "config.json"]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model.base, "config.json", revision=model.revision)
+        if isinstance(cached, str):
+            candidates.append(Path(cached))
+    except Exception:  # not a valid hub id: nothing cached to read
+        pass
+    for config in candidates:
+        if config.is_file():
+            try:
+                return json.loads(config.read_text()).get("model_type")
+            except (OSError, ValueError):
+                return None
+    return None
 
 
 def _cuda_available() -> bool:

@@ -39,6 +39,20 @@ def optimizer_name(training: TrainingSection) -> str:
     return unpaged
 
 
+def use_fused_kernels(model, recipe: Recipe) -> int:
+    """Route the 4-bit LoRA layers through qtune's fused NF4 kernels (on by default on CUDA)."""
+    switch = recipe.training.fused_kernels
+    if switch == "off" or (switch == "auto" and not torch.cuda.is_available()):
+        return 0
+    if not recipe.quantization.load_in_4bit or recipe.quantization.quant_type != "nf4":
+        return 0
+    from qtune.kernels.qlora_linear import patch_peft_model
+
+    patched = patch_peft_model(model)
+    log.info("fused NF4 QLoRA kernels on %d layers", patched)
+    return patched
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -178,6 +192,7 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -
 
     base = models.load_base(checkpoint, recipe.model, recipe.quantization)
     model = models.attach_lora(base, recipe.lora, recipe.training.gradient_checkpointing)
+    use_fused_kernels(model, recipe)
 
     run = tracking.start_run(recipe, run_dir) if state.is_main_process else None
     report_to = ["wandb"] if run is not None else []

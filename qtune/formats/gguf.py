@@ -354,22 +354,22 @@ def tokenizer_metadata(checkpoint_dir: Path, vocab_size: int) -> dict[str, tuple
 
     tokens, token_types = _vocab(tokenizer, vocab, vocab_size)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    V = gguf.GGUFValueType
+    V, K = gguf.GGUFValueType, gguf.Keys.Tokenizer
     kv: dict[str, tuple] = {
-        "tokenizer.ggml.model": ("gpt2", V.STRING, None),
-        "tokenizer.ggml.pre": (pre, V.STRING, None),
-        "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING),
-        "tokenizer.ggml.token_type": (token_types, V.ARRAY, V.INT32),
-        "tokenizer.ggml.merges": (merges, V.ARRAY, V.STRING),
+        K.MODEL: ("gpt2", V.STRING, None),
+        K.PRE: (pre, V.STRING, None),
+        K.LIST: (tokens, V.ARRAY, V.STRING),
+        K.TOKEN_TYPE: (token_types, V.ARRAY, V.INT32),
+        K.MERGES: (merges, V.ARRAY, V.STRING),
     }
-    for role in ("bos", "eos", "unk", "pad"):
+    for role, key in (("bos", K.BOS_ID), ("eos", K.EOS_ID), ("unk", K.UNK_ID), ("pad", K.PAD_ID)):
         token_id = getattr(tokenizer, f"{role}_token_id", None)
         if token_id is not None:
-            kv[f"tokenizer.ggml.{role}_token_id"] = (int(token_id), V.UINT32, None)
-    kv["tokenizer.ggml.add_bos_token"] = (_adds_token(tokenizer, tokenizer.bos_token_id, first=True), V.BOOL, None)
-    kv["tokenizer.ggml.add_eos_token"] = (_adds_token(tokenizer, tokenizer.eos_token_id, first=False), V.BOOL, None)
+            kv[key] = (int(token_id), V.UINT32, None)
+    kv[K.ADD_BOS] = (_adds_token(tokenizer, tokenizer.bos_token_id, first=True), V.BOOL, None)
+    kv[K.ADD_EOS] = (_adds_token(tokenizer, tokenizer.eos_token_id, first=False), V.BOOL, None)
     if isinstance(tokenizer.chat_template, str):
-        kv["tokenizer.chat_template"] = (tokenizer.chat_template, V.STRING, None)
+        kv[K.CHAT_TEMPLATE] = (tokenizer.chat_template, V.STRING, None)
     return kv
 
 
@@ -512,17 +512,18 @@ def _extra_tensors(config: dict, hp: dict) -> dict[str, torch.Tensor]:
     factor = rope.get("factor", 8.0)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)
+    # float32 tensor arithmetic per frequency, as llama.cpp's converter does, for the same bits
     factors = []
-    for freq in freqs.tolist():
+    for freq in freqs:
         wavelen = 2 * math.pi / freq
         if wavelen < old_ctx / high:
-            factors.append(1.0)
+            factors.append(torch.tensor(1.0))
         elif wavelen > old_ctx / low:
-            factors.append(factor)
+            factors.append(torch.tensor(float(factor)))
         else:
             smooth = (old_ctx / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
-    return {"rope_freqs.weight": torch.tensor(factors, dtype=torch.float32)}
+    return {"rope_freqs.weight": torch.stack(factors).to(torch.float32)}
 
 
 def _imatrix_by_gguf_name(imatrix: dict[str, torch.Tensor], arch: _Arch, shapes: dict) -> dict[str, torch.Tensor]:

@@ -1,1 +1,0 @@
-"""Triton kernels with pure-torch references beside them (shipped as qtune.kernels)."""

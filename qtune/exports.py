@@ -1,0 +1,170 @@
+"""Exports: the merged model re-quantized into deployable files (GGUF, GPTQ, AWQ).
+
+An export starts from a run directory (its merged model, calibrated on its own training data) or from
+any HF checkpoint directory (calibrated on ``calibration``). Every output is written under a temporary
+name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qtune import rundir
+from qtune.calibration import CalibrationSet, calibration_set
+from qtune.errors import QtuneError
+from qtune.paths import write_text_atomic
+from qtune.recipe import DataSection, ExportTarget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportSource:
+    checkpoint: Path
+    data: DataSection | None
+    base_dir: Path
+    exports_dir: Path
+
+
+def resolve_source(path: Path) -> ExportSource:
+    """A run directory (merging first if needed) or a plain HF checkpoint directory."""
+    path = Path(path).resolve()
+    if (path / rundir.RECIPE_FILE).is_file():
+        if not (path / rundir.MERGED_DIR).is_dir():
+            from qtune.pipeline import merge_run
+
+            merge_run(path)
+        loaded = rundir.load_run_recipe(path)
+        return ExportSource(path / rundir.MERGED_DIR, loaded.recipe.data, loaded.base_dir, path / "exports")
+    if (path / "config.json").is_file():
+        return ExportSource(path, None, path, path.parent / f"{path.name}-exports")
+    raise QtuneError(f"{path} is neither a qtune run directory nor a Hugging Face checkpoint (no config.json)")
+
+
+def _load_model(checkpoint: Path):
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map={"": device}).eval()
+
+
+def _calibration(source: ExportSource, target: ExportTarget, tokenizer) -> CalibrationSet:
+    calibration = calibration_set(tokenizer, source.data, source.base_dir, target.calibration, target.samples, target.seq_len)
+    log.info("calibration: %d samples, %d tokens, from %s", calibration.input_ids.shape[0], calibration.tokens, calibration.description)
+    return calibration
+
+
+def export(path: Path, target: ExportTarget, output: Path | None = None, overwrite: bool = False) -> Path:
+    """Write one export; returns its path. A report lands beside it as ``<name>.report.json``."""
+    problems = target.problems()
+    if problems:
+        raise QtuneError("; ".join(f"{key}: {message}" for key, message in problems))
+    source = resolve_source(path)
+    output = Path(output) if output else source.exports_dir / target.default_name()
+    if output.exists() and not overwrite:
+        raise QtuneError(f"{output} already exists; pass --overwrite to replace it")
+    from qtune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(source.checkpoint)
+    started = time.perf_counter()
+    try:
+        if target.format == "gguf":
+            report = _export_gguf(source, target, tokenizer, output)
+        else:
+            report = _export_gptq_awq(source, target, tokenizer, output, overwrite)
+    except ValueError as exc:  # the quantizers' own checks: shapes, group sizes, non-finite weights
+        raise QtuneError(f"cannot export {target.format}: {exc}") from None
+    except OSError as exc:
+        raise QtuneError(f"writing {output} failed ({exc.strerror or exc}); nothing was left under that name") from None
+    report.update(format=target.format, output=str(output), seconds=round(time.perf_counter() - started, 1),
+                  size_bytes=_size(output), settings=target.model_dump(mode="json"))
+    write_text_atomic(output.with_name(output.name + ".report.json"), json.dumps(report, indent=2))
+    log.info("%s written to %s (%.1f MB, %.0f s)", target.format, output, report["size_bytes"] / 1e6, report["seconds"])
+    return output
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: Path) -> dict:
+    from qtune.formats.gguf import check_chat_roundtrip, export_gguf
+    from qtune.modelfile import write_modelfile
+
+    importance, calibrated_on = None, None
+    weighted = target.imatrix and target.quant not in ("F32", "F16", "BF16", "Q8_0")
+    if weighted and (source.data is not None or target.calibration is not None):
+        from qtune.imatrix import collect_imatrix
+
+        calibration = _calibration(source, target, tokenizer)
+        model = _load_model(source.checkpoint)
+        batches = [row[mask.bool()].unsqueeze(0).to(model.device) for row, mask in zip(calibration.input_ids, calibration.attention_mask)]
+        importance = collect_imatrix(model, batches).means()
+        calibrated_on = calibration.description
+        del model
+    elif weighted:
+        log.warning("no calibration data for the importance matrix (plain checkpoint, no --calibration); quantizing without one")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = export_gguf(source.checkpoint, output, target.quant, imatrix=importance, device=device)
+    problems = check_chat_roundtrip(output, source.checkpoint)
+    if problems:
+        raise QtuneError(f"{output} was written, but its chat template or stop tokens differ from training: {'; '.join(problems)}")
+    write_modelfile(output, source.checkpoint, output.with_suffix(".Modelfile"))
+    for fallback in report.fallbacks:
+        log.info("fallback: %s", fallback)
+    return {
+        "quant": report.quant,
+        "bits_per_weight": report.bits_per_weight,
+        "types": report.type_counts(),
+        "fallbacks": [str(f) for f in report.fallbacks],
+        "imatrix": calibrated_on,
+        "chat_roundtrip": "ok",
+    }
+
+
+def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, output: Path, overwrite: bool) -> dict:
+    from qtune import layerwise
+    from qtune.formats.awq import write_awq_checkpoint
+    from qtune.formats.gptq import write_gptq_checkpoint
+
+    calibration = _calibration(source, target, tokenizer)
+    model = _load_model(source.checkpoint)
+    saved_dtype = _checkpoint_dtype(source.checkpoint)
+    progress = lambda message: log.debug(message)  # noqa: E731
+    if target.format == "gptq":
+        result = layerwise.quantize_model_gptq(
+            model, calibration.input_ids, calibration.attention_mask, bits=target.bits, group_size=target.group_size,
+            sym=target.sym, act_order=target.act_order, damp=target.damp, progress=progress,
+        )
+        write_gptq_checkpoint(model, result.quantized_layers, output, tokenizer, damp_percent=target.damp, dtype=saved_dtype, overwrite=overwrite)
+    else:
+        result = layerwise.quantize_model_awq(
+            model, calibration.input_ids, calibration.attention_mask, bits=target.bits, group_size=target.group_size, progress=progress,
+        )
+        write_awq_checkpoint(model, result.quantized_layers, output, tokenizer, dtype=saved_dtype, overwrite=overwrite)
+    return {"layers": len(result.quantized_layers), "calibration": calibration.description, "calibration_tokens": calibration.tokens, "stats": _jsonable(result.stats)}
+
+
+def _checkpoint_dtype(checkpoint: Path) -> torch.dtype:
+    """Unquantized tensors (embeddings, norms) keep the merged checkpoint's half-precision dtype."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float16"
+    return torch.bfloat16 if name == "bfloat16" else torch.float16
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)

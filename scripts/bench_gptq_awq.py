@@ -1,0 +1,446 @@
+"""Benchmark qtune's GPTQ and AWQ against GPTQModel and round-to-nearest (issue 4, points 7 and 8).
+
+For each model (the built-in SmolLM2-135M-Instruct base and the merged quickstart model) and with
+THE SAME calibration tensor for every tool, it quantizes
+
+  * 4-bit GPTQ, group 128, sym, no act-order: qtune, GPTQModel (oracle venv, its defaults), RTN
+  * 4-bit AWQ GEMM, group 64 (asym): qtune, GPTQModel (backend AWQ_TORCH), RTN
+
+then reads every checkpoint back through qtune's dequantize-and-run readers
+(``load_dequantized_gptq_model`` / ``load_dequantized_awq_model``; they read GPTQModel's files too)
+and measures perplexity, mean per-token KL(unquantized || quantized), top-1 agreement and quickstart
+exact match. Quantization runs in fresh subprocesses with the same thread count, alternating the
+two tools (qtune first on one model, GPTQModel first on the other) so load drift on a shared
+machine hits both.
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_gptq_awq.py --merged .cache/bench-merged
+
+Results are cached per step in --work (rerun to resume); --fresh starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GPTQ_GROUP = 128
+AWQ_GROUP = 64  # AWQ needs group | K, and K = 576 on SmolLM2-135M
+EM_FRACTION = 0.95
+PPL_TOLERANCE = 1.01
+
+ORACLE_WORKER = r'''
+import json, sys, time
+t_start = time.perf_counter()
+import torch
+from gptqmodel import AWQConfig, BACKEND, GPTQConfig, GPTQModel
+method, src, calib, dst, result, threads, batch_size, damp = sys.argv[1:9]
+torch.set_num_threads(int(threads))
+ids = torch.load(calib)
+calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
+if method == "gptq":
+    kwargs = {} if damp == "default" else {"damp_percent": float(damp)}
+    qc = GPTQConfig(bits=4, group_size=%(gptq_group)d, desc_act=False, sym=True, device="cpu", **kwargs)
+    quantize_kwargs = {}
+else:
+    qc = AWQConfig(bits=4, group_size=%(awq_group)d, sym=False, device="cpu")
+    quantize_kwargs = {"backend": BACKEND.AWQ_TORCH}
+model = GPTQModel.load(src, qc, dtype=torch.float32)
+t0 = time.perf_counter()
+model.quantize(calibration, batch_size=int(batch_size), **quantize_kwargs)
+seconds = time.perf_counter() - t0
+model.save(dst)
+import gptqmodel
+json.dump({"seconds": seconds, "total_seconds": time.perf_counter() - t_start, "tool": "gptqmodel " + gptqmodel.__version__,
+           "damp_percent": getattr(qc, "damp_percent", None), "act_group_aware": getattr(qc, "act_group_aware", None),
+           "batch_size": int(batch_size), "dtype": str(getattr(model.model, "dtype", "?")),
+           "threads": torch.get_num_threads()}, open(result, "w"))
+''' % {"gptq_group": GPTQ_GROUP, "awq_group": AWQ_GROUP}
+
+
+# ---------------------------------------------------------------- workers (fresh processes)
+
+def qtune_worker(args: argparse.Namespace) -> None:
+    t_start = time.perf_counter()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.formats.awq import write_awq_checkpoint
+    from qtune.formats.gptq import write_gptq_checkpoint
+    from qtune.layerwise import quantize_model_awq, quantize_model_gptq
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    ids = torch.load(args.calib)
+    mask = torch.ones_like(ids)
+    t0 = time.perf_counter()
+    if args.worker == "gptq":
+        result = quantize_model_gptq(model, ids, mask, bits=4, group_size=GPTQ_GROUP, sym=True, act_order=False,
+                                     damp=args.damp, batch_size=args.batch_size)
+    else:
+        result = quantize_model_awq(model, ids, mask, bits=4, group_size=AWQ_GROUP, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    if args.worker == "gptq":
+        write_gptq_checkpoint(model, result.quantized_layers, args.dst, tokenizer, damp_percent=args.damp)
+    else:
+        write_awq_checkpoint(model, result.quantized_layers, args.dst, tokenizer)
+    Path(args.result).write_text(json.dumps({
+        "seconds": seconds, "total_seconds": time.perf_counter() - t_start, "tool": "qtune",
+        "damp_percent": args.damp if args.worker == "gptq" else None, "batch_size": args.batch_size,
+        "dtype": "torch.float32", "threads": torch.get_num_threads(),
+    }))
+
+
+# ---------------------------------------------------------------- data
+
+def load_data(model_path: Path, n_samples: int, seq_len: int, seed: int):
+    """Calibration ids [n_samples, seq_len], eval rows (answer labels / all-token labels), EM prompts."""
+    import torch
+
+    from qtune import data as qdata
+    from qtune import models
+    from qtune.recipe import load_recipe
+
+    loaded = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    cfg = loaded.recipe.data
+    tokenizer = models.load_tokenizer(model_path)
+    formatter = qdata.Formatter(cfg, tokenizer)
+    train_records = qdata.load_records(cfg.train, loaded.base_dir)
+    random.Random(seed).shuffle(train_records)
+    stream: list[int] = []
+    for record in train_records:
+        stream.extend(qdata.tokenize_rendered(formatter.render(record), tokenizer).input_ids)
+        if len(stream) >= n_samples * seq_len:
+            break
+    if len(stream) < n_samples * seq_len:
+        raise SystemExit(f"only {len(stream)} calibration tokens; need {n_samples * seq_len}")
+    calib = torch.tensor(stream[: n_samples * seq_len]).reshape(n_samples, seq_len)
+    prepared = qdata.prepare_data(cfg, tokenizer, loaded.base_dir, loaded.recipe.training.seed)
+    all_token_rows = [{"input_ids": r["input_ids"], "labels": list(r["input_ids"]), "num_real_tokens": len(r["input_ids"])}
+                      for r in prepared.validation]
+    return {
+        "tokenizer": tokenizer, "calib": calib, "answer_rows": prepared.validation, "all_rows": all_token_rows,
+        "prompts": prepared.eval_prompts, "eval_cfg": loaded.recipe.evaluation,
+    }
+
+
+# ---------------------------------------------------------------- steps
+
+def run_quantizer(tool: str, method: str, model_path: Path, calib: Path, dst: Path, args: argparse.Namespace) -> dict:
+    result = dst.with_suffix(".quant.json")
+    if result.exists() and dst.exists():
+        return json.loads(result.read_text())
+    if dst.exists():
+        shutil.rmtree(dst)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if tool == "qtune":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", str(model_path),
+               "--calib", str(calib), "--dst", str(dst), "--result", str(result), "--threads", str(args.threads),
+               "--damp", str(args.qtune_damp), "--batch-size", str(args.qtune_batch_size)]
+    else:
+        script = Path(args.work) / "oracle_quant.py"
+        script.write_text(ORACLE_WORKER)
+        cmd = [args.oracle_python, str(script), method, str(model_path), str(calib), str(dst), str(result),
+               str(args.threads), str(args.oracle_batch_size), args.oracle_damp]
+    log_path = dst.with_suffix(".log")
+    print(f"  quantize {method} with {tool} ...", flush=True)
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise SystemExit(f"{tool} {method} failed (rc {proc.returncode}); log {log_path}:\n{tail}")
+    info = json.loads(result.read_text())
+    info["process_seconds"] = time.perf_counter() - started
+    result.write_text(json.dumps(info))
+    print(f"    {info['seconds']:.1f}s quantize ({info['process_seconds']:.1f}s process)", flush=True)
+    return info
+
+
+def write_rtn(method: str, model_path: Path, dst: Path) -> dict:
+    result = dst.with_suffix(".quant.json")
+    if result.exists() and dst.exists():
+        return json.loads(result.read_text())
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.formats.awq import write_awq_checkpoint
+    from qtune.formats.gptq import write_gptq_checkpoint
+    from qtune.layerwise import LINEAR_NAMES, decoder_layers
+    from qtune.quant.rtn import rtn_quantize
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    layers = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for name in LINEAR_NAMES:
+            weight = layer.get_submodule(name).weight.data
+            if method == "gptq":
+                layers[f"model.layers.{index}.{name}"] = rtn_quantize(weight, 4, GPTQ_GROUP, sym=True, convention="gptq")
+            else:
+                layers[f"model.layers.{index}.{name}"] = rtn_quantize(weight, 4, AWQ_GROUP, sym=False, convention="awq")
+    seconds = time.perf_counter() - t0
+    if dst.exists():
+        shutil.rmtree(dst)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if method == "gptq":
+        write_gptq_checkpoint(model, layers, dst, tokenizer)
+    else:
+        write_awq_checkpoint(model, layers, dst, tokenizer)
+    info = {"seconds": seconds, "tool": "rtn"}
+    result.write_text(json.dumps(info))
+    return info
+
+
+def evaluate(model, reference, data: dict, skip_em: bool) -> dict:
+    from qtune.evaluate import divergence, exact_match, perplexity
+
+    pad = data["tokenizer"].pad_token_id
+    out = {
+        "ppl": perplexity(model, data["all_rows"], pad),
+        "answer_ppl": perplexity(model, data["answer_rows"], pad),
+    }
+    if reference is not None:
+        d = divergence(reference, model, data["answer_rows"], pad)
+        out.update(kl=d.mean_kl, top1=d.top1_agreement, kl_tokens=d.tokens)
+    if not skip_em:
+        cfg = data["eval_cfg"]
+        em = exact_match(model, data["tokenizer"], data["prompts"], cfg.max_new_tokens, cfg.batch_size)
+        out.update(em=em.accuracy, em_correct=em.correct, em_total=em.total)
+    return out
+
+
+def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: bool, args: argparse.Namespace) -> dict:
+    import torch
+
+    from qtune.formats.awq import load_dequantized_awq_model
+    from qtune.formats.gptq import load_dequantized_gptq_model
+    from qtune.models import load_full_precision
+    from qtune.recipe import ModelSection
+
+    work = Path(args.work) / label
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    data = load_data(model_path, args.samples, args.seq_len, args.seed)
+    calib_path = work / "calib.pt"
+    torch.save(data["calib"], calib_path)
+    print(f"[{label}] {model_path}: calibration {tuple(data['calib'].shape)}, {len(data['all_rows'])} eval rows, "
+          f"{len(data['prompts'])} EM prompts", flush=True)
+
+    tools = ["qtune", "gptqmodel"] if qtune_first else ["gptqmodel", "qtune"]
+    quant_info: dict[str, dict] = {}
+    for i, method in enumerate(methods):
+        order = tools if i % 2 == 0 else tools[::-1]  # alternate within the model too
+        for tool in order:
+            quant_info[f"{method}/{tool}"] = run_quantizer(tool, method, model_path, calib_path, work / f"{method}-{tool}", args)
+        quant_info[f"{method}/rtn"] = write_rtn(method, model_path, work / f"{method}-rtn")
+
+    torch.set_num_threads(args.threads)
+    skip_em = label == "base" and args.skip_base_em
+    reference = load_full_precision(model_path, ModelSection(base=str(model_path)), torch.float32).eval()
+    if "fp32" not in results:
+        print(f"  eval {label} fp32", flush=True)
+        results["fp32"] = evaluate(reference, None, data, skip_em)
+        results_path.write_text(json.dumps(results, indent=2))
+    for method in methods:
+        reader = load_dequantized_gptq_model if method == "gptq" else load_dequantized_awq_model
+        for tool in ("qtune", "gptqmodel", "rtn"):
+            key = f"{method}/{tool}"
+            if key in results:
+                continue
+            print(f"  eval {label} {key}", flush=True)
+            model = reader(work / f"{method}-{tool}")
+            results[key] = {**evaluate(model, reference, data, skip_em), "quant": quant_info[key]}
+            results_path.write_text(json.dumps(results, indent=2))
+            del model
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+def fmt(value, spec: str, missing: str = "–") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+def report(all_results: dict[str, dict], args: argparse.Namespace, command: str, started: str) -> str:
+    names = {"fp32": "unquantized (fp32)", "gptq/qtune": "GPTQ g128 — qtune", "gptq/gptqmodel": "GPTQ g128 — GPTQModel",
+             "gptq/rtn": "GPTQ g128 — RTN", "awq/qtune": "AWQ g64 — qtune", "awq/gptqmodel": "AWQ g64 — GPTQModel",
+             "awq/rtn": "AWQ g64 — RTN"}
+    lines = ["| model | method | ppl (all tokens) | ppl (answers) | KL vs fp32 (nats/token) | top-1 agree | exact match | quantize s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, results in all_results.items():
+        for key, name in names.items():
+            r = results.get(key)
+            if r is None:
+                continue
+            em = f"{100 * r['em']:.1f}% ({r['em_correct']}/{r['em_total']})" if "em" in r else "not run"
+            q = r.get("quant", {})
+            lines.append(f"| {label} | {name} | {fmt(r['ppl'], '.4f')} | {fmt(r['answer_ppl'], '.4f')} | "
+                         f"{fmt(r.get('kl'), '.4f')} | {fmt(r.get('top1'), '.3f')} | {em} | {fmt(q.get('seconds'), '.1f')} |")
+    verdicts = []
+
+    def verdict(ok: bool, text: str) -> None:
+        verdicts.append(f"- **{'met' if ok else 'MISSED'}**: {text}")
+
+    for label, results in all_results.items():
+        for method, ref_name in (("gptq", "GPTQModel GPTQ"), ("awq", "GPTQModel AWQ")):
+            ours, ref, rtn = (results.get(f"{method}/{t}") for t in ("qtune", "gptqmodel", "rtn"))
+            if not (ours and ref and rtn):
+                continue
+            for col, col_name in (("ppl", "ppl (all tokens)"), ("answer_ppl", "ppl (answers)")):
+                ratio = ours[col] / ref[col]
+                verdict(ratio <= PPL_TOLERANCE,
+                        f"{label} {method.upper()} {col_name}: qtune {ours[col]:.4f} vs {ref_name} {ref[col]:.4f} "
+                        f"= ×{ratio:.4f} (target ≤ ×{PPL_TOLERANCE})"
+                        + ("" if ratio <= PPL_TOLERANCE else f", over by {100 * (ratio - PPL_TOLERANCE):.2f} points"))
+            verdict(ours["ppl"] < rtn["ppl"] and ref["ppl"] < rtn["ppl"],
+                    f"{label} {method.upper()} below RTN: qtune {ours['ppl']:.4f}, {ref_name} {ref['ppl']:.4f}, RTN "
+                    f"{rtn['ppl']:.4f} (KL {ours['kl']:.4f} / {ref['kl']:.4f} / {rtn['kl']:.4f})")
+            verdict(ours["kl"] <= ref["kl"] * PPL_TOLERANCE,
+                    f"{label} {method.upper()} KL: qtune {ours['kl']:.4f} vs {ref_name} {ref['kl']:.4f} = ×{ours['kl'] / ref['kl']:.3f} "
+                    f"(informative; same ×{PPL_TOLERANCE} bar)")
+    merged = all_results.get("merged", {})
+    if "em" in merged.get("fp32", {}):
+        base_em = merged["fp32"]["em"]
+        for key in ("gptq/qtune", "gptq/gptqmodel", "gptq/rtn", "awq/qtune", "awq/gptqmodel", "awq/rtn"):
+            r = merged.get(key)
+            if r and "em" in r:
+                need = EM_FRACTION * base_em
+                verdict(r["em"] >= need, f"merged {names[key]} exact match {100 * r['em']:.1f}% vs merged fp32 "
+                        f"{100 * base_em:.1f}% (target ≥ {100 * need:.1f}%)"
+                        + ("" if r["em"] >= need else f", short by {100 * (need - r['em']):.1f} points"))
+    for method in ("gptq", "awq"):
+        ours = [r[f"{method}/qtune"]["quant"]["seconds"] for r in all_results.values() if f"{method}/qtune" in r]
+        ref = [r[f"{method}/gptqmodel"]["quant"]["seconds"] for r in all_results.values() if f"{method}/gptqmodel" in r]
+        if ours and ref and len(ours) == len(ref):
+            ratio = sum(ours) / sum(ref)
+            verdict(ratio <= 1.0, f"{method.upper()} quantize time: qtune {sum(ours):.1f}s vs GPTQModel {sum(ref):.1f}s "
+                    f"over {len(ours)} model(s) = ×{ratio:.2f} (target ≤ ×1.00)")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    some = next(iter(all_results.values()))
+    meta = {k: some.get(f"gptq/{t}", {}).get("quant", {}) for k, t in (("qtune", "qtune"), ("gptqmodel", "gptqmodel"))}
+    text = "\n".join([
+        "# GPTQ / AWQ benchmark: qtune vs GPTQModel vs round-to-nearest",
+        "",
+        f"Date: {started} (UTC). Device: {cpu}, {os.cpu_count()} cores visible, {args.threads} threads per quantizer "
+        "(OMP_NUM_THREADS / torch.set_num_threads), no GPU; the machine was shared with other jobs.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "## Results",
+        "",
+        *lines,
+        "",
+        "## Verdicts",
+        "",
+        *verdicts,
+        "",
+        "## How it was made",
+        "",
+        f"- Calibration (identical tensor for every tool): {args.samples} × {args.seq_len} tokens of "
+        "recipes/data/quickstart_train.jsonl rendered through the chat template exactly as qtune training renders it "
+        f"(qtune.data.Formatter), records shuffled with seed {args.seed} and concatenated, no padding.",
+        "- Evaluation text (disjoint from calibration): recipes/data/quickstart_validation.jsonl rendered the same way "
+        "(qtune.data.prepare_data). *ppl (all tokens)*: every token of the rendered conversations; *ppl (answers)*: "
+        "the trainable answer tokens only, as `qtune eval` reports; *KL*: mean per-token KL(fp32 ‖ quantized) in nats "
+        "over every real token (qtune.evaluate.divergence); *exact match*: qtune.evaluate.exact_match on the "
+        "validation prompts, greedy, max_new_tokens from the recipe, as `qtune eval` does.",
+        "- Every quantized checkpoint, GPTQModel's included, is evaluated through the same path: qtune's own readers "
+        "(`load_dequantized_gptq_model` / `load_dequantized_awq_model`, which dequantize to fp32 and run a plain HF model; "
+        "they read GPTQModel files, verified by tests/test_gptq_awq_loaders.py), so the comparison is apples to apples. "
+        "RTN checkpoints are written by qtune's writers and read back the same way.",
+        f"- GPTQ: 4-bit, group {GPTQ_GROUP} (K=576 gives a partial last group of 64), sym, no act-order, true-sequential. "
+        f"qtune: `quantize_model_gptq(damp={args.qtune_damp}, batch_size={args.qtune_batch_size})`. "
+        f"GPTQModel {meta['gptqmodel'].get('tool', '')}: `GPTQConfig(bits=4, group_size={GPTQ_GROUP}, desc_act=False, sym=True)` "
+        f"with its defaults otherwise: damp_percent={meta['gptqmodel'].get('damp_percent')}, "
+        f"act_group_aware={meta['gptqmodel'].get('act_group_aware')} (GAR: group-aware column ordering, which qtune "
+        f"does not have), batch_size={args.oracle_batch_size}, loaded with dtype=float32. "
+        "Damp differs: qtune's default adds 1% of mean(diag H), GPTQModel's 5%.",
+        f"- AWQ: 4-bit GEMM, group {AWQ_GROUP} (group 128 is impossible for AWQ at K=576), asymmetric (zero point). "
+        f"qtune: `quantize_model_awq(group_size={AWQ_GROUP}, n_grid=20, duo_scaling=True, apply_clip=True)`. "
+        f"GPTQModel: `AWQConfig(bits=4, group_size={AWQ_GROUP}, sym=False)`, `quantize(..., backend=BACKEND.AWQ_TORCH)`, "
+        "loaded with dtype=float32.",
+        "- RTN: qtune.quant.rtn.rtn_quantize per linear with the same grid conventions (GPTQ sym g128; AWQ asym g64).",
+        "- Quantize seconds: the quantize call alone (GPTQModel `model.quantize(...)`, qtune `quantize_model_*`), each tool "
+        "in a fresh subprocess with the same threads, model and calibration tensor; the order alternates between tools "
+        "(qtune first on one model, GPTQModel first on the other, and swapped between GPTQ and AWQ) and the verdict uses "
+        "the sum over models. Loading and saving are excluded; process wall times are in the results JSON.",
+        f"- Raw numbers: {args.work}/<model>/results.json.",
+        "",
+    ])
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--merged", type=Path, help="merged quickstart model (HF checkpoint directory)")
+    parser.add_argument("--models", default="merged,base", help="which of merged,base to run, in order")
+    parser.add_argument("--methods", default="gptq,awq")
+    parser.add_argument("--base-methods", default=None, help="methods for the base model (default: --methods)")
+    parser.add_argument("--skip-base-em", action="store_true", help="skip exact match on the base model")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qtune-damp", type=float, default=0.01)
+    parser.add_argument("--qtune-batch-size", type=int, default=8)
+    parser.add_argument("--oracle-damp", default="default")
+    parser.add_argument("--oracle-batch-size", type=int, default=1)
+    parser.add_argument("--oracle-python", default=str(REPO / ".cache/oracle-venv/bin/python"))
+    parser.add_argument("--work", default=str(REPO / ".cache/bench-gptq-awq"))
+    parser.add_argument("--out", type=Path, default=REPO / "docs/bench_gptq_awq.md")
+    parser.add_argument("--fresh", action="store_true")
+    # worker mode (internal)
+    parser.add_argument("--worker", choices=["gptq", "awq"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--calib", help=argparse.SUPPRESS)
+    parser.add_argument("--dst", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--damp", type=float, default=0.01, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        qtune_worker(args)
+        return
+
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    command = " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), ".venv/bin/python",
+                        "scripts/bench_gptq_awq.py", *sys.argv[1:]])
+    if args.fresh and Path(args.work).exists():
+        shutil.rmtree(args.work)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    from qtune.models import builtin_checkpoint
+
+    paths = {"base": builtin_checkpoint("smollm2-135m-instruct"), "merged": args.merged}
+    all_results = {}
+    for label in args.models.split(","):
+        if paths[label] is None:
+            raise SystemExit("--merged PATH is required for the merged model")
+        methods = (args.base_methods if label == "base" and args.base_methods else args.methods).split(",")
+        all_results[label] = bench_model(label, Path(paths[label]), methods, qtune_first=label == "base", args=args)
+        text = report(all_results, args, command, started)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""`qtune export` and the recipe's export list, wired end to end on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+
+from support import qtune_cli, tiny_llama_dir, tiny_recipe, write_recipe
+
+from qtune.errors import QtuneError
+from qtune.exports import export
+from qtune.formats.gptq import load_dequantized_gptq_model
+from qtune.recipe import ExportTarget, RecipeError, load_recipe
+from qtune.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("export")
+    base = tiny_llama_dir(work / "llama", hidden=256)
+    recipe = write_recipe(work / "recipe.yaml", tiny_recipe(base, work / "run", training={"max_steps": 2}))
+    return train(load_recipe(recipe))
+
+
+def test_gguf_export_from_a_run_merges_calibrates_and_checks_the_chat_template(run_dir: Path):
+    result = qtune_cli("export", str(run_dir), "--format", "gguf", "--quant", "Q4_K_M", "--samples", "8", "--seq-len", "128")
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = run_dir / "exports" / "model-Q4_K_M.gguf"
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["token_embd.weight"] == "Q6_K"
+    report = json.loads((run_dir / "exports" / "model-Q4_K_M.gguf.report.json").read_text())
+    assert report["imatrix"] == "the recipe's training data" and report["chat_roundtrip"] == "ok"
+    assert (run_dir / "merged" / "config.json").is_file(), "exporting a run merges it first"
+    modelfiles = [p for p in (run_dir / "exports").iterdir() if "Modelfile" in p.name]
+    assert modelfiles and "model-Q4_K_M.gguf" in modelfiles[0].read_text()
+    again = qtune_cli("export", str(run_dir), "--format", "gguf", "--quant", "Q4_K_M")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_gptq_export_reads_back_through_our_dequantizer(run_dir: Path, tmp_path: Path):
+    out = tmp_path / "gptq"
+    result = qtune_cli("export", str(run_dir), "--format", "gptq", "--group-size", "64", "--samples", "8",
+                       "--seq-len", "128", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 64
+    assert (out / "quantize_config.json").is_file() and (out / "tokenizer.json").is_file()
+    model = load_dequantized_gptq_model(out)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_a_missing_calibration_file_is_refused(run_dir: Path, tmp_path: Path):
+    with pytest.raises(QtuneError, match="calibration file not found"):
+        export(run_dir, ExportTarget(format="awq", calibration=str(tmp_path / "missing.txt")), tmp_path / "awq")
+    assert not (tmp_path / "awq").exists()
+
+
+def test_too_little_calibration_data_is_refused(run_dir: Path, tmp_path: Path):
+    text = tmp_path / "tiny.txt"
+    text.write_text("just a few words")
+    with pytest.raises(QtuneError, match="only .* tokens"):
+        export(run_dir, ExportTarget(format="gptq", calibration=str(text)), tmp_path / "gptq")
+    assert not (tmp_path / "gptq").exists()
+
+
+def test_unsupported_bits_are_refused_before_any_work(run_dir: Path, tmp_path: Path):
+    result = qtune_cli("export", str(run_dir), "--format", "awq", "--bits", "3", "--output", str(tmp_path / "x"))
+    assert result.returncode == 2 and "4 bits only" in result.stderr
+
+
+def test_recipe_export_of_an_unsupported_architecture_fails_at_validation(tmp_path: Path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(base)
+    recipe = tiny_recipe(base, tmp_path / "run")
+    recipe["export"] = [{"format": "gguf", "quant": "Q4_K_M"}]
+    with pytest.raises(RecipeError, match="architecture 'gpt2' cannot be exported; supported: llama, mistral, qwen2"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
