@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="score the base, adapter or merged model on the held-out data")
     p.add_argument("run_dir", help="a run directory written by qtune train")
-    p.add_argument("--artifact", action="append", choices=["base", "adapter", "merged"],
-                   help="what to score (repeatable; default: everything the run has)")
+    p.add_argument("--artifact", action="append",
+                   help="what to score: base, adapter, merged, or an export directory name under RUN_DIR/exports "
+                        "(repeatable; default: everything the run has)")
 
     p = commands.add_parser("export", help="re-quantize a run's merged model (or any HF checkpoint) to GGUF, GPTQ or AWQ")
     p.add_argument("source", help="a run directory (its merged model is used) or an HF checkpoint directory")

@@ -15,9 +15,10 @@ import torch
 from qtune import data as qdata
 from qtune import merge, models, rundir
 from qtune.errors import QtuneError
-from qtune.evaluate import exact_match, perplexity
+from qtune.evaluate import divergence, exact_match, perplexity
 from qtune.paths import atomic_dir, write_text_atomic
 from qtune.recipe import LoadedRecipe
+from qtune.w4a16_models import is_w4a16_checkpoint, load_w4a16_model
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,10 @@ def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Pa
         return models.for_inference(models.load_adapter_model(checkpoint, run_dir / rundir.ADAPTER_DIR, recipe.model, recipe.quantization))
     if name == "merged":
         return models.load_full_precision(run_dir / rundir.MERGED_DIR, recipe.model, torch.float32)
-    raise QtuneError(f"unknown artifact '{name}'; choose one of {', '.join(ARTIFACTS)}")
+    export_dir = run_dir / "exports" / name
+    if is_w4a16_checkpoint(export_dir):
+        return load_w4a16_model(export_dir)
+    raise QtuneError(f"unknown artifact '{name}'; this run has: {', '.join(available_artifacts(run_dir))}")
 
 
 def available_artifacts(run_dir: Path) -> list[str]:
@@ -111,6 +115,9 @@ def available_artifacts(run_dir: Path) -> list[str]:
         present.append("adapter")
     if (run_dir / rundir.MERGED_DIR).is_dir():
         present.append("merged")
+    exports = run_dir / "exports"
+    if exports.is_dir():
+        present += sorted(p.name for p in exports.iterdir() if p.is_dir() and is_w4a16_checkpoint(p))
     return present
 
 
@@ -128,15 +135,21 @@ def evaluate_run(run_dir: Path, artifacts: list[str] | None = None) -> dict[str,
     cfg = loaded.recipe.evaluation
     prompts = prepared.eval_prompts[: cfg.max_samples] if cfg.max_samples else prepared.eval_prompts
     results = {}
+    reference = None
+    if "merged" in present and any(name != "merged" for name in wanted) and prepared.validation:
+        reference = load_artifact("merged", run_dir, loaded, checkpoint)
     for name in wanted:
         model = load_artifact(name, run_dir, loaded, checkpoint)
         em = exact_match(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+        versus_merged = divergence(reference, model, prepared.validation, tokenizer.pad_token_id) if reference is not None and name != "merged" else None
         result = {
             "artifact": name,
             "exact_match": em.accuracy,
             "correct": em.correct,
             "total": em.total,
             "perplexity": perplexity(model, prepared.validation, tokenizer.pad_token_id) if prepared.validation else None,
+            "kl_vs_merged": versus_merged.mean_kl if versus_merged else None,
+            "top1_vs_merged": versus_merged.top1_agreement if versus_merged else None,
             "by_category": em.by_category,
             "by_length": em.by_length,
             "generation_tokens_per_second": em.tokens_per_second,

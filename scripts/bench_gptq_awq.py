@@ -153,7 +153,9 @@ def run_quantizer(tool: str, method: str, model_path: Path, calib: Path, dst: Pa
                "--damp", str(args.qtune_damp), "--batch-size", str(args.qtune_batch_size)]
     else:
         script = Path(args.work) / "oracle_quant.py"
-        script.write_text(ORACLE_WORKER)
+        if not (script.exists() and script.read_text() == ORACLE_WORKER):
+            script.with_suffix(f".{os.getpid()}.tmp").write_text(ORACLE_WORKER)
+            script.with_suffix(f".{os.getpid()}.tmp").replace(script)
         cmd = [args.oracle_python, str(script), method, str(model_path), str(calib), str(dst), str(result),
                str(args.threads), str(args.oracle_batch_size), args.oracle_damp]
     log_path = dst.with_suffix(".log")
@@ -206,7 +208,7 @@ def write_rtn(method: str, model_path: Path, dst: Path) -> dict:
     return info
 
 
-def evaluate(model, reference, data: dict, skip_em: bool) -> dict:
+def evaluate(model, reference, data: dict, skip_em: bool, em_batch_size: int = 0) -> dict:
     from qtune.evaluate import divergence, exact_match, perplexity
 
     pad = data["tokenizer"].pad_token_id
@@ -219,7 +221,7 @@ def evaluate(model, reference, data: dict, skip_em: bool) -> dict:
         out.update(kl=d.mean_kl, top1=d.top1_agreement, kl_tokens=d.tokens)
     if not skip_em:
         cfg = data["eval_cfg"]
-        em = exact_match(model, data["tokenizer"], data["prompts"], cfg.max_new_tokens, cfg.batch_size)
+        em = exact_match(model, data["tokenizer"], data["prompts"], cfg.max_new_tokens, em_batch_size or cfg.batch_size)
         out.update(em=em.accuracy, em_correct=em.correct, em_total=em.total)
     return out
 
@@ -236,9 +238,19 @@ def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: b
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    def save(key: str, value: dict) -> None:  # read-merge-write: two processes may share a model (one per method)
+        results[key] = value
+        current = json.loads(results_path.read_text()) if results_path.exists() else {}
+        current[key] = value
+        tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(current, indent=2))
+        tmp.replace(results_path)
     data = load_data(model_path, args.samples, args.seq_len, args.seed)
     calib_path = work / "calib.pt"
-    torch.save(data["calib"], calib_path)
+    if not (calib_path.exists() and torch.equal(torch.load(calib_path), data["calib"])):
+        torch.save(data["calib"], calib_path.with_suffix(f".{os.getpid()}.tmp"))
+        calib_path.with_suffix(f".{os.getpid()}.tmp").replace(calib_path)
     print(f"[{label}] {model_path}: calibration {tuple(data['calib'].shape)}, {len(data['all_rows'])} eval rows, "
           f"{len(data['prompts'])} EM prompts", flush=True)
 
@@ -255,8 +267,7 @@ def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: b
     reference = load_full_precision(model_path, ModelSection(base=str(model_path)), torch.float32).eval()
     if "fp32" not in results:
         print(f"  eval {label} fp32", flush=True)
-        results["fp32"] = evaluate(reference, None, data, skip_em)
-        results_path.write_text(json.dumps(results, indent=2))
+        save("fp32", evaluate(reference, None, data, skip_em, args.em_batch_size))
     for method in methods:
         reader = load_dequantized_gptq_model if method == "gptq" else load_dequantized_awq_model
         for tool in ("qtune", "gptqmodel", "rtn"):
@@ -265,10 +276,9 @@ def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: b
                 continue
             print(f"  eval {label} {key}", flush=True)
             model = reader(work / f"{method}-{tool}")
-            results[key] = {**evaluate(model, reference, data, skip_em), "quant": quant_info[key]}
-            results_path.write_text(json.dumps(results, indent=2))
+            save(key, {**evaluate(model, reference, data, skip_em, args.em_batch_size), "quant": quant_info[key]})
             del model
-    return results
+    return json.loads(results_path.read_text())
 
 
 # ---------------------------------------------------------------- report
@@ -293,7 +303,8 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
             em = f"{100 * r['em']:.1f}% ({r['em_correct']}/{r['em_total']})" if "em" in r else "not run"
             q = r.get("quant", {})
             lines.append(f"| {label} | {name} | {fmt(r['ppl'], '.4f')} | {fmt(r['answer_ppl'], '.4f')} | "
-                         f"{fmt(r.get('kl'), '.4f')} | {fmt(r.get('top1'), '.3f')} | {em} | {fmt(q.get('seconds'), '.1f')} |")
+                         f"{fmt(r.get('kl'), '.4f')} | {fmt(r.get('top1'), '.3f')} | {em} | {fmt(q.get('seconds'), '.1f')}"
+                         + (f" ({q['threads']} thr)" if q.get("threads") else "") + " |")
     verdicts = []
 
     def verdict(ok: bool, text: str) -> None:
@@ -326,13 +337,16 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
                 verdict(r["em"] >= need, f"merged {names[key]} exact match {100 * r['em']:.1f}% vs merged fp32 "
                         f"{100 * base_em:.1f}% (target ≥ {100 * need:.1f}%)"
                         + ("" if r["em"] >= need else f", short by {100 * (need - r['em']):.1f} points"))
-    for method in ("gptq", "awq"):
-        ours = [r[f"{method}/qtune"]["quant"]["seconds"] for r in all_results.values() if f"{method}/qtune" in r]
-        ref = [r[f"{method}/gptqmodel"]["quant"]["seconds"] for r in all_results.values() if f"{method}/gptqmodel" in r]
-        if ours and ref and len(ours) == len(ref):
-            ratio = sum(ours) / sum(ref)
-            verdict(ratio <= 1.0, f"{method.upper()} quantize time: qtune {sum(ours):.1f}s vs GPTQModel {sum(ref):.1f}s "
-                    f"over {len(ours)} model(s) = ×{ratio:.2f} (target ≤ ×1.00)")
+    for label, results in all_results.items():
+        for method in ("gptq", "awq"):
+            ours, ref = results.get(f"{method}/qtune"), results.get(f"{method}/gptqmodel")
+            if not (ours and ref):
+                continue
+            a, b = ours["quant"], ref["quant"]
+            ratio = a["seconds"] / b["seconds"]
+            verdict(ratio <= 1.0, f"{label} {method.upper()} quantize time: qtune {a['seconds']:.1f}s vs GPTQModel "
+                    f"{b['seconds']:.1f}s = ×{ratio:.2f} at {a.get('threads')}/{b.get('threads')} threads "
+                    "(target ≤ ×1.00)" + ("" if ratio <= 1.0 else f", qtune slower by {100 * (ratio - 1):.0f}%"))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     some = next(iter(all_results.values()))
@@ -340,8 +354,9 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
     text = "\n".join([
         "# GPTQ / AWQ benchmark: qtune vs GPTQModel vs round-to-nearest",
         "",
-        f"Date: {started} (UTC). Device: {cpu}, {os.cpu_count()} cores visible, {args.threads} threads per quantizer "
-        "(OMP_NUM_THREADS / torch.set_num_threads), no GPU; the machine was shared with other jobs.",
+        f"Date: {started} (UTC). Device: {cpu}, {os.cpu_count()} cores visible; threads per quantizer "
+        "(OMP_NUM_THREADS = MKL_NUM_THREADS = torch.set_num_threads) as given in the quantize column; no GPU; the machine "
+        "was shared with other engineers' jobs (load average about 5 on 2 cores), so absolute times are inflated.",
         "",
         f"Command: `{command}`",
         "",
@@ -385,6 +400,7 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
         "the sum over models. Loading and saving are excluded; process wall times are in the results JSON.",
         f"- Raw numbers: {args.work}/<model>/results.json.",
         "",
+        *([Path(args.notes).read_text()] if args.notes else []),
     ])
     return text
 
@@ -396,6 +412,7 @@ def main() -> None:
     parser.add_argument("--methods", default="gptq,awq")
     parser.add_argument("--base-methods", default=None, help="methods for the base model (default: --methods)")
     parser.add_argument("--skip-base-em", action="store_true", help="skip exact match on the base model")
+    parser.add_argument("--em-batch-size", type=int, default=60, help="prompts per generate call (0: the recipe's)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -408,6 +425,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(REPO / ".cache/bench-gptq-awq"))
     parser.add_argument("--out", type=Path, default=REPO / "docs/bench_gptq_awq.md")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--notes", type=Path, help="markdown appended to the report (observations, bugs)")
     # worker mode (internal)
     parser.add_argument("--worker", choices=["gptq", "awq"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -30,6 +30,13 @@ EXTRAS=""
 if (( WITH_TESTS )); then
   # The GGUF oracle: llama.cpp's own quantizer and runtime, compiled once and cached outside the clone.
   LLAMA_CPP_WHEEL_DIR="${LLAMA_CPP_WHEEL_DIR:-$HOME/.cache/qtune/wheels}" PYTHON=.venv/bin/python bash scripts/build_llama_cpp.sh
+  # llama.cpp's own converter (in the same sdist) is the reference for GGUF tensor layout and metadata.
+  if ! compgen -G ".cache/sdist/llama_cpp_python-*/vendor/llama.cpp" > /dev/null; then
+    mkdir -p .cache/sdist
+    .venv/bin/python -m pip --disable-pip-version-check --quiet download --no-deps --no-binary :all: \
+      llama-cpp-python==0.3.36 -d .cache/sdist
+    tar -xzf .cache/sdist/llama_cpp_python-0.3.36.tar.gz -C .cache/sdist
+  fi
   # The GPTQ/AWQ oracle: GPTQModel pins numpy below the main venv's, so it gets a venv of its own.
   if [[ ! -x .cache/oracle-venv/bin/python ]] || ! .cache/oracle-venv/bin/python -c "import gptqmodel, optimum" 2>/dev/null; then
     "$PYTHON" -m venv .cache/oracle-venv

@@ -81,3 +81,28 @@ def test_recipe_export_of_an_unsupported_architecture_fails_at_validation(tmp_pa
     recipe["export"] = [{"format": "gguf", "quant": "Q4_K_M"}]
     with pytest.raises(RecipeError, match="architecture 'gpt2' cannot be exported; supported: llama, mistral, qwen2"):
         load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+
+
+def test_exported_gptq_and_awq_are_scored_by_qtune_eval(run_dir: Path):
+    for fmt in ("gptq", "awq"):
+        result = qtune_cli("export", str(run_dir), "--format", fmt, "--group-size", "64", "--samples", "8", "--seq-len", "128")
+        assert result.returncode == 0, result.stderr[-3000:]
+    result = qtune_cli("eval", str(run_dir), "--artifact", "gptq-4bit-g64", "--artifact", "awq-4bit-g64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("gptq-4bit-g64", "awq-4bit-g64"):
+        score = json.loads((run_dir / "eval" / f"{name}.json").read_text())
+        assert score["perplexity"] > 1 and score["kl_vs_merged"] >= 0 and 0 <= score["top1_vs_merged"] <= 1
+
+
+def test_w4a16_kernel_path_matches_the_dequantized_model(run_dir: Path, tmp_path: Path):
+    import torch
+
+    from qtune.w4a16_models import load_w4a16_model
+
+    out = tmp_path / "gptq"
+    export(run_dir, ExportTarget(format="gptq", group_size=64, samples=8, seq_len=128), out)
+    dense = load_w4a16_model(out, use_kernels=False)
+    packed = load_w4a16_model(out, use_kernels=True, backend="torch").float()
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, packed(ids).logits, atol=2e-2, rtol=2e-2)

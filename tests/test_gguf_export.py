@@ -373,7 +373,8 @@ def test_failed_write_leaves_no_file(tmp_path, models, monkeypatch):
 
 @needs_llama_cpp
 @pytest.mark.parametrize("model", [
-    "llama", "mistral", "qwen2", "llama-odd", "llama3-rope", pytest.param("linear-rope", marks=pytest.mark.slow)])
+    "llama", "qwen2", "llama-odd", "llama3-rope",
+    pytest.param("mistral", marks=pytest.mark.slow), pytest.param("linear-rope", marks=pytest.mark.slow)])
 def test_llama_cpp_f16_matches_hf(models, exported, builtin_dir, model):
     ids = prompt_ids(builtin_dir)
     ref = log_softmax(hf_logits(models[model], ids))
@@ -493,9 +494,9 @@ def test_legacy_imatrix_read(tmp_path):
 
 
 def test_modelfile(tmp_path, models, exported):
-    path = write_modelfile(exported["qwen2", "Q8_0"], models["qwen2"])
+    path = write_modelfile(exported["qwen2", "Q4_K_M"], models["qwen2"])
     text = path.read_text()
-    assert text.startswith(f"FROM ./{exported['qwen2', 'Q8_0'].name}\n")
+    assert text.startswith(f"FROM ./{exported['qwen2', 'Q4_K_M'].name}\n")
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
     other = modelfile_text("m.gguf", "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}", "</s>")
