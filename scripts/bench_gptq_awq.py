@@ -256,12 +256,20 @@ def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: b
           f"{len(data['prompts'])} EM prompts", flush=True)
 
     tools = ["qtune", "gptqmodel"] if qtune_first else ["gptqmodel", "qtune"]
+    tools = [t for t in tools if t in args.tools.split(",")]
+    calib_for = {"gptq": calib_path, "awq": calib_path}
+    if args.awq_samples and args.awq_samples < args.samples:  # the first rows of the same tensor, for both tools
+        calib_for["awq"] = work / f"calib_awq{args.awq_samples}.pt"
+        if not calib_for["awq"].exists():
+            torch.save(data["calib"][: args.awq_samples].clone(), calib_for["awq"])
     quant_info: dict[str, dict] = {}
     for i, method in enumerate(methods):
         order = tools if i % 2 == 0 else tools[::-1]  # alternate within the model too
         for tool in order:
-            quant_info[f"{method}/{tool}"] = run_quantizer(tool, method, model_path, calib_path, work / f"{method}-{tool}", args)
+            quant_info[f"{method}/{tool}"] = run_quantizer(tool, method, model_path, calib_for[method], work / f"{method}-{tool}", args)
         quant_info[f"{method}/rtn"] = write_rtn(method, model_path, work / f"{method}-rtn")
+    if args.no_eval:
+        return {}
 
     torch.set_num_threads(args.threads)
     skip_em = label == "base" and args.skip_base_em
@@ -430,6 +438,10 @@ def main() -> None:
     parser.add_argument("--work", default=str(REPO / ".cache/bench-gptq-awq"))
     parser.add_argument("--out", type=Path, default=REPO / "docs/bench_gptq_awq.md")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--tools", default="qtune,gptqmodel", help="quantizers to run (the other's cached result is used)")
+    parser.add_argument("--no-eval", action="store_true", help="quantize only")
+    parser.add_argument("--awq-samples", type=int, default=0,
+                        help="AWQ calibrates on the first N rows of the calibration tensor (both tools); 0: all")
     parser.add_argument("--notes", type=Path, help="markdown appended to the report (observations, bugs)")
     # worker mode (internal)
     parser.add_argument("--worker", choices=["gptq", "awq"], help=argparse.SUPPRESS)
