@@ -45,6 +45,7 @@ def merge_run(run_dir: Path) -> Path:
     """Merge the run's adapter into a standard HF checkpoint in run_dir/merged."""
     run_dir = run_dir.resolve()
     adapter_dir = run_dir / rundir.ADAPTER_DIR
+    rundir.load_run_recipe(run_dir)  # a clear error when run_dir is not a run directory at all
     if not adapter_dir.is_dir():
         raise QtuneError(f"{run_dir} has no trained adapter yet; run qtune train first")
     loaded, checkpoint, tokenizer, prepared = _context(run_dir)

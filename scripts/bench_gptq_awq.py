@@ -267,13 +267,16 @@ def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: b
         order = tools if i % 2 == 0 else tools[::-1]  # alternate within the model too
         for tool in order:
             quant_info[f"{method}/{tool}"] = run_quantizer(tool, method, model_path, calib_for[method], work / f"{method}-{tool}", args)
-        quant_info[f"{method}/rtn"] = write_rtn(method, model_path, work / f"{method}-rtn")
+        if "qtune" in tools:
+            quant_info[f"{method}/rtn"] = write_rtn(method, model_path, work / f"{method}-rtn")
     if args.no_eval:
         return {}
 
     torch.set_num_threads(args.threads)
     skip_em = label == "base" and args.skip_base_em
     reference = load_full_precision(model_path, ModelSection(base=str(model_path)), torch.float32).eval()
+    if results_path.exists():
+        results.update(json.loads(results_path.read_text()))
     if "fp32" not in results:
         print(f"  eval {label} fp32", flush=True)
         save("fp32", evaluate(reference, None, data, skip_em, args.em_batch_size))
@@ -281,11 +284,16 @@ def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: b
         reader = load_dequantized_gptq_model if method == "gptq" else load_dequantized_awq_model
         for tool in ("qtune", "gptqmodel", "rtn"):
             key = f"{method}/{tool}"
+            quant_json = work / f"{method}-{tool}.quant.json"
             if key in results:
+                continue
+            if not quant_json.exists():
+                print(f"  skip {label} {key}: not quantized (yet)", flush=True)
                 continue
             print(f"  eval {label} {key}", flush=True)
             model = reader(work / f"{method}-{tool}")
-            save(key, {**evaluate(model, reference, data, skip_em, args.em_batch_size), "quant": quant_info[key]})
+            save(key, {**evaluate(model, reference, data, skip_em, args.em_batch_size),
+                       "quant": json.loads(quant_json.read_text())})
             del model
     return json.loads(results_path.read_text())
 
@@ -322,6 +330,12 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
     for label, results in all_results.items():
         for method, ref_name in (("gptq", "GPTQModel GPTQ"), ("awq", "GPTQModel AWQ")):
             ours, ref, rtn = (results.get(f"{method}/{t}") for t in ("qtune", "gptqmodel", "rtn"))
+            if ours and rtn and not ref:
+                verdict(ours["ppl"] < rtn["ppl"] and ours["kl"] < rtn["kl"],
+                        f"{label} {method.upper()} qtune below RTN: ppl {ours['ppl']:.4f} vs {rtn['ppl']:.4f}, "
+                        f"KL {ours['kl']:.4f} vs {rtn['kl']:.4f}")
+                verdicts.append(f"- **not measured**: {label} {method.upper()} qtune vs {ref_name} (ppl and speed): "
+                                f"{ref_name} produced no checkpoint in this run")
             if not (ours and ref and rtn):
                 continue
             for col, col_name in (("ppl", "ppl (all tokens)"), ("answer_ppl", "ppl (answers)")):
@@ -381,7 +395,10 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
         "",
         f"- Calibration (identical tensor for every tool): {args.samples} × {args.seq_len} tokens of "
         "recipes/data/quickstart_train.jsonl rendered through the chat template exactly as qtune training renders it "
-        f"(qtune.data.Formatter), records shuffled with seed {args.seed} and concatenated, no padding.",
+        f"(qtune.data.Formatter), records shuffled with seed {args.seed} and concatenated, no padding."
+        + (f" AWQ (both tools) calibrates on the first {args.awq_samples} rows of that same tensor "
+           f"({args.awq_samples} × {args.seq_len} tokens), to fit the time budget: GPTQModel's AWQ on this CPU took about "
+           "1.5 min per layer with 64 rows." if args.awq_samples else ""),
         "- Evaluation text (disjoint from calibration): recipes/data/quickstart_validation.jsonl rendered the same way "
         "(qtune.data.prepare_data). *ppl (all tokens)*: every token of the rendered conversations; *ppl (answers)*: "
         "the trainable answer tokens only, as `qtune eval` reports; *KL*: mean per-token KL(fp32 ‖ quantized) in nats "
@@ -471,10 +488,13 @@ def main() -> None:
             raise SystemExit("--merged PATH is required for the merged model")
         methods = (args.base_methods if label == "base" and args.base_methods else args.methods).split(",")
         all_results[label] = bench_model(label, Path(paths[label]), methods, qtune_first=label == "base", args=args)
+        if args.no_eval:
+            continue
         text = report(all_results, args, command, started)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-    print(text)
+    if not args.no_eval:
+        print(text)
 
 
 if __name__ == "__main__":

@@ -194,7 +194,9 @@ def test_ddp_with_two_cpu_processes(tiny_base: Path, tmp_path: Path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_base, tmp_path / "run", training={"max_steps": 3, "save_steps": 2}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        # accelerate's --cpu flag selects its single-process launcher; --multi_gpu is its torch.distributed
+        # launcher, which runs gloo DDP on a machine without GPUs.
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qtune", "train", str(recipe)],
         capture_output=True, text=True, env=env, timeout=900,
     )

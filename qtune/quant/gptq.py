@@ -79,7 +79,9 @@ def _inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, float
     while current <= MAX_DAMP:
         lower, info = torch.linalg.cholesky_ex(hessian + current * mean_diag * eye)
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
+            # cholesky_solve against I gives the same inverse; cholesky_inverse is many times slower on
+            # multi-threaded CPU builds (measured: 6.7-12.8 s vs 0.5 s at 2 threads, Hessian 1536x1536).
+            inverse = torch.cholesky_solve(eye, lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper, current, retries
