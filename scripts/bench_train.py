@@ -154,6 +154,9 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"\nmodel {args.model}, seq {seq_len}, batch {batch}, {args.steps} timed steps x {args.rounds} rounds, {device}\n")
+    for variant, runs in results.items():
+        print(f"{variant} runs: " + ", ".join(f"{r['tokens_per_second']:.1f} tok/s {r['peak_memory_gb']:.2f} GB" for r in runs))
+    print()
     print("| variant | tokens/s (median) | peak memory GB (max) |")
     print("|---|---|---|")
     summary = {}
