@@ -36,6 +36,8 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     On any error the staging directory is removed and ``final`` is untouched.
     """
     final = Path(final)
+    if final.exists() and not overwrite:  # fail before the caller's expensive work, not after it
+        raise FileExistsError(f"{final} already exists")
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

@@ -19,13 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from qtune.formats.gptq import (
-    atomic_output_dir,
     collect_tensors,
     load_dequantized_state,
     read_quantization_config,
     read_tensors,
     write_model_files,
 )
+from qtune.paths import atomic_dir
 from qtune.quant.awq import check_awq_group_size
 from qtune.quant.rtn import QuantizedWeight
 
@@ -118,7 +118,7 @@ def write_awq_checkpoint(
     group_size = group_sizes.pop()
     tensors = collect_tensors(model, quantized_layers, lambda name, q: pack_awq_layer(q, name), dtype)
     config = awq_quantization_config(group_size, modules_to_not_convert)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         write_model_files(tmp, model, tensors, config, tokenizer)
     return Path(out_dir)
 

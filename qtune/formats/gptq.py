@@ -18,8 +18,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -190,16 +189,6 @@ def collect_tensors(
     return out
 
 
-@contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging directory beside ``out_dir`` that is renamed to it only if the block succeeds."""
-    final = Path(out_dir)
-    if final.exists() and not overwrite:  # fail before the expensive part, not after it
-        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it")
-    with atomic_dir(final, overwrite=overwrite) as staging:
-        yield staging
-
-
 def write_model_files(
     tmp: Path, model: nn.Module, tensors: dict[str, Tensor], quantization_config: dict[str, Any], tokenizer: Any
 ) -> None:
@@ -262,7 +251,7 @@ def write_gptq_checkpoint(
         model, quantized_layers, lambda name, q: pack_gptq_layer(q, checkpoint_format, name), dtype
     )
     config = gptq_quantization_config(bits, group_size, sym, desc_act, checkpoint_format, damp_percent, true_sequential)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         write_model_files(tmp, model, tensors, config, tokenizer)
         (tmp / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
