@@ -62,6 +62,7 @@ def exact_match(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int, 
     ref_lengths = [len(tokenizer(p["reference"], add_special_tokens=False)["input_ids"]) for p in prompts]
     budget = min(max_new_tokens, max(ref_lengths, default=1) + 4)
     stops = stop_token_ids(model, tokenizer)
+    not_text = torch.tensor(stops + [tokenizer.pad_token_id])
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     correct, generated_tokens, samples = 0, 0, []
@@ -75,7 +76,7 @@ def exact_match(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int, 
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
             new = out[:, enc["input_ids"].shape[1]:]
             for i, (p, tokens) in enumerate(zip(chunk, new)):
-                keep = tokens[~torch.isin(tokens, torch.tensor(stops + [tokenizer.pad_token_id], device=tokens.device))]
+                keep = tokens[~torch.isin(tokens, not_text.to(tokens.device))]
                 generated_tokens += int(keep.numel())
                 answer = tokenizer.decode(keep, skip_special_tokens=True).strip()
                 hit = answer == p["reference"].strip()
