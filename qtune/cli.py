@@ -34,11 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("merge", help="merge the trained adapter into a standard HF checkpoint")
     p.add_argument("run_dir", help="a run directory written by qtune train")
 
-    p = commands.add_parser("eval", help="score the base, adapter or merged model on the held-out data")
+    p = commands.add_parser("eval", help="score the run's artifacts (base, adapter, merged, exports) on the held-out data")
     p.add_argument("run_dir", help="a run directory written by qtune train")
     p.add_argument("--artifact", action="append",
-                   help="what to score: base, adapter, merged, or an export directory name under RUN_DIR/exports "
-                        "(repeatable; default: everything the run has)")
+                   help="what to score: base, adapter, merged, or the name of a GGUF file or GPTQ/AWQ directory under "
+                        "RUN_DIR/exports (repeatable; default: everything the run has)")
+
+    p = commands.add_parser("report", help="write report.md and report.html from the run's evaluations, and log them to W&B")
+    p.add_argument("run_dir", help="a run directory written by qtune train")
+    p.add_argument("--no-tracking", action="store_true", help="write the files only; log nothing to W&B")
 
     p = commands.add_parser("export", help="re-quantize a run's merged model (or any HF checkpoint) to GGUF, GPTQ or AWQ")
     p.add_argument("source", help="a run directory (its merged model is used) or an HF checkpoint directory")
@@ -49,13 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 for one group per row (default 128)")
     p.add_argument("--asym", action="store_true", help="GPTQ: asymmetric grid (written as checkpoint_format gptq_v2)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size (desc_act)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, as a fraction of the mean Hessian diagonal (default 0.01)")
+    p.add_argument("--awq-rounding", choices=["rtn", "gptq"], default="rtn",
+                   help="AWQ: round the scaled weights to nearest (the published method, default) or with GPTQ's error compensation")
+    p.add_argument("--no-group-aware", action="store_true",
+                   help="GPTQ: solve groups in natural order (default: most salient group first, same checkpoint layout)")
     p.add_argument("--calibration", help="calibration text (.txt), jsonl file, saved dataset or datasets id; default: the run's training data")
     p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--no-imatrix", action="store_true", help="GGUF: quantize without an importance matrix (then byte-identical to llama.cpp)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
-    p = commands.add_parser("run", help="train, evaluate, merge and evaluate again, in one command")
+    p = commands.add_parser("run", help="train, merge, export, evaluate every artifact and report, in one command "
+                                        "(exit 1 when an artifact fails its gates)")
     _recipe_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace whatever the output directory holds")
     return parser
@@ -94,12 +104,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qtune import pipeline
-    from qtune.recipe import dump_recipe, load_recipe
+    from qtune.recipe import base_model_type, dump_recipe, load_recipe
 
     if args.command == "validate":
         loaded = load_recipe(args.recipe, args.overrides)
         if args.print_resolved:
             print(dump_recipe(loaded.recipe), end="")
+        if loaded.recipe.export and base_model_type(loaded.recipe.model, loaded.base_dir) is None:
+            print(f"qtune: note: {loaded.recipe.model.base}'s architecture is not known before its download; "
+                  "train checks that it can be exported before training starts")
         print(f"qtune: {args.recipe} is valid")
         return 0
     if args.command == "train":
@@ -113,8 +126,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"qtune: merged model saved in {result}")
         return 0
     if args.command == "eval":
-        pipeline.evaluate_run(Path(args.run_dir), args.artifact)
+        results = pipeline.evaluate_run(Path(args.run_dir), args.artifact)
+        failed = [name for name, r in results.items() if r["status"] != "ok"]
+        if failed:
+            print(f"qtune: error: could not evaluate {', '.join(failed)} (reasons in {Path(args.run_dir) / 'eval'})", file=sys.stderr)
+            return 1
         return 0
+    if args.command == "report":
+        from qtune.report import write_report
+
+        report = write_report(Path(args.run_dir), track=not args.no_tracking)
+        print(report.summary())
+        return 0 if report.passed else 1
     if args.command == "export":
         from pydantic import ValidationError
 
@@ -124,7 +147,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         try:
             target = ExportTarget(
                 format=args.format, quant=args.quant, bits=args.bits, group_size=args.group_size, sym=not args.asym,
-                act_order=args.act_order, calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
+                act_order=args.act_order, group_aware=not args.no_group_aware, damp=args.damp,
+                rounding=args.awq_rounding, calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
                 imatrix=not args.no_imatrix,
             )
         except ValidationError as exc:

@@ -1,4 +1,4 @@
-"""Scoring a model on the held-out data: exact match (with a per-slice breakdown), perplexity, and
+"""Scoring a model on the held-out data: the task metric (with a per-slice breakdown), perplexity, and
 per-token KL divergence and top-1 agreement against a reference model."""
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from qtune.data import IGNORE_INDEX, Collator
+from qtune.scorers import Scorer
+from qtune.scorers import exact_match as exact_match_scorer
 
 
 @dataclass
-class ExactMatch:
+class TaskResult:
     accuracy: float
     correct: int
     total: int
@@ -30,7 +32,7 @@ class ExactMatch:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return getattr(model, "device", None) or next(model.parameters()).device
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -51,11 +53,14 @@ def _length_bucket(n_tokens: int) -> str:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int, batch_size: int = 16) -> ExactMatch:
-    """Greedy generation for each prompt, compared with the reference after trimming whitespace.
+def task_accuracy(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int, batch_size: int = 16,
+                  scorer: Scorer = exact_match_scorer) -> TaskResult:
+    """Greedy generation for each prompt, judged against its reference by ``scorer`` (default: equal
+    after trimming whitespace).
 
     The generation budget is the longest reference plus a margin (capped by ``max_new_tokens``): an
-    answer that runs past it cannot equal any reference, so the result is the same as with a larger budget.
+    answer that runs past it cannot equal any reference, so for exact match the result is the same as
+    with a larger budget.
     """
     model.eval()
     device = _device(model)
@@ -79,7 +84,7 @@ def exact_match(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int, 
                 keep = tokens[~torch.isin(tokens, not_text.to(tokens.device))]
                 generated_tokens += int(keep.numel())
                 answer = tokenizer.decode(keep, skip_special_tokens=True).strip()
-                hit = answer == p["reference"].strip()
+                hit = bool(scorer(answer, p["reference"]))
                 correct += hit
                 for table, key in ((by_cat, p.get("category") or "all"), (by_len, _length_bucket(ref_lengths[start + i]))):
                     table[key][0] += hit
@@ -90,7 +95,7 @@ def exact_match(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int, 
         tokenizer.padding_side = side
     elapsed = time.perf_counter() - started
     total = len(prompts)
-    return ExactMatch(
+    return TaskResult(
         accuracy=correct / total if total else float("nan"),
         correct=correct,
         total=total,
@@ -114,16 +119,21 @@ def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
 
 
+def _label_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL over the label tokens, and their count."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll.item(), int((labels != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def perplexity(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> float:
     """exp(mean NLL) over the trainable (label) tokens of the rows."""
     model.eval()
     nll, count = 0.0, 0
     for batch in batches(rows, pad_token_id, batch_size):
-        logits = _logits(model, batch)[:, :-1]
-        labels = batch["labels"][:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((labels != IGNORE_INDEX).sum())
+        batch_nll, batch_count = _label_nll(_logits(model, batch), batch["labels"])
+        nll, count = nll + batch_nll, count + batch_count
     return math.exp(nll / count) if count else float("nan")
 
 
@@ -132,18 +142,24 @@ class Divergence:
     mean_kl: float
     top1_agreement: float
     tokens: int
+    perplexity: float = float("nan")  # the candidate's, over the label tokens: one forward pass serves both
 
 
 @torch.no_grad()
 def divergence(reference, candidate, rows: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> Divergence:
-    """Mean per-token KL(reference || candidate) in nats and top-1 agreement, over every real token."""
+    """Mean per-token KL(reference || candidate) in nats and top-1 agreement, over every real token,
+    and the candidate's perplexity on the label tokens."""
     reference.eval(), candidate.eval()
-    kl_sum, agree, count = 0.0, 0, 0
+    kl_sum, agree, count, nll, labelled = 0.0, 0, 0, 0.0, 0
     for batch in batches(rows, pad_token_id, batch_size):
         mask = batch["attention_mask"].bool()
+        candidate_logits = _logits(candidate, batch)
+        batch_nll, batch_labelled = _label_nll(candidate_logits, batch["labels"])
+        nll, labelled = nll + batch_nll, labelled + batch_labelled
         ref = F.log_softmax(_logits(reference, batch), dim=-1)[mask]
-        cand = F.log_softmax(_logits(candidate, batch), dim=-1)[mask]
+        cand = F.log_softmax(candidate_logits, dim=-1)[mask]
         kl_sum += F.kl_div(cand, ref, log_target=True, reduction="sum").item()
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
         count += int(mask.sum())
-    return Divergence(mean_kl=kl_sum / count, top1_agreement=agree / count, tokens=count)
+    return Divergence(mean_kl=kl_sum / count, top1_agreement=agree / count, tokens=count,
+                      perplexity=math.exp(nll / labelled) if labelled else float("nan"))

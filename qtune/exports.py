@@ -140,12 +140,14 @@ def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, outp
     if target.format == "gptq":
         result = layerwise.quantize_model_gptq(
             model, calibration.input_ids, calibration.attention_mask, bits=target.bits, group_size=target.group_size,
-            sym=target.sym, act_order=target.act_order, damp=target.damp, progress=progress,
+            sym=target.sym, act_order=target.act_order, damp=target.damp, group_aware=target.group_aware,
+            progress=progress,
         )
         write_gptq_checkpoint(model, result.quantized_layers, output, tokenizer, damp_percent=target.damp, dtype=saved_dtype, overwrite=overwrite)
     else:
         result = layerwise.quantize_model_awq(
-            model, calibration.input_ids, calibration.attention_mask, bits=target.bits, group_size=target.group_size, progress=progress,
+            model, calibration.input_ids, calibration.attention_mask, bits=target.bits, group_size=target.group_size,
+            rounding=target.rounding, damp=target.damp, progress=progress,
         )
         write_awq_checkpoint(model, result.quantized_layers, output, tokenizer, dtype=saved_dtype, overwrite=overwrite)
     return {"layers": len(result.quantized_layers), "calibration": calibration.description, "calibration_tokens": calibration.tokens, "stats": _jsonable(result.stats)}

@@ -236,6 +236,7 @@ def quantize_model_gptq(
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    group_aware: bool = True,
     true_sequential: bool = True,
     batch_size: int = 8,
     device: torch.device | str | None = None,
@@ -244,14 +245,14 @@ def quantize_model_gptq(
     """GPTQ every q/k/v/o/gate/up/down linear of every decoder layer, in place."""
     with _eval_mode(model):
         return _quantize_model_gptq(
-            model, input_ids, attention_mask, bits, group_size, sym, act_order, damp, block_size,
+            model, input_ids, attention_mask, bits, group_size, sym, act_order, damp, block_size, group_aware,
             true_sequential, batch_size, device, progress,
         )
 
 
 def _quantize_model_gptq(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, bits: int, group_size: int, sym: bool,
-    act_order: bool, damp: float, block_size: int, true_sequential: bool, batch_size: int,
+    act_order: bool, damp: float, block_size: int, group_aware: bool, true_sequential: bool, batch_size: int,
     device: torch.device | str | None, progress: Callable[[str], None] | None,
 ) -> LayerwiseResult:
     check_bits(bits)
@@ -285,7 +286,7 @@ def _quantize_model_gptq(
                     try:
                         quantized = gptq_quantize(
                             linear.weight.data, accumulators[name].hessian, bits, group_size, sym, act_order,
-                            damp, block_size,
+                            damp, block_size, group_aware,
                         )
                     except ValueError as exc:
                         raise ValueError(f"{full_name}: {exc}") from exc
@@ -354,21 +355,30 @@ def quantize_model_awq(
     n_grid: int = 20,
     duo_scaling: bool = True,
     apply_clip: bool = True,
+    rounding: str = "rtn",
+    damp: float = 0.01,
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> LayerwiseResult:
-    """AWQ every decoder layer in place: fold scales, clip, then round to the asymmetric AWQ grid."""
+    """AWQ every decoder layer in place: fold scales, clip, then round to the asymmetric grid.
+
+    ``rounding="rtn"`` is the published method (round to nearest). ``"gptq"`` rounds the scaled, clipped
+    weights with GPTQ's error compensation instead (Hessian from the same scaled calibration inputs,
+    group-aware order, asymmetric grid); the checkpoint layout is the same.
+    """
+    if rounding not in ("rtn", "gptq"):
+        raise ValueError(f"rounding must be 'rtn' or 'gptq', got {rounding!r}")
     with _eval_mode(model):
         return _quantize_model_awq(
-            model, input_ids, attention_mask, bits, group_size, n_grid, duo_scaling, apply_clip, batch_size, device,
-            progress,
+            model, input_ids, attention_mask, bits, group_size, n_grid, duo_scaling, apply_clip, rounding, damp,
+            batch_size, device, progress,
         )
 
 
 def _quantize_model_awq(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, bits: int, group_size: int, n_grid: int,
-    duo_scaling: bool, apply_clip: bool, batch_size: int, device: torch.device | str | None,
+    duo_scaling: bool, apply_clip: bool, rounding: str, damp: float, batch_size: int, device: torch.device | str | None,
     progress: Callable[[str], None] | None,
 ) -> LayerwiseResult:
     check_bits(bits)  # any width for the math; the AWQ GEMM writer takes 4-bit only
@@ -452,11 +462,16 @@ def _quantize_model_awq(
                 full_name = f"model.layers.{index}.{name}"
                 linear = layer.get_submodule(name)
                 weight = linear.weight.data.float()
+                key = input_of[name]
+                x = _real_tokens(features[key], chunk_masks[key])
                 if apply_clip and name not in ("self_attn.q_proj", "self_attn.k_proj"):
-                    key = input_of[name]
-                    x = _real_tokens(features[key], chunk_masks[key])
                     weight = awq_math.apply_clip(weight, awq_math.search_clip(weight, x, bits, group_size))
-                quantized = rtn_quantize(weight, bits, group_size, sym=False, convention="awq")
+                if rounding == "gptq":
+                    hessian = HessianAccumulator(weight.shape[1], weight.device)
+                    hessian.add_batch(x)
+                    quantized = gptq_quantize(weight, hessian.hessian, bits, group_size, sym=False, damp=damp, group_aware=True)
+                else:
+                    quantized = rtn_quantize(weight, bits, group_size, sym=False, convention="awq")
                 _set_weight(linear, quantized.dequantize())
                 result.quantized_layers[full_name] = quantized.to("cpu")
                 result.stats.setdefault(full_name, {})["clipped"] = apply_clip and name not in (

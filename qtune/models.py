@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -246,3 +247,15 @@ def for_inference(model):
     if next(model.parameters()).device.type == "cpu":
         dequantize_for_inference(model)
     return model
+
+
+def parameter_count(checkpoint: Path) -> int:
+    """Parameters stored in a checkpoint's safetensors files, read from their headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total

@@ -1,4 +1,4 @@
-"""The stages of a run (train, merge, eval) and the one command that chains them.
+"""The stages of a run (train, merge, eval, export, report) and the one command that chains them.
 
 Each stage writes its output atomically and is skipped when that output already exists, so an
 interrupted ``qtune run`` picks up where it stopped.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,9 +17,11 @@ import torch
 from qtune import data as qdata
 from qtune import merge, models, rundir
 from qtune.errors import QtuneError
-from qtune.evaluate import divergence, exact_match, perplexity
+from qtune.evaluate import divergence, perplexity, task_accuracy
+from qtune.gguf_model import gguf_tensor_bytes, load_gguf_model
 from qtune.paths import atomic_dir, write_text_atomic
 from qtune.recipe import LoadedRecipe
+from qtune.scorers import resolve_scorer
 from qtune.w4a16_models import is_w4a16_checkpoint, load_w4a16_model
 
 log = logging.getLogger(__name__)
@@ -96,17 +100,45 @@ def _linear4bit():
     return Linear4bit
 
 
-def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Path):
+@dataclass
+class Artifact:
+    """An artifact ready to score: the model, what it takes on disk (or in memory, for NF4), what runs it."""
+
+    model: object
+    size_bytes: int
+    runtime: str
+    weight_bytes: int | None = None  # the tensors alone, when the file also holds a sizeable tokenizer (GGUF)
+
+
+def _files_size(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file())
+
+
+def _nf4_bytes(model) -> int:
+    return int(model.get_memory_footprint())
+
+
+def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Path, n_ctx: int = 2048) -> Artifact:
     recipe = loaded.recipe
     if name == "base":
-        return models.for_inference(models.load_base(checkpoint, recipe.model, recipe.quantization))
+        model = models.load_base(checkpoint, recipe.model, recipe.quantization)
+        size = _nf4_bytes(model)
+        return Artifact(models.for_inference(model), size, "transformers + bitsandbytes")
     if name == "adapter":
-        return models.for_inference(models.load_adapter_model(checkpoint, run_dir / rundir.ADAPTER_DIR, recipe.model, recipe.quantization))
+        adapter_dir = run_dir / rundir.ADAPTER_DIR
+        model = models.load_adapter_model(checkpoint, adapter_dir, recipe.model, recipe.quantization)
+        size = _nf4_bytes(model.get_base_model()) + _files_size(adapter_dir)
+        return Artifact(models.for_inference(model), size, "transformers + bitsandbytes + peft")
     if name == "merged":
-        return models.load_full_precision(run_dir / rundir.MERGED_DIR, recipe.model, torch.float32)
-    export_dir = run_dir / "exports" / name
-    if is_w4a16_checkpoint(export_dir):
-        return load_w4a16_model(export_dir)
+        merged = run_dir / rundir.MERGED_DIR
+        return Artifact(models.load_full_precision(merged, recipe.model, torch.float32), _files_size(merged), "transformers")
+    path = run_dir / "exports" / name
+    if path.suffix == ".gguf" and path.is_file():
+        model = load_gguf_model(path, n_ctx)
+        return Artifact(model, path.stat().st_size, model.runtime, gguf_tensor_bytes(path))
+    if is_w4a16_checkpoint(path):
+        runtime = "qtune W4A16 kernels" if torch.cuda.is_available() else "qtune dequantized (CPU)"
+        return Artifact(load_w4a16_model(path), _files_size(path), runtime)
     raise QtuneError(f"unknown artifact '{name}'; this run has: {', '.join(available_artifacts(run_dir))}")
 
 
@@ -118,12 +150,24 @@ def available_artifacts(run_dir: Path) -> list[str]:
         present.append("merged")
     exports = run_dir / "exports"
     if exports.is_dir():
-        present += sorted(p.name for p in exports.iterdir() if p.is_dir() and is_w4a16_checkpoint(p))
+        present += sorted(p.name for p in exports.iterdir()
+                          if (p.is_dir() and is_w4a16_checkpoint(p)) or (p.is_file() and p.suffix == ".gguf"))
     return present
 
 
+def _context_length(prepared: qdata.PreparedData, prompts: list[dict], tokenizer, max_new_tokens: int) -> int:
+    longest_row = max((len(r["input_ids"]) for r in prepared.validation), default=0)
+    longest_prompt = max((len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+    needed = max(longest_row, longest_prompt + max_new_tokens, 64)
+    return -(-needed // 256) * 256
+
+
 def evaluate_run(run_dir: Path, artifacts: list[str] | None = None) -> dict[str, dict]:
-    """Score artifacts of a run on its held-out data; results land in run_dir/eval/<artifact>.json."""
+    """Score artifacts of a run on its held-out data; results land in run_dir/eval/<artifact>.json.
+
+    An artifact that fails to load or to score gets a result with ``status: failed`` and the reason, and
+    the others are still scored.
+    """
     run_dir = run_dir.resolve()
     loaded, checkpoint, tokenizer, prepared = _context(run_dir)
     present = available_artifacts(run_dir)
@@ -134,67 +178,118 @@ def evaluate_run(run_dir: Path, artifacts: list[str] | None = None) -> dict[str,
     if not prepared.eval_prompts:
         raise QtuneError("evaluation needs held-out prompts with reference answers: give the recipe a validation split of alpaca, chat or prompt/completion data")
     cfg = loaded.recipe.evaluation
+    try:
+        scorer = resolve_scorer(cfg.scorer)
+    except ValueError as exc:
+        raise QtuneError(str(exc)) from None
     prompts = prepared.eval_prompts[: cfg.max_samples] if cfg.max_samples else prepared.eval_prompts
+    n_ctx = _context_length(prepared, prompts, tokenizer, cfg.max_new_tokens)
+    n_params = models.parameter_count(checkpoint)
     results = {}
     reference = None
     if "merged" in present and any(name != "merged" for name in wanted) and prepared.validation:
-        reference = load_artifact("merged", run_dir, loaded, checkpoint)
+        reference = load_artifact("merged", run_dir, loaded, checkpoint).model
     for name in wanted:
-        model = load_artifact(name, run_dir, loaded, checkpoint)
-        em = exact_match(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
-        versus_merged = divergence(reference, model, prepared.validation, tokenizer.pad_token_id) if reference is not None and name != "merged" else None
-        result = {
-            "artifact": name,
-            "exact_match": em.accuracy,
-            "correct": em.correct,
-            "total": em.total,
-            "perplexity": perplexity(model, prepared.validation, tokenizer.pad_token_id) if prepared.validation else None,
-            "kl_vs_merged": versus_merged.mean_kl if versus_merged else None,
-            "top1_vs_merged": versus_merged.top1_agreement if versus_merged else None,
-            "by_category": em.by_category,
-            "by_length": em.by_length,
-            "generation_tokens_per_second": em.tokens_per_second,
-            "samples": em.samples,
-        }
+        stage, started = "load", time.perf_counter()
+        try:
+            artifact = load_artifact(name, run_dir, loaded, checkpoint, n_ctx)
+            stage = "score"
+            result = _score(name, artifact, reference, tokenizer, prepared, prompts, cfg, scorer)
+        except Exception as exc:  # reported in the artifact's row; the other artifacts are still scored
+            log.error("%s failed to %s: %s", name, stage, exc)
+            log.debug("traceback", exc_info=True)
+            result = failed_result(name, stage, exc)
+        else:
+            result.update(size_bytes=artifact.size_bytes, bits_per_weight=round(8 * (artifact.weight_bytes or artifact.size_bytes) / n_params, 3),
+                          runtime=artifact.runtime, eval_seconds=round(time.perf_counter() - started, 1))
+            log.info("%-24s %s %5.1f%% (%d/%d), perplexity %s, KL vs merged %s (%.0f s)", name, cfg.scorer, 100 * result["task_metric"],
+                     result["correct"], result["total"], _fmt(result["perplexity"], ".3f"), _fmt(result["kl_vs_merged"], ".4f"), result["eval_seconds"])
+            del artifact
         write_text_atomic(run_dir / "eval" / f"{name}.json", json.dumps(result, indent=2))
-        log.info("%-8s exact match %5.1f%% (%d/%d), perplexity %s", name, 100 * em.accuracy, em.correct, em.total,
-                 f"{result['perplexity']:.3f}" if result["perplexity"] else "n/a")
         results[name] = result
-        del model
     return results
 
 
+def failed_result(name: str, stage: str, exc: BaseException) -> dict:
+    return {"artifact": name, "status": "failed", "stage": stage, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _score(name: str, artifact: Artifact, reference, tokenizer, prepared: qdata.PreparedData, prompts: list[dict], cfg, scorer) -> dict:
+    model = artifact.model
+    task = task_accuracy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, scorer)
+    versus_merged = divergence(reference, model, prepared.validation, tokenizer.pad_token_id) if reference is not None and name != "merged" else None
+    return {
+        "artifact": name,
+        "status": "ok",
+        "metric": cfg.scorer,
+        "task_metric": task.accuracy,
+        "correct": task.correct,
+        "total": task.total,
+        "perplexity": (versus_merged.perplexity if versus_merged else perplexity(model, prepared.validation, tokenizer.pad_token_id))
+        if prepared.validation else None,
+        "kl_vs_merged": versus_merged.mean_kl if versus_merged else None,
+        "top1_vs_merged": versus_merged.top1_agreement if versus_merged else None,
+        "by_category": task.by_category,
+        "by_length": task.by_length,
+        "generation_tokens_per_second": task.tokens_per_second,
+        "samples": task.samples,
+    }
+
+
+def _scored(run_dir: Path) -> set[str]:
+    """Artifacts with a successful evaluation on record (failed ones are tried again)."""
+    done = set()
+    for path in (run_dir / "eval").glob("*.json"):
+        try:
+            if json.loads(path.read_text()).get("status", "ok") == "ok":
+                done.add(path.name.removesuffix(".json"))
+        except (OSError, json.JSONDecodeError):
+            pass
+    return done
+
+
 def run(loaded: LoadedRecipe, overwrite: bool = False) -> int:
-    """train → eval (base, adapter) → merge → eval (merged); each stage skipped when its output exists."""
+    """train → merge → eval (base, adapter, merged) → exports → eval (exports) → report.
+
+    Each stage is skipped when its output is already complete, so an interrupted run picks up where it
+    stopped. Returns 0 when every artifact passes the recipe's gates, 1 otherwise.
+    """
+    from qtune.exports import export
+    from qtune.report import write_report
     from qtune.train import train
 
     run_dir = loaded.output_dir
     resume = not overwrite and rundir.read_run_file(run_dir) is not None
     train(loaded, resume=resume, overwrite=overwrite)
-    done = {p.stem for p in (run_dir / "eval").glob("*.json")}
-    pending = [a for a in ("base", "adapter") if a not in done]
-    if pending:
-        evaluate_run(run_dir, pending)
     if not (run_dir / rundir.MERGED_DIR).is_dir():
         merge_run(run_dir)
-    if "merged" not in done:
-        evaluate_run(run_dir, ["merged"])
-    from qtune.exports import export
-
+    pending = [a for a in ARTIFACTS if a not in _scored(run_dir)]
+    if pending:
+        evaluate_run(run_dir, pending)
+    export_names = []
     for target in loaded.recipe.export:
-        output = run_dir / "exports" / target.default_name()
-        if not output.exists():
+        name = target.default_name()
+        export_names.append(name)
+        output = run_dir / "exports" / name
+        if output.exists():
+            continue
+        try:
             export(run_dir, target, output)
-    summary = {a: json.loads((run_dir / "eval" / f"{a}.json").read_text()) for a in ARTIFACTS}
-    print(format_summary(summary, json.loads((run_dir / "merge_report.json").read_text())))
+        except Exception as exc:  # the report shows the failed export; the other exports still run
+            log.error("export %s failed: %s", name, exc)
+            log.debug("traceback", exc_info=True)
+            write_text_atomic(run_dir / "eval" / f"{name}.json", json.dumps(failed_result(name, "export", exc), indent=2))
+    pending = [n for n in export_names if n not in _scored(run_dir) and (run_dir / "exports" / n).exists()]
+    if pending:
+        evaluate_run(run_dir, pending)
+    report = write_report(run_dir)
+    print(report.summary())
+    failing = [row.artifact for row in report.rows if row.passed is False]
+    if failing:
+        log.error("%d artifact(s) failed their gates: %s (see %s)", len(failing), ", ".join(failing), run_dir / "report.md")
+        return 1
     return 0
-
-
-def format_summary(results: dict[str, dict], merge_report: dict) -> str:
-    lines = ["", "| artifact | exact match | perplexity |", "|---|---|---|"]
-    for name, r in results.items():
-        ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") else "n/a"
-        lines.append(f"| {name} | {100 * r['exact_match']:.1f}% ({r['correct']}/{r['total']}) | {ppl} |")
-    kl = ", ".join(f"{k} {v:.2e}" for k, v in merge_report["kl"].items())
-    lines.append(f"\nmerge base: {merge_report['chosen']} ({merge_report['dtype']}); KL to the adapter model, nats/token: {kl}")
-    return "\n".join(lines)

@@ -165,6 +165,7 @@ class TrackingSection(Section):
     run_name: str | None = None
     tags: list[str] = Field(default_factory=list)
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    upload_artifacts: bool = False
 
 
 class OutputSection(Section):
@@ -190,6 +191,8 @@ class ExportTarget(Section):
     group_size: int = 128
     sym: bool = True
     act_order: bool = False
+    group_aware: bool = True
+    rounding: Literal["rtn", "gptq"] = "rtn"
     damp: float = Field(0.01, gt=0, lt=1)
     calibration: str | None = None
     samples: int = Field(128, ge=1)
@@ -219,19 +222,40 @@ class ExportTarget(Section):
                 found.append(("group_size", "AWQ's GEMM layout needs a group size (32, 64 or 128)"))
             if self.act_order:
                 found.append(("act_order", "act-order is a GPTQ option; AWQ has no g_idx"))
+        elif self.rounding != "rtn":
+            found.append(("rounding", "rounding applies to AWQ exports (how the scaled weights are rounded)"))
         return found
 
     def default_name(self) -> str:
         if self.format == "gguf":
             return f"model-{self.quant}.gguf"
         group = "channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.format}-{self.bits}bit-{group}{'-asym' if not self.sym and self.format == 'gptq' else ''}"
+        suffix = "-asym" if not self.sym and self.format == "gptq" else "-gptq" if self.format == "awq" and self.rounding == "gptq" else ""
+        return f"{self.format}-{self.bits}bit-{group}{suffix}"
+
+
+class GateSection(Section):
+    """What every artifact but the base must keep, against the merged model; ``null`` switches a gate off."""
+
+    max_kl_vs_merged: float | None = Field(0.05, ge=0)
+    min_task_ratio: float | None = Field(0.95, ge=0, le=1)
+    max_task_drop_points: float | None = Field(None, ge=0, le=100)
 
 
 class EvaluationSection(Section):
     max_new_tokens: int = Field(64, ge=1)
     max_samples: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
+    scorer: str = Field("exact_match", min_length=1)
+    gates: GateSection = Field(default_factory=GateSection)
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, value: str) -> str:
+        from qtune.scorers import check_scorer_name
+
+        check_scorer_name(value)
+        return value
 
 
 class Recipe(Section):
@@ -414,9 +438,9 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
     for i, target in enumerate(recipe.export):
         problems.extend(RecipeProblem(("export", i, key), message) for key, message in target.problems())
     if recipe.export:
-        model_type = base_model_type(recipe.model, base_dir)
-        if model_type is not None and model_type not in EXPORT_ARCHITECTURES:
-            problems.append(RecipeProblem(("export",), f"the base model's architecture '{model_type}' cannot be exported; supported: {', '.join(EXPORT_ARCHITECTURES)}"))
+        message = unsupported_export_message(base_model_type(recipe.model, base_dir))
+        if message:
+            problems.append(RecipeProblem(("export",), message))
 
     for split in ("train", "validation"):
         for i, source in enumerate(getattr(data, split)):
@@ -434,6 +458,13 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
                     problems.append(RecipeProblem(where + ("path",), f"unsupported file type {resolved.suffix!r}; use one of {', '.join(DATA_FILE_SUFFIXES)}"))
 
     return problems
+
+
+def unsupported_export_message(model_type: str | None) -> str | None:
+    """Why a base of this architecture cannot be exported; None when it can (or is not known yet)."""
+    if model_type is None or model_type in EXPORT_ARCHITECTURES:
+        return None
+    return f"the base model's architecture '{model_type}' cannot be exported; supported: {', '.join(EXPORT_ARCHITECTURES)}"
 
 
 def base_model_type(model: ModelSection, base_dir: Path) -> str | None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import time
 import uuid
 from pathlib import Path
 
+from qtune import rundir
 from qtune.recipe import Recipe, TrackingSection
 from qtune.secrets import redact_data
 
@@ -75,3 +78,59 @@ def _redacted_config(recipe: Recipe) -> dict:
 def finish_run(run) -> None:
     if run is not None:
         run.finish()
+
+
+def log_report(report) -> None:
+    """The report's table as a W&B Table, its plots as images, its numbers in the run summary, and every
+    deliverable as a W&B Artifact (a reference to the local files unless ``tracking.upload_artifacts``)."""
+    loaded = rundir.load_run_recipe(report.run_dir)
+    run = start_run(loaded.recipe, report.run_dir, job_type="report")
+    if run is None:
+        return
+    import wandb
+
+    try:
+        columns, body = report.table()
+        history = json.loads((report.run_dir / "train_log.json").read_text()) if (report.run_dir / "train_log.json").is_file() else []
+        step = max((h.get("step", 0) for h in history), default=0) + 1
+        images = {f"report/{name.removesuffix('.png')}": wandb.Image(str(report.run_dir / "report" / name)) for name in _plots()}
+        run.log({"report/artifacts": wandb.Table(columns=columns, data=body), **images}, step=step)
+        for row in report.rows:
+            prefix = f"report/{row.artifact}"
+            run.summary[f"{prefix}/gate"] = row.verdict
+            for key in ("task_metric", "perplexity", "kl_vs_merged", "top1_vs_merged", "size_bytes", "bits_per_weight",
+                        "generation_tokens_per_second"):
+                if row.get(key) is not None:
+                    run.summary[f"{prefix}/{key}"] = row.get(key)
+        run.summary["report/passed"] = report.passed
+        upload = loaded.recipe.tracking.upload_artifacts
+        for row in report.rows:
+            path = _artifact_path(report.run_dir, row.artifact)
+            if path is None or not row.ok:
+                continue
+            artifact = wandb.Artifact(_artifact_name(run.name or report.run_dir.name, row.artifact), type="model",
+                                      metadata={k: row.get(k) for k in ("task_metric", "perplexity", "kl_vs_merged", "size_bytes", "runtime")})
+            if upload:
+                artifact.add_dir(str(path)) if path.is_dir() else artifact.add_file(str(path))
+            else:
+                artifact.add_reference(path.resolve().as_uri(), checksum=True)
+            run.log_artifact(artifact, aliases=["latest", row.verdict.lower()])
+    finally:
+        finish_run(run)
+
+
+def _plots() -> tuple[str, ...]:
+    from qtune.report import PLOTS
+
+    return PLOTS
+
+
+def _artifact_path(run_dir: Path, name: str) -> Path | None:
+    if name == "base":
+        return None
+    path = run_dir / (rundir.ADAPTER_DIR if name == "adapter" else rundir.MERGED_DIR if name == "merged" else f"exports/{name}")
+    return path if path.exists() else None
+
+
+def _artifact_name(run_name: str, artifact: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{run_name}-{artifact}")

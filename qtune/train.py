@@ -18,7 +18,7 @@ from qtune import data as qdata
 from qtune import models, rundir, tracking
 from qtune.errors import NonFiniteLossError, QtuneError
 from qtune.paths import atomic_dir, fsync_tree, write_text_atomic
-from qtune.recipe import LoadedRecipe, Recipe, TrainingSection
+from qtune.recipe import LoadedRecipe, Recipe, TrainingSection, unsupported_export_message
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,10 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -
 
     set_seed(recipe.training.seed)
     checkpoint = models.resolve_base(recipe.model)
+    if recipe.export:  # validation could not read a hub base's config before its download; check before training
+        problem = unsupported_export_message(json.loads((checkpoint / "config.json").read_text()).get("model_type"))
+        if problem:
+            raise QtuneError(f"export: {problem}")
     tokenizer = models.load_tokenizer(checkpoint, recipe.model.trust_remote_code)
     prepared = qdata.prepare_data(recipe.data, tokenizer, loaded.base_dir, recipe.training.seed)
     if state.is_main_process:

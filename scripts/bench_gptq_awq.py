@@ -89,7 +89,7 @@ def qtune_worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if args.worker == "gptq":
         result = quantize_model_gptq(model, ids, mask, bits=4, group_size=GPTQ_GROUP, sym=True, act_order=False,
-                                     damp=args.damp, batch_size=args.batch_size)
+                                     damp=args.damp, batch_size=args.batch_size, group_aware=bool(args.group_aware))
     else:
         result = quantize_model_awq(model, ids, mask, bits=4, group_size=AWQ_GROUP, batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
@@ -100,6 +100,7 @@ def qtune_worker(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps({
         "seconds": seconds, "total_seconds": time.perf_counter() - t_start, "tool": "qtune",
         "damp_percent": args.damp if args.worker == "gptq" else None, "batch_size": args.batch_size,
+        "group_aware": bool(args.group_aware) if args.worker == "gptq" else None,
         "dtype": "torch.float32", "threads": torch.get_num_threads(),
     }))
 
@@ -150,7 +151,8 @@ def run_quantizer(tool: str, method: str, model_path: Path, calib: Path, dst: Pa
     if tool == "qtune":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", str(model_path),
                "--calib", str(calib), "--dst", str(dst), "--result", str(result), "--threads", str(args.threads),
-               "--damp", str(args.qtune_damp), "--batch-size", str(args.qtune_batch_size)]
+               "--damp", str(args.qtune_damp), "--batch-size", str(args.qtune_batch_size),
+               "--group-aware", str(int(not args.qtune_no_group_aware))]
     else:
         script = Path(args.work) / "oracle_quant.py"
         if not (script.exists() and script.read_text() == ORACLE_WORKER):
@@ -210,7 +212,7 @@ def write_rtn(method: str, model_path: Path, dst: Path) -> dict:
 
 
 def evaluate(model, reference, data: dict, skip_em: bool, em_batch_size: int = 0) -> dict:
-    from qtune.evaluate import divergence, exact_match, perplexity
+    from qtune.evaluate import divergence, perplexity, task_accuracy
 
     pad = data["tokenizer"].pad_token_id
     out = {
@@ -222,7 +224,7 @@ def evaluate(model, reference, data: dict, skip_em: bool, em_batch_size: int = 0
         out.update(kl=d.mean_kl, top1=d.top1_agreement, kl_tokens=d.tokens)
     if not skip_em:
         cfg = data["eval_cfg"]
-        em = exact_match(model, data["tokenizer"], data["prompts"], cfg.max_new_tokens, em_batch_size or cfg.batch_size)
+        em = task_accuracy(model, data["tokenizer"], data["prompts"], cfg.max_new_tokens, em_batch_size or cfg.batch_size)
         out.update(em=em.accuracy, em_correct=em.correct, em_total=em.total)
     return out
 
@@ -402,14 +404,15 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
         "- Evaluation text (disjoint from calibration): recipes/data/quickstart_validation.jsonl rendered the same way "
         "(qtune.data.prepare_data). *ppl (all tokens)*: every token of the rendered conversations; *ppl (answers)*: "
         "the trainable answer tokens only, as `qtune eval` reports; *KL*: mean per-token KL(fp32 ‖ quantized) in nats "
-        "over every real token (qtune.evaluate.divergence); *exact match*: qtune.evaluate.exact_match on the "
+        "over every real token (qtune.evaluate.divergence); *exact match*: qtune.evaluate.task_accuracy on the "
         "validation prompts, greedy, max_new_tokens from the recipe, as `qtune eval` does.",
         "- Every quantized checkpoint, GPTQModel's included, is evaluated through the same path: qtune's own readers "
         "(`load_dequantized_gptq_model` / `load_dequantized_awq_model`, which dequantize to fp32 and run a plain HF model; "
         "they read GPTQModel files, verified by tests/test_gptq_awq_loaders.py), so the comparison is apples to apples. "
         "RTN checkpoints are written by qtune's writers and read back the same way.",
         f"- GPTQ: 4-bit, group {GPTQ_GROUP} (K=576 gives a partial last group of 64), sym, no act-order, true-sequential. "
-        f"qtune: `quantize_model_gptq(damp={args.qtune_damp}, batch_size={args.qtune_batch_size})`. "
+        f"qtune: `quantize_model_gptq(damp={args.qtune_damp}, batch_size={args.qtune_batch_size}, "
+        f"group_aware={not args.qtune_no_group_aware})`. "
         f"GPTQModel {meta['gptqmodel'].get('tool', '')}: `GPTQConfig(bits=4, group_size={GPTQ_GROUP}, desc_act=False, sym=True)` "
         f"with its defaults otherwise: damp_percent={meta['gptqmodel'].get('damp_percent')}, "
         f"act_group_aware={meta['gptqmodel'].get('act_group_aware')} (GAR: group-aware column ordering, which qtune "
@@ -447,6 +450,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qtune-damp", type=float, default=0.01)
     parser.add_argument("--qtune-batch-size", type=int, default=8)
+    parser.add_argument("--qtune-no-group-aware", action="store_true", help="qtune GPTQ in natural group order")
     parser.add_argument("--oracle-damp", default="default")
     parser.add_argument("--oracle-batch-size", type=int, default=1)
     parser.add_argument("--oracle-awq-dtype", default="bfloat16",
@@ -468,6 +472,7 @@ def main() -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--damp", type=float, default=0.01, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--group-aware", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         qtune_worker(args)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs, in a virtual environment at .venv:
 #   bash scripts/setup.sh          # the library and the built-in model
-#   bash scripts/setup.sh --test   # plus the test oracles (llama.cpp built from source, GPTQModel in its own venv)
+#   bash scripts/setup.sh --test   # plus the test oracles (llama.cpp built from source, GPTQModel in its own
+#                                  # venv) and Debian's chromium for the report's browser test
 #
 # torch is installed first and pinned: left unpinned, pip would pull a multi-GB CUDA build.
 # QTUNE_TORCH overrides the pin (for example QTUNE_TORCH="torch" on a CUDA machine).
@@ -34,6 +35,14 @@ if (( WITH_TESTS )); then
     .venv/bin/python -m pip --disable-pip-version-check --quiet download --no-deps --no-binary :all: \
       llama-cpp-python==0.3.36 -d .cache/sdist
     tar -xzf .cache/sdist/llama_cpp_python-0.3.36.tar.gz -C .cache/sdist
+  fi
+  # The browser that renders report.html in the report test (Debian's package).
+  if ! command -v chromium > /dev/null; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get > /dev/null; then
+      apt-get install -y -qq chromium > /dev/null 2>&1 || { apt-get update -qq > /dev/null && apt-get install -y -qq chromium > /dev/null; }
+    else
+      echo "setup: chromium is missing (apt-get install chromium as root); the browser test of report.html will skip" >&2
+    fi
   fi
   # The GPTQ/AWQ oracle: GPTQModel pins numpy below the main venv's, so it gets a venv of its own.
   if [[ ! -x .cache/oracle-venv/bin/python ]] || ! .cache/oracle-venv/bin/python -c "import gptqmodel, optimum" 2>/dev/null; then

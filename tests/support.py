@@ -20,6 +20,25 @@ def builtin_tokenizer():
     return load_tokenizer(builtin_checkpoint("smollm2-135m-instruct"))
 
 
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def label_spans(tokenizer, labels) -> list[str]:
+    """The decoded text of each contiguous run of trainable labels."""
+    from qtune.data import IGNORE_INDEX
+
+    spans, run = [], []
+    for label in list(labels) + [IGNORE_INDEX]:
+        if label == IGNORE_INDEX:
+            if run:
+                spans.append(decode(tokenizer, run))
+            run = []
+        else:
+            run.append(label)
+    return spans
+
+
 def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """A randomly initialised llama with the built-in model's tokenizer, saved as a normal checkpoint."""
     import torch

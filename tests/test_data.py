@@ -21,6 +21,7 @@ from qtune.data import (
 )
 from qtune.errors import QtuneError
 from qtune.recipe import DataSection, DataSource
+from support import decode, label_spans
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_TRAIN = REPO / "recipes" / "data" / "quickstart_train.jsonl"
@@ -43,23 +44,6 @@ def prepare(tmp_path: Path, tokenizer, records: list[dict], seed: int = 0, **dat
     write_jsonl(tmp_path / "train.jsonl", records)
     cfg = DataSection(train="train.jsonl", **data)
     return prepare_data(cfg, tokenizer, tmp_path, seed)
-
-
-def decode(tokenizer, ids) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def label_spans(tokenizer, labels) -> list[str]:
-    """The decoded text of each contiguous run of trainable labels."""
-    spans, run = [], []
-    for label in list(labels) + [IGNORE_INDEX]:
-        if label == IGNORE_INDEX:
-            if run:
-                spans.append(decode(tokenizer, run))
-            run = []
-        else:
-            run.append(label)
-    return spans
 
 
 def source(path: Path, **kw) -> DataSource:

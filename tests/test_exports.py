@@ -83,6 +83,24 @@ def test_recipe_export_of_an_unsupported_architecture_fails_at_validation(tmp_pa
         load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
 
 
+def test_a_hub_base_of_an_unsupported_architecture_fails_before_training(tmp_path: Path, monkeypatch):
+    """Validation cannot read an uncached hub model's config; train checks it after the download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qtune import models
+
+    downloaded = tmp_path / "hub-snapshot"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(downloaded)
+    recipe = tiny_recipe(tmp_path / "unused", tmp_path / "run")
+    recipe["model"]["base"] = "example-org/never-downloaded-model"
+    recipe["export"] = [{"format": "gguf", "quant": "Q4_K_M"}]
+    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))  # nothing to read yet: valid
+    monkeypatch.setattr(models, "resolve_base", lambda section: downloaded)
+    with pytest.raises(QtuneError, match="architecture 'gpt2' cannot be exported"):
+        train(loaded)
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "adapter").exists()
+
+
 def test_exported_gptq_and_awq_are_scored_by_qtune_eval(run_dir: Path):
     for fmt in ("gptq", "awq"):
         result = qtune_cli("export", str(run_dir), "--format", fmt, "--group-size", "64", "--samples", "8", "--seq-len", "128")
@@ -106,3 +124,11 @@ def test_w4a16_kernel_path_matches_the_dequantized_model(run_dir: Path, tmp_path
     ids = torch.randint(0, 1000, (2, 16))
     with torch.no_grad():
         assert torch.allclose(dense(ids).logits, packed(ids).logits, atol=2e-2, rtol=2e-2)
+
+
+def test_export_names_and_awq_only_options():
+    assert ExportTarget(format="gptq", group_size=32, sym=False).default_name() == "gptq-4bit-g32-asym"
+    assert ExportTarget(format="awq", group_size=32, rounding="gptq").default_name() == "awq-4bit-g32-gptq"
+    assert ExportTarget(format="awq", group_size=64).default_name() == "awq-4bit-g64"
+    assert ("rounding", "rounding applies to AWQ exports (how the scaled weights are rounded)") in \
+        ExportTarget(format="gptq", rounding="gptq").problems()

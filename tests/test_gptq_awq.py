@@ -37,7 +37,7 @@ from qtune.formats.gptq import (
 )
 from qtune.layerwise import capture_block_inputs, quantize_model_awq, quantize_model_gptq
 from qtune.quant.awq import apply_clip, awq_fake_quantize, search_clip, search_scales, activation_mean
-from qtune.quant.gptq import HessianAccumulator, gptq_quantize
+from qtune.quant.gptq import HessianAccumulator, gptq_quantize, group_aware_order
 from qtune.quant.rtn import awq_grid, gptq_grid, rtn_fake_quantize, rtn_quantize
 
 torch.set_num_threads(1)
@@ -202,6 +202,35 @@ def test_gptq_act_order_g_idx() -> None:
     tensors = pack_gptq_layer(result, "gptq")
     back = unpack_gptq_layer(tensors, 4, 16, True, "gptq")
     assert torch.equal(back.dequantize(), result.weight)
+
+
+def test_group_aware_order_keeps_groups_and_solves_salient_first() -> None:
+    diag = torch.tensor([1.0, 5.0, 2.0, 0.5, 9.0, 3.0, 7.0, 0.1, 4.0, 8.0])  # groups of 4, tail of 2
+    perm, group_order = group_aware_order(diag, 4)
+    assert group_order.tolist() == [1, 0]  # group 1 holds the largest entry (9)
+    assert perm.tolist() == [4, 6, 5, 7, 1, 2, 0, 3, 8, 9]  # the partial tail stays last, in place
+
+
+def test_gptq_group_aware_is_plain_layout_and_beats_natural_order() -> None:
+    x = correlated_activations(1024, 128, seed=4)
+    scale = torch.ones(128)
+    scale[torch.randperm(128, generator=torch.Generator().manual_seed(1))[:6]] = 12.0  # scattered outlier channels
+    x = x * scale
+    h = 2 * x.t() @ x / x.shape[0]
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    natural = gptq_quantize(w, h, 4, 32, sym=True)
+    aware = gptq_quantize(w, h, 4, 32, sym=True, group_aware=True)
+    assert torch.equal(aware.g_idx.long(), torch.arange(128) // 32)  # no act-order layout: loaders reorder nothing
+    assert torch.equal(aware.weight, aware.dequantize())
+    err = lambda r: float(((x @ (r.weight - w).t()) ** 2).mean())  # noqa: E731
+    assert err(aware) < err(natural), (err(aware), err(natural))
+    tensors = pack_gptq_layer(aware, "gptq")
+    assert torch.equal(unpack_gptq_layer(tensors, 4, 32, True, "gptq").dequantize(), aware.weight)
+    # with the diagonal already in processing order, group-aware changes nothing
+    order = torch.argsort(torch.diag(h), descending=True)
+    h_sorted, w_sorted = h[order][:, order], w[:, order]
+    assert torch.equal(gptq_quantize(w_sorted, h_sorted, 4, 32, True, group_aware=True).qweight_int,
+                       gptq_quantize(w_sorted, h_sorted, 4, 32, True).qweight_int)
 
 
 def test_gptq_dead_columns_and_partial_group() -> None:
@@ -462,6 +491,25 @@ def test_awq_model_error_below_rtn() -> None:
     quantize_model_awq(model, ids, mask, group_size=32)
     ref = _model_logits(reference, ids)
     assert mean_kl(ref, _model_logits(model, ids)) < mean_kl(ref, _model_logits(rtn, ids))
+
+
+def test_awq_with_gptq_rounding_beats_plain_awq_and_keeps_the_layout(tmp_path: Path) -> None:
+    model = tiny_llama(seed=6, initializer_range=0.1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, :4] *= 10.0
+    reference, plain = copy.deepcopy(model), copy.deepcopy(model)
+    ids, mask = calibration(n=16, seq=32)
+    quantize_model_awq(plain, ids, mask, group_size=32)
+    result = quantize_model_awq(model, ids, mask, group_size=32, rounding="gptq")
+    ref = _model_logits(reference, ids)
+    assert mean_kl(ref, _model_logits(model, ids)) < mean_kl(ref, _model_logits(plain, ids))
+    out = write_awq_checkpoint(model, result.quantized_layers, tmp_path / "awq")
+    state = dequantize_awq_checkpoint(out)
+    for name, quantized in result.quantized_layers.items():
+        assert torch.equal(state[f"{name}.weight"], quantized.dequantize()), name
+    assert torch.allclose(_model_logits(load_dequantized_awq_model(out), ids), _model_logits(model, ids), atol=1e-5)
+    with pytest.raises(ValueError, match="rounding must be"):
+        quantize_model_awq(tiny_llama(), ids, mask, group_size=32, rounding="nearest")
 
 
 # ---------------------------------------------------------------- atomic writes

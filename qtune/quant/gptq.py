@@ -4,6 +4,11 @@ Algorithm as published (IST-DASLab ``gptq.py``): dead columns zeroed, optional
 act-order, damping as a fraction of the mean Hessian diagonal, upper Cholesky
 factor of H^-1, lazy block updates, group grids chosen on the already-updated
 weights when each group starts, un-permute with g_idx.
+
+Group-aware ordering is the act-order gain without its runtime cost: groups stay
+the original contiguous columns (so g_idx stays trivial and loaders need no
+reordering), but they are solved most salient first (by the largest diag(H) in
+the group), and within a group the columns in descending diag(H).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class GPTQResult(QuantizedWeight):
     damp_retries: int = 0
     loss: float = 0.0  # sum over columns of (w - q)^2 / d^2 / 2, the GPTQ proxy loss
     dead_columns: int = 0
-    perm: Tensor | None = None  # act-order column order, None without act-order
+    perm: Tensor | None = None  # processing order of the columns; None in natural order
 
 
 def _inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, float, int]:
@@ -90,6 +95,23 @@ def _inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, float
     raise ValueError(f"Hessian is not positive definite even with damping {current / DAMP_GROWTH:g} x mean(diag)")
 
 
+def group_aware_order(diag: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Column processing order and group processing order for group-aware GPTQ.
+
+    Full groups are ranked by their largest diagonal entry (descending, ties in original order) and
+    each is solved columns-by-descending-diagonal; a partial last group keeps its place at the end.
+    Returns (perm over columns, order over full groups).
+    """
+    k = diag.numel()
+    full = k // width
+    by_group = diag[: full * width].reshape(full, width)
+    within = torch.argsort(by_group, dim=1, descending=True, stable=True)
+    group_order = torch.argsort(by_group.max(dim=1).values, descending=True, stable=True)
+    columns = (within + torch.arange(full, device=diag.device).unsqueeze(1) * width)[group_order].reshape(-1)
+    tail = torch.arange(full * width, k, device=diag.device)
+    return torch.cat([columns, tail]), group_order
+
+
 def gptq_quantize(
     weight: Tensor,
     hessian: Tensor,
@@ -99,11 +121,14 @@ def gptq_quantize(
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    group_aware: bool = False,
 ) -> GPTQResult:
     """Quantize ``weight`` [N, K] given the layer-input Hessian [K, K].
 
     Groups are consecutive in processing order; with act-order that order is
     argsort(diag(H), descending) and g_idx maps each original column to its group.
+    With ``group_aware`` (ignored under act-order) groups keep their original
+    columns and only the solving order changes (see ``group_aware_order``).
     A partial last group is allowed (ceil(K / group_size) groups).
     """
     check_weight(weight)
@@ -123,9 +148,12 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
-    perm = None
+    perm = group_order = None
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
+    elif group_aware:
+        perm, group_order = group_aware_order(torch.diag(h), width)
+    if perm is not None:
         w = w[:, perm]
         h = h[perm][:, perm]
 
@@ -169,12 +197,16 @@ def gptq_quantize(
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     group_of_position = torch.arange(k, device=w.device) // width
+    g_idx = group_of_position
     if perm is not None:
         invperm = torch.argsort(perm)
         codes = codes[:, invperm]
-        g_idx = group_of_position[invperm]
-    else:
-        g_idx = group_of_position
+        if group_order is None:
+            g_idx = group_of_position[invperm]
+        else:  # the p-th group solved is original group group_order[p]
+            solved = len(group_order)
+            scales[:solved] = scales[:solved][torch.argsort(group_order)]
+            zeros[:solved] = zeros[:solved][torch.argsort(group_order)]
     g_idx = g_idx.to(torch.int32)
     zeros_int = zeros.to(torch.int32)
     return GPTQResult(

@@ -1,0 +1,334 @@
+"""The run report: one row per artifact (what it costs on disk, what it costs in quality), gates from the
+recipe, a quality-against-size plot and the training loss curve, as report.md and report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtune import rundir
+from qtune.paths import atomic_file, write_text_atomic
+from qtune.recipe import GateSection
+
+log = logging.getLogger(__name__)
+
+PLOTS = ("quality_vs_size.png", "loss.png")
+FIXED_ORDER = ("base", "adapter", "merged")
+
+
+@dataclass
+class Row:
+    artifact: str
+    result: dict
+    passed: bool | None = None  # None: not gated (the base model is the starting point, not a deliverable)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.result.get("status", "ok") == "ok"
+
+    def get(self, key: str):
+        return self.result.get(key)
+
+    @property
+    def kind(self) -> str:
+        if self.artifact in FIXED_ORDER:
+            return self.artifact
+        return "gguf" if self.artifact.endswith(".gguf") else self.artifact.split("-", 1)[0]
+
+    @property
+    def verdict(self) -> str:
+        return {None: "reference", True: "pass", False: "FAIL"}[self.passed]
+
+
+@dataclass
+class Report:
+    run_dir: Path
+    metric: str
+    rows: list[Row]
+    gates: GateSection
+    merge: dict | None
+    losses: list[tuple[int, float]]
+    eval_losses: list[tuple[int, float]]
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed is not False for row in self.rows)
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        columns = ["artifact", self.metric, "Δ vs merged (points)", "perplexity", "KL vs merged", "top-1 vs merged",
+                   "size (MB)", "bits/weight", "gen tokens/s", "runtime", "gate"]
+        merged = self._merged_metric()
+        body = []
+        for row in self.rows:
+            if not row.ok:
+                error = f"failed to {row.get('stage')}: {row.get('error')}"
+                body.append([row.artifact, error] + ["–"] * (len(columns) - 3) + [row.verdict])
+                continue
+            metric = row.get("task_metric")
+            body.append([
+                row.artifact,
+                f"{100 * metric:.1f}% ({row.get('correct')}/{row.get('total')})",
+                "–" if merged is None or row.artifact == "merged" else f"{100 * (metric - merged):+.1f}",
+                _num(row.get("perplexity"), ".4f"),
+                _num(row.get("kl_vs_merged"), ".4g"),
+                _num(row.get("top1_vs_merged"), ".3f"),
+                _num(row.get("size_bytes") and row.get("size_bytes") / 1e6, ".1f"),
+                _num(row.get("bits_per_weight"), ".2f"),
+                _num(row.get("generation_tokens_per_second"), ".1f"),
+                row.get("runtime") or "–",
+                row.verdict,
+            ])
+        return columns, body
+
+    def _merged_metric(self) -> float | None:
+        merged = next((r for r in self.rows if r.artifact == "merged" and r.ok), None)
+        return merged.get("task_metric") if merged else None
+
+    def gate_lines(self) -> list[str]:
+        lines = []
+        for row in self.rows:
+            if row.passed is None:
+                lines.append(f"- {row.artifact}: reference (not gated)")
+            else:
+                lines.append(f"- {row.artifact}: {'PASS' if row.passed else 'FAIL'}" + (f" ({'; '.join(row.reasons)})" if row.reasons else ""))
+        return lines
+
+    def summary(self) -> str:
+        columns, body = self.table()
+        lines = ["", _md_table(columns, body), ""]
+        lines += self.gate_lines()
+        lines.append(f"\nreport: {self.run_dir / 'report.html'}")
+        return "\n".join(lines)
+
+
+def _num(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _md_table(columns: list[str], body: list[list[str]]) -> str:
+    escape = lambda cell: str(cell).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(escape(c) for c in cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def collect(run_dir: Path) -> Report:
+    """Everything the run has on record: evaluations, the merge report, the training log."""
+    run_dir = Path(run_dir).resolve()
+    recipe = rundir.load_run_recipe(run_dir).recipe
+    results = {path.name.removesuffix(".json"): _read_json(path) for path in sorted((run_dir / "eval").glob("*.json"))}
+    results = {name: r for name, r in results.items() if isinstance(r, dict)}
+    export_order = [t.default_name() for t in recipe.export]
+    order = [n for n in FIXED_ORDER if n in results] + [n for n in export_order if n in results]
+    order += sorted(n for n in results if n not in order)
+    history = _read_json(run_dir / "train_log.json") or []
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    eval_losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    report = Report(run_dir, recipe.evaluation.scorer, [Row(n, results[n]) for n in order], recipe.evaluation.gates,
+                    _read_json(run_dir / "merge_report.json"), losses, eval_losses)
+    apply_gates(report)
+    return report
+
+
+def apply_gates(report: Report) -> None:
+    gates, merged = report.gates, report._merged_metric()
+    for row in report.rows:
+        row.reasons = []
+        if row.artifact == "base":
+            row.passed = None
+            continue
+        if not row.ok:
+            row.passed = False
+            row.reasons.append(f"failed to {row.get('stage')}")
+            continue
+        if row.artifact == "merged":
+            if report.merge and not report.merge.get("passes", True):
+                chosen = report.merge["chosen"]
+                row.reasons.append(f"merge KL to the adapter model {report.merge['kl'][chosen]:.3g} > {report.merge.get('gate')}")
+            row.passed = not row.reasons
+            continue
+        kl, metric = row.get("kl_vs_merged"), row.get("task_metric")
+        if gates.max_kl_vs_merged is not None:
+            if kl is None:
+                row.reasons.append("no KL against the merged model")
+            elif kl > gates.max_kl_vs_merged:
+                row.reasons.append(f"KL {kl:.4g} > {gates.max_kl_vs_merged}")
+        if gates.min_task_ratio is not None or gates.max_task_drop_points is not None:
+            if merged is None:
+                row.reasons.append("no merged score to compare with")
+            else:
+                if gates.min_task_ratio is not None and metric < gates.min_task_ratio * merged - 1e-12:
+                    row.reasons.append(f"{report.metric} {100 * metric:.1f}% < {gates.min_task_ratio:.0%} of merged ({100 * merged:.1f}%)")
+                drop = 100 * (merged - metric)
+                if gates.max_task_drop_points is not None and drop > gates.max_task_drop_points + 1e-9:
+                    row.reasons.append(f"{report.metric} {drop:.1f} points below merged (> {gates.max_task_drop_points})")
+        row.passed = not row.reasons
+
+
+def _plot_quality_vs_size(report: Report, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rows if r.ok and r.get("size_bytes")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for row in rows:
+        size = row.get("size_bytes") / 1e6
+        colour = "#1f77b4" if row.passed is not False else "#d62728"
+        left.scatter(size, 100 * row.get("task_metric"), color=colour, s=46, zorder=3)
+        left.annotate(row.artifact, (size, 100 * row.get("task_metric")), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if row.get("kl_vs_merged"):
+            right.scatter(size, row.get("kl_vs_merged"), color=colour, s=46, zorder=3)
+            right.annotate(row.artifact, (size, row.get("kl_vs_merged")), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    sizes = [r.get("size_bytes") for r in rows]
+    xscale = "log" if sizes and max(sizes) > 20 * min(sizes) else "linear"  # log ticks crowd over a small range
+    left.set(xlabel="size (MB)", ylabel=f"{report.metric} (%)", title="task metric against size", xscale=xscale)
+    right.set(xlabel="size (MB)", ylabel="mean KL vs merged (nats/token)", title="divergence from the merged model", xscale=xscale)
+    if report.gates.max_kl_vs_merged:
+        right.axhline(report.gates.max_kl_vs_merged, color="#d62728", linestyle="--", linewidth=1, label="gate")
+        right.legend(loc="best", fontsize=8)
+    if any(r.get("kl_vs_merged") for r in rows):
+        right.set_yscale("log")
+    for axis in (left, right):
+        axis.grid(True, alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_loss(report: Report, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6.5, 3.8))
+    if report.losses:
+        axis.plot(*zip(*report.losses), color="#1f77b4", marker=".", label="training loss")
+    if report.eval_losses:
+        axis.plot(*zip(*report.eval_losses), color="#ff7f0e", marker="o", label="validation loss")
+    axis.set(xlabel="step", ylabel="loss", title="training")
+    axis.grid(True, alpha=0.3)
+    if report.losses or report.eval_losses:
+        axis.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _slices(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per-slice task metric tables (title, slice names, one row per artifact); a single slice says nothing new."""
+    tables = []
+    for key, title in (("by_category", "by category"), ("by_length", "by reference length")):
+        names = sorted({s for r in report.rows if r.ok for s in (r.get(key) or {})})
+        if len(names) > 1:
+            body = [[r.artifact] + [_pct((r.get(key) or {}).get(s)) for s in names] for r in report.rows if r.ok]
+            tables.append((f"{report.metric} {title}", names, body))
+    return tables
+
+
+def _slices_html(report: Report) -> str:
+    cell = lambda tag, text: f"<{tag}>{html.escape(text)}</{tag}>"  # noqa: E731
+    return "\n".join(
+        f"<h3>{html.escape(title)}</h3><table class='slices'><tr>{''.join(cell('th', c) for c in ['artifact', *names])}</tr>"
+        + "".join(f"<tr>{''.join(cell('td', c) for c in cells)}</tr>" for cells in body) + "</table>"
+        for title, names, body in _slices(report)
+    )
+
+
+def _slices_md(report: Report) -> str:
+    return "\n\n".join(f"### {title}\n\n" + _md_table(["artifact", *names], body) for title, names, body in _slices(report))
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { background: #e8eef6; }
+td:first-child, th:first-child { text-align: left; }
+tr.pass td.gate { background: #d8f0d8; }
+tr.FAIL td.gate { background: #f6d0d0; font-weight: bold; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+"""
+
+
+def _html(report: Report, images: dict[str, bytes]) -> str:
+    columns, body = report.table()
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    rows = "".join(
+        f"<tr class='{html.escape(cells[-1])}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells[:-1])
+        + f"<td class='gate'>{html.escape(cells[-1])}</td></tr>"
+        for cells in body
+    )
+    gates = "".join(f"<li>{html.escape(line[2:])}</li>" for line in report.gate_lines())
+    plots = "".join(
+        f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>" for name, data in images.items()
+    )
+    merge = ""
+    if report.merge:
+        kl = ", ".join(f"{k} {v:.3g}" for k, v in report.merge["kl"].items())
+        merge = f"<p>Merge base: <b>{html.escape(report.merge['chosen'])}</b> ({html.escape(report.merge['dtype'])}); KL to the adapter model, nats/token: {html.escape(kl)}</p>"
+    verdict = "every artifact passes its gates" if report.passed else "some artifacts FAIL their gates"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>qtune report: {html.escape(report.run_dir.name)}</title>
+<style>{CSS}</style></head>
+<body>
+<h1>qtune report: {html.escape(report.run_dir.name)}</h1>
+<p id="verdict">{verdict}.</p>
+<table id="artifacts"><tr>{head}</tr>{rows}</table>
+<h2>Gates</h2><ul>{gates}</ul>
+{merge}
+<h2>Plots</h2>
+<div id="plots">{plots}</div>
+<h2>Slices</h2>
+{_slices_html(report)}
+</body></html>
+"""
+
+
+def _markdown(report: Report) -> str:
+    columns, body = report.table()
+    merge = ""
+    if report.merge:
+        kl = ", ".join(f"{k} {v:.3g}" for k, v in report.merge["kl"].items())
+        merge = f"Merge base: **{report.merge['chosen']}** ({report.merge['dtype']}); KL to the adapter model, nats/token: {kl}\n\n"
+    plots = "\n".join(f"![{name}](report/{name})" for name in PLOTS)
+    return (f"# qtune report: {report.run_dir.name}\n\n{_md_table(columns, body)}\n\n## Gates\n\n" + "\n".join(report.gate_lines())
+            + f"\n\n{merge}## Plots\n\n{plots}\n\n## Slices\n\n{_slices_md(report)}\n")
+
+
+def write_report(run_dir: Path, track: bool = True) -> Report:
+    """report.md, report.html and report/*.png in the run directory, and the same table in W&B."""
+    report = collect(run_dir)
+    if not report.rows:
+        from qtune.errors import QtuneError
+
+        raise QtuneError(f"{report.run_dir} has no evaluations yet; run qtune eval first")
+    folder = report.run_dir / "report"
+    _plot_quality_vs_size(report, folder / PLOTS[0])
+    _plot_loss(report, folder / PLOTS[1])
+    images = {name: (folder / name).read_bytes() for name in PLOTS}
+    write_text_atomic(report.run_dir / "report.md", _markdown(report))
+    write_text_atomic(report.run_dir / "report.html", _html(report, images))
+    if track:
+        from qtune.tracking import log_report
+
+        log_report(report)
+    return report

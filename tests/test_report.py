@@ -1,0 +1,232 @@
+"""`qtune run` to the report: every artifact scored through one interface, gates, plots, the W&B run,
+and report.html as a real browser renders it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from support import qtune_cli, tiny_llama_dir, tiny_recipe, wandb_records, write_recipe
+
+from qtune.gguf_model import LLAMA_CPP, gguf_runtime
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+EXPORTS = [
+    {"format": "gguf", "quant": "Q8_0"},
+    {"format": "gguf", "quant": "Q4_K_M", "samples": 8, "seq_len": 128},
+    {"format": "gptq", "group_size": 32, "samples": 8, "seq_len": 128},
+    {"format": "awq", "group_size": 32, "samples": 8, "seq_len": 128},
+]
+EXPORT_NAMES = ["model-Q8_0.gguf", "model-Q4_K_M.gguf", "gptq-4bit-g32", "awq-4bit-g32"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("report")
+    base = tiny_llama_dir(work / "llama", hidden=128)
+    recipe = tiny_recipe(base, work / "run", training={"max_steps": 4})
+    recipe["export"] = EXPORTS
+    recipe["evaluation"]["gates"] = {"max_kl_vs_merged": 10.0, "min_task_ratio": 0.0}
+    result = qtune_cli("run", str(write_recipe(work / "recipe.yaml", recipe)), timeout=1500)
+    return work / "run", result
+
+
+def test_perplexity_from_the_divergence_pass_equals_perplexity(tmp_path: Path):
+    """Exports get their perplexity from the KL pass (one forward instead of two): the same number."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.evaluate import divergence, perplexity
+
+    a = AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path / "a", hidden=64, seed=1), dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path / "b", hidden=64, seed=2), dtype=torch.float32)
+    rows = [{"input_ids": ids, "labels": [-100] * 3 + ids[3:], "num_real_tokens": len(ids)}
+            for ids in ([5, 17, 300, 41, 9, 77], [8, 1200, 6, 90, 33, 4, 501, 2], [60, 61, 62, 63])]
+    both = divergence(a, b, rows, pad_token_id=0, batch_size=2)
+    assert both.perplexity == pytest.approx(perplexity(b, rows, pad_token_id=0, batch_size=2), rel=1e-6)
+    assert both.mean_kl > 0
+
+
+def _eval(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / "eval" / f"{name}.json").read_text())
+
+
+def test_run_scores_every_artifact_and_writes_the_report(full_run):
+    run_dir, result = full_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in ["base", "adapter", "merged", *EXPORT_NAMES]:
+        scored = _eval(run_dir, name)
+        assert scored["status"] == "ok", scored
+        for key in ("task_metric", "perplexity", "size_bytes", "bits_per_weight", "generation_tokens_per_second", "runtime"):
+            assert scored[key] is not None, (name, key)
+        if name != "merged":
+            assert scored["kl_vs_merged"] > -1e-6 and 0 <= scored["top1_vs_merged"] <= 1
+        assert np.isfinite(scored["perplexity"])
+    assert _eval(run_dir, "model-Q8_0.gguf")["runtime"] == gguf_runtime()
+    # a coarser file is smaller and further from the merged model
+    q8, q4 = _eval(run_dir, "model-Q8_0.gguf"), _eval(run_dir, "model-Q4_K_M.gguf")
+    assert q4["size_bytes"] < q8["size_bytes"] and q4["kl_vs_merged"] > q8["kl_vs_merged"]
+    assert 8.4 < q8["bits_per_weight"] < 9.5  # Q8_0 is 8.5 bits per weight; norms stay F32
+    report_md = (run_dir / "report.md").read_text()
+    for name in ["base", "adapter", "merged", *EXPORT_NAMES]:
+        assert f"| {name} |" in report_md and f"| {name} |" in result.stdout
+    assert "report/quality_vs_size.png" in report_md
+    for plot in ("quality_vs_size.png", "loss.png"):
+        assert (run_dir / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(gguf_runtime() != LLAMA_CPP, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")
+def test_gguf_scored_by_llama_cpp_agrees_with_the_dequantized_weights(full_run):
+    """llama.cpp's Q8_0 scores and transformers' dequantized Q8_0 weights are two readers of one file."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.gguf_model import LlamaCppCausalLM
+
+    run_dir, _ = full_run
+    path = run_dir / "exports" / "model-Q8_0.gguf"
+    ids = torch.tensor([[1, 520, 1180, 30, 4436, 253, 912, 29, 1300, 12]])
+    with torch.no_grad():
+        dense = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        want = torch.log_softmax(dense(ids).logits, -1)
+    got = torch.log_softmax(LlamaCppCausalLM(path, n_ctx=64, threads=1)(ids).logits, -1)
+    kl = (want.exp() * (want - got)).sum(-1).mean().item()
+    assert kl < 1e-3, kl
+
+
+def test_a_rerun_redoes_only_what_is_missing(full_run):
+    """Every stage is skipped when its output is complete; a lost export is made and scored again, alone."""
+    run_dir, _ = full_run
+    kept = {p: p.stat().st_mtime_ns for p in [run_dir / "adapter" / "adapter_model.safetensors", run_dir / "merged" / "config.json",
+                                              *(run_dir / "eval").glob("*.json"), run_dir / "exports" / "model-Q8_0.gguf"]}
+    shutil.rmtree(run_dir / "exports" / "gptq-4bit-g32")
+    (run_dir / "eval" / "gptq-4bit-g32.json").unlink()
+    del kept[run_dir / "eval" / "gptq-4bit-g32.json"]
+    result = qtune_cli("run", str(run_dir.parent / "recipe.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert _eval(run_dir, "gptq-4bit-g32")["status"] == "ok" and "gptq written" in result.stderr
+    assert "gguf written" not in result.stderr and "merged into" not in result.stderr
+
+
+def test_gates_fail_the_run_and_name_the_artifact(full_run):
+    run_dir, _ = full_run
+    recipe_file = run_dir / "recipe.resolved.yaml"
+    saved = recipe_file.read_text()
+    try:
+        recipe_file.write_text(saved.replace("max_kl_vs_merged: 10.0", "max_kl_vs_merged: 1.0e-12"))
+        result = qtune_cli("report", str(run_dir), "--no-tracking")
+        assert result.returncode == 1, result.stderr
+        assert "- model-Q4_K_M.gguf: FAIL (KL" in result.stdout and "- base: reference" in result.stdout
+        assert "- merged: PASS" in result.stdout
+        html = (run_dir / "report.html").read_text()
+        # every export; the adapter's KL to its own merge is rounding noise (|KL| < 1e-6), below even this gate
+        assert html.count("<td class='gate'>FAIL</td>") == len(EXPORT_NAMES)
+    finally:
+        recipe_file.write_text(saved)
+        assert qtune_cli("report", str(run_dir), "--no-tracking").returncode == 0
+
+
+def test_an_artifact_that_cannot_load_is_reported_not_fatal(full_run):
+    run_dir, _ = full_run
+    broken = run_dir / "exports" / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)
+    try:
+        result = qtune_cli("eval", str(run_dir), "--artifact", "broken.gguf", "--artifact", "model-Q8_0.gguf")
+        assert result.returncode == 1 and "could not evaluate broken.gguf" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert _eval(run_dir, "broken.gguf")["status"] == "failed" and _eval(run_dir, "broken.gguf")["stage"] == "load"
+        assert _eval(run_dir, "model-Q8_0.gguf")["status"] == "ok"
+        report = qtune_cli("report", str(run_dir), "--no-tracking")
+        assert report.returncode == 1
+        assert "| broken.gguf | failed to load:" in (run_dir / "report.md").read_text()
+        assert "| model-Q8_0.gguf |" in (run_dir / "report.md").read_text()
+    finally:
+        broken.unlink()
+        (run_dir / "eval" / "broken.gguf.json").unlink(missing_ok=True)
+
+
+def test_wandb_offline_run_holds_the_report(full_run):
+    run_dir, _ = full_run
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = [r for f in files for r in wandb_records(f)]
+    logged = _history(records)
+    assert "report/artifacts" in logged, "no W&B table record"
+    table_meta = logged["report/artifacts"]
+    assert table_meta["_type"] == "table-file" and table_meta["nrows"] == 3 + len(EXPORT_NAMES)
+    table_file = next(run_dir.glob(f"wandb/offline-run-*/files/{table_meta['path']}"))
+    table = json.loads(table_file.read_text())
+    by_name = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    q8 = _eval(run_dir, "model-Q8_0.gguf")
+    assert by_name["model-Q8_0.gguf"]["KL vs merged"] == f"{q8['kl_vs_merged']:.4g}"
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            for item in r.summary.update:
+                summary["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+    assert summary["report/model-Q8_0.gguf/kl_vs_merged"] == pytest.approx(q8["kl_vs_merged"])
+    assert summary["report/passed"] is True
+    artifacts = {r.artifact.name: r.artifact for r in records if r.WhichOneof("record_type") == "artifact"}
+    assert {"run-adapter", "run-merged", "run-model-Q8_0.gguf", "run-gptq-4bit-g32"} <= set(artifacts)
+    assert artifacts["run-model-Q8_0.gguf"].type == "model"
+    assert logged["report/quality_vs_size"]["_type"] == "image-file"
+    assert logged["report/loss"]["_type"] == "image-file"
+
+
+def _history(records) -> dict:
+    """The last logged value of every history key; a logged object (table, image) arrives field by field."""
+    values: dict = {}
+    for record in records:
+        if record.WhichOneof("record_type") != "history":
+            continue
+        for item in record.history.item:
+            key, *rest = list(item.nested_key) or [item.key]
+            if rest:
+                values.setdefault(key, {})["/".join(rest)] = json.loads(item.value_json)
+            else:
+                values[key] = json.loads(item.value_json)
+    return values
+
+
+def _screenshot(html_file: Path, png: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--hide-scrollbars"]
+    return subprocess.run([CHROMIUM, *flags, "--window-size=1400,1800", f"--screenshot={png}", html_file.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh --test installs Debian's package)")
+def test_report_html_renders_its_table_and_plots_in_a_browser(full_run, tmp_path: Path):
+    from PIL import Image
+
+    run_dir, _ = full_run
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          f"--user-data-dir={tmp_path / 'dom-profile'}", "--dump-dom", (run_dir / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("<tr") >= 1 + 3 + len(EXPORT_NAMES) and "model-Q4_K_M.gguf" in dom.stdout
+    png = tmp_path / "report.png"
+    shot = _screenshot(run_dir / "report.html", png, tmp_path)
+    assert shot.returncode == 0 and png.is_file(), shot.stderr[-2000:]
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+
+    def area(colour: tuple[int, int, int], tolerance: int = 6) -> int:
+        return int((np.abs(pixels - np.array(colour)).max(-1) <= tolerance).sum())
+
+    assert area((0xE8, 0xEE, 0xF6)) > 2000, "the table header is not drawn"
+    assert area((0xD8, 0xF0, 0xD8)) > 500, "no pass cell is drawn"
+    # matplotlib's markers and curve (#1f77b4) appear only if the embedded PNG plots decoded and drew
+    assert area((0x1F, 0x77, 0xB4), tolerance=12) > 300, "the plots are not drawn"
+    # the same page without its images has none of that colour: the check above sees the plots, not the table
+    bare = tmp_path / "bare.html"
+    text = (run_dir / "report.html").read_text()
+    bare.write_text(text[: text.index("<div id=\"plots\">")] + "</body></html>")
+    bare_png = tmp_path / "bare.png"
+    assert _screenshot(bare, bare_png, tmp_path).returncode == 0
+    bare_pixels = np.asarray(Image.open(bare_png).convert("RGB")).astype(int)
+    assert int((np.abs(bare_pixels - np.array((0x1F, 0x77, 0xB4))).max(-1) <= 12).sum()) == 0
