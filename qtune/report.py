@@ -330,5 +330,8 @@ def write_report(run_dir: Path, track: bool = True) -> Report:
     if track:
         from qtune.tracking import log_report
 
-        log_report(report)
+        try:
+            log_report(report)
+        except Exception as exc:  # the report files are written; a tracking outage must not fail the run
+            log.warning("logging the report to W&B failed (%s); report.md and report.html are complete", exc)
     return report

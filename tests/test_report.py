@@ -151,6 +151,25 @@ def test_an_artifact_that_cannot_load_is_reported_not_fatal(full_run):
         (run_dir / "eval" / "broken.gguf.json").unlink(missing_ok=True)
 
 
+def test_a_merged_model_that_cannot_load_is_reported_and_the_rest_scored(full_run, tmp_path: Path):
+    run_dir, _ = full_run
+    weights = run_dir / "merged" / "model.safetensors"
+    saved = tmp_path / "model.safetensors"
+    shutil.copy2(weights, saved)
+    before = {n: (run_dir / "eval" / f"{n}.json").read_text() for n in ("merged", "model-Q8_0.gguf")}
+    try:
+        weights.write_bytes(b"not safetensors")
+        result = qtune_cli("eval", str(run_dir), "--artifact", "merged", "--artifact", "model-Q8_0.gguf")
+        assert result.returncode == 1 and "could not evaluate merged" in result.stderr and "Traceback" not in result.stderr
+        assert _eval(run_dir, "merged")["status"] == "failed"
+        q8 = _eval(run_dir, "model-Q8_0.gguf")
+        assert q8["status"] == "ok" and q8["kl_vs_merged"] is None and q8["perplexity"] > 1
+    finally:
+        shutil.copy2(saved, weights)
+        for name, text in before.items():
+            (run_dir / "eval" / f"{name}.json").write_text(text)
+
+
 def test_wandb_offline_run_holds_the_report(full_run):
     run_dir, _ = full_run
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
