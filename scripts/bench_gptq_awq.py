@@ -380,8 +380,8 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
         "# GPTQ / AWQ benchmark: qtune vs GPTQModel vs round-to-nearest",
         "",
         f"Date: {started} (UTC). Device: {cpu}, {os.cpu_count()} cores visible; threads per quantizer "
-        "(OMP_NUM_THREADS = MKL_NUM_THREADS = torch.set_num_threads) as given in the quantize column; no GPU; the machine "
-        "was shared with other engineers' jobs (load average about 5 on 2 cores), so absolute times are inflated.",
+        "(OMP_NUM_THREADS = MKL_NUM_THREADS = torch.set_num_threads) as given in the quantize column; no GPU; "
+        f"1-minute load average when the report was written: {os.getloadavg()[0]:.1f} (the benchmark itself keeps 2 cores busy).",
         "",
         f"Command: `{command}`",
         "",
