@@ -162,6 +162,18 @@ def training_arguments(recipe: Recipe, run_dir: Path, report_to: list[str]):
     )
 
 
+def _wait_for_claim(run_dir: Path, fingerprint: str, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if (rundir.read_run_file(run_dir) or {}).get("fingerprint") == fingerprint:
+                return
+        except QtuneError:  # caught mid-write
+            pass
+        time.sleep(0.2)
+    raise QtuneError(f"rank 0 did not claim {run_dir} within {timeout:.0f} s")
+
+
 def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Train the recipe's adapter; returns the run directory. The final adapter lands in run_dir/adapter."""
     from accelerate import PartialState
@@ -170,9 +182,14 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -
     recipe = loaded.with_absolute_paths()
     run_dir = loaded.output_dir
     state = PartialState()
-    if state.is_main_process:
+    # The launcher's RANK decides who claims the directory: before the Trainer's accelerator starts the
+    # process group, PartialState can see a single process in every rank, and two claims race.
+    rank = int(os.environ.get("RANK", state.process_index))
+    if rank == 0:
         rundir.claim(run_dir, recipe, resume=resume, overwrite=overwrite)
     state.wait_for_everyone()
+    if rank != 0:
+        _wait_for_claim(run_dir, rundir.fingerprint(recipe))
     if (run_dir / rundir.ADAPTER_DIR).is_dir() and not overwrite:
         log.info("%s already holds a trained adapter; nothing to train", run_dir)
         return run_dir
