@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qtune import rundir
 from qtune.paths import atomic_file, write_text_atomic
-from qtune.recipe import GateSection
+from qtune.recipe import GateSection, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,20 @@ class Row:
 @dataclass
 class Report:
     run_dir: Path
-    metric: str
+    recipe: Recipe
     rows: list[Row]
-    gates: GateSection
     merge: dict | None
     losses: list[tuple[int, float]]
     eval_losses: list[tuple[int, float]]
+    last_step: int  # the last training step on record; later logging to the same W&B run starts after it
+
+    @property
+    def metric(self) -> str:
+        return self.recipe.evaluation.scorer
+
+    @property
+    def gates(self) -> GateSection:
+        return self.recipe.evaluation.gates
 
     @property
     def passed(self) -> bool:
@@ -136,8 +144,9 @@ def collect(run_dir: Path) -> Report:
     history = _read_json(run_dir / "train_log.json") or []
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     eval_losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    report = Report(run_dir, recipe.evaluation.scorer, [Row(n, results[n]) for n in order], recipe.evaluation.gates,
-                    _read_json(run_dir / "merge_report.json"), losses, eval_losses)
+    last_step = max((h.get("step", 0) for h in history), default=0)
+    report = Report(run_dir, recipe, [Row(n, results[n]) for n in order], _read_json(run_dir / "merge_report.json"),
+                    losses, eval_losses, last_step)
     apply_gates(report)
     return report
 

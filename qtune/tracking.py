@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -83,18 +82,17 @@ def finish_run(run) -> None:
 def log_report(report) -> None:
     """The report's table as a W&B Table, its plots as images, its numbers in the run summary, and every
     deliverable as a W&B Artifact (a reference to the local files unless ``tracking.upload_artifacts``)."""
-    loaded = rundir.load_run_recipe(report.run_dir)
-    run = start_run(loaded.recipe, report.run_dir, job_type="report")
+    run = start_run(report.recipe, report.run_dir, job_type="report")
     if run is None:
         return
     import wandb
 
+    from qtune.report import PLOTS
+
     try:
         columns, body = report.table()
-        history = json.loads((report.run_dir / "train_log.json").read_text()) if (report.run_dir / "train_log.json").is_file() else []
-        step = max((h.get("step", 0) for h in history), default=0) + 1
-        images = {f"report/{name.removesuffix('.png')}": wandb.Image(str(report.run_dir / "report" / name)) for name in _plots()}
-        run.log({"report/artifacts": wandb.Table(columns=columns, data=body), **images}, step=step)
+        images = {f"report/{name.removesuffix('.png')}": wandb.Image(str(report.run_dir / "report" / name)) for name in PLOTS}
+        run.log({"report/artifacts": wandb.Table(columns=columns, data=body), **images}, step=report.last_step + 1)
         for row in report.rows:
             prefix = f"report/{row.artifact}"
             run.summary[f"{prefix}/gate"] = row.verdict
@@ -103,7 +101,7 @@ def log_report(report) -> None:
                 if row.get(key) is not None:
                     run.summary[f"{prefix}/{key}"] = row.get(key)
         run.summary["report/passed"] = report.passed
-        upload = loaded.recipe.tracking.upload_artifacts
+        upload = report.recipe.tracking.upload_artifacts
         for row in report.rows:
             path = _artifact_path(report.run_dir, row.artifact)
             if path is None or not row.ok:
@@ -117,12 +115,6 @@ def log_report(report) -> None:
             run.log_artifact(artifact, aliases=["latest", row.verdict.lower()])
     finally:
         finish_run(run)
-
-
-def _plots() -> tuple[str, ...]:
-    from qtune.report import PLOTS
-
-    return PLOTS
 
 
 def _artifact_path(run_dir: Path, name: str) -> Path | None:
