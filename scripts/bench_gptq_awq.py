@@ -130,11 +130,17 @@ def load_data(model_path: Path, n_samples: int, seq_len: int, seed: int):
         raise SystemExit(f"only {len(stream)} calibration tokens; need {n_samples * seq_len}")
     calib = torch.tensor(stream[: n_samples * seq_len]).reshape(n_samples, seq_len)
     prepared = qdata.prepare_data(cfg, tokenizer, loaded.base_dir, loaded.recipe.training.seed)
-    all_token_rows = [{"input_ids": r["input_ids"], "labels": list(r["input_ids"]), "num_real_tokens": len(r["input_ids"])}
-                      for r in prepared.validation]
+    # Every conversation opens with the same system prompt and template (43 tokens on the quickstart
+    # data): scored in every row, those tokens would be half of the "all tokens" perplexity, one short
+    # text counted 60 times. The shared prefix is scored in the first row only.
+    ids = [r["input_ids"] for r in prepared.validation]
+    shared = min(next((i for i, (a, b) in enumerate(zip(ids[0], row)) if a != b), min(len(ids[0]), len(row))) for row in ids[1:])
+    all_token_rows = [{"input_ids": row, "num_real_tokens": len(row),
+                       "labels": list(row) if i == 0 else [qdata.IGNORE_INDEX] * shared + list(row[shared:])}
+                      for i, row in enumerate(ids)]
     return {
         "tokenizer": tokenizer, "calib": calib, "answer_rows": prepared.validation, "all_rows": all_token_rows,
-        "prompts": prepared.eval_prompts, "eval_cfg": loaded.recipe.evaluation,
+        "prompts": prepared.eval_prompts, "eval_cfg": loaded.recipe.evaluation, "shared_prefix": shared,
     }
 
 
@@ -275,7 +281,7 @@ def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: b
         return {}
 
     torch.set_num_threads(args.threads)
-    skip_em = label == "base" and args.skip_base_em
+    skip_em = args.skip_em or (label == "base" and args.skip_base_em)
     reference = load_full_precision(model_path, ModelSection(base=str(model_path)), torch.float32).eval()
     if results_path.exists():
         results.update(json.loads(results_path.read_text()))
@@ -400,9 +406,11 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
         f"(qtune.data.Formatter), records shuffled with seed {args.seed} and concatenated, no padding."
         + (f" AWQ (both tools) calibrates on the first {args.awq_samples} rows of that same tensor "
            f"({args.awq_samples} × {args.seq_len} tokens), to fit the time budget: GPTQModel's AWQ on this CPU took about "
-           "1.5 min per layer with 64 rows." if args.awq_samples else ""),
+           "1.5 min per layer with 64 rows on a loaded machine, 14 s per layer with 16 rows on an idle one." if args.awq_samples else ""),
         "- Evaluation text (disjoint from calibration): recipes/data/quickstart_validation.jsonl rendered the same way "
-        "(qtune.data.prepare_data). *ppl (all tokens)*: every token of the rendered conversations; *ppl (answers)*: "
+        "(qtune.data.prepare_data). *ppl (all tokens)*: every token of the rendered conversations, except that the "
+        "system prompt and template every conversation opens with (the shared prefix) is scored once, in the first "
+        "conversation; *ppl (answers)*: "
         "the trainable answer tokens only, as `qtune eval` reports; *KL*: mean per-token KL(fp32 ‖ quantized) in nats "
         "over every real token (qtune.evaluate.divergence); *exact match*: qtune.evaluate.task_accuracy on the "
         "validation prompts, greedy, max_new_tokens from the recipe, as `qtune eval` does.",
@@ -415,9 +423,10 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
         f"group_aware={not args.qtune_no_group_aware})`. "
         f"GPTQModel {meta['gptqmodel'].get('tool', '')}: `GPTQConfig(bits=4, group_size={GPTQ_GROUP}, desc_act=False, sym=True)` "
         f"with its defaults otherwise: damp_percent={meta['gptqmodel'].get('damp_percent')}, "
-        f"act_group_aware={meta['gptqmodel'].get('act_group_aware')} (GAR: group-aware column ordering, which qtune "
-        f"does not have), batch_size={args.oracle_batch_size}, loaded with dtype=float32. "
-        "Damp differs: qtune's default adds 1% of mean(diag H), GPTQModel's 5%.",
+        f"act_group_aware={meta['gptqmodel'].get('act_group_aware')} (GAR: group-aware column ordering, as qtune's "
+        f"group_aware), batch_size={args.oracle_batch_size}, loaded with dtype=float32. "
+        f"Damp: qtune adds {args.qtune_damp:g} × mean(diag H) (its default is 0.01), GPTQModel "
+        f"{meta['gptqmodel'].get('damp_percent')} ×.",
         f"- AWQ: 4-bit GEMM, group {AWQ_GROUP} (group 128 is impossible for AWQ at K=576), asymmetric (zero point). "
         f"qtune: `quantize_model_awq(group_size={AWQ_GROUP}, n_grid=20, duo_scaling=True, apply_clip=True)`. "
         f"GPTQModel: `AWQConfig(bits=4, group_size={AWQ_GROUP}, sym=False)`, `quantize(..., backend=BACKEND.AWQ_TORCH)`, "
@@ -443,6 +452,7 @@ def main() -> None:
     parser.add_argument("--methods", default="gptq,awq")
     parser.add_argument("--base-methods", default=None, help="methods for the base model (default: --methods)")
     parser.add_argument("--skip-base-em", action="store_true", help="skip exact match on the base model")
+    parser.add_argument("--skip-em", action="store_true", help="skip exact match on every model")
     parser.add_argument("--em-batch-size", type=int, default=60, help="prompts per generate call (0: the recipe's)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)

@@ -128,3 +128,84 @@ def wandb_records(path: Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def dense_wide_llama_dir(src: Path, dst: Path, hidden: int = 768, heads: int = 12, kv_heads: int = 4,
+                         seed: int = 0) -> Path:
+    """A function-preserving rewrite of the llama checkpoint ``src`` whose weights are dense and whose
+    rows are ``hidden`` wide.
+
+    The built-in model is a dequantized Q4_1 GGUF: every block of 32 weights holds at most 16 values,
+    which 4-bit k-quants nearly reproduce, so its perplexity under each GGUF type says little about
+    the quantizers. Here the residual stream is padded with zeros to ``hidden`` (with dummy heads
+    whose projections are zero, and RMSNorm gains and eps rescaled for the wider mean), the norm
+    gains are folded into the next linears, and the residual stream is rotated by a random
+    orthogonal matrix. The logits are unchanged; every weight is now continuous, and with hidden =
+    768 every row is a multiple of 256, so llama.cpp's mixes apply without fallbacks.
+    """
+    import json
+    import math
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if (dst / "config.json").is_file():
+        return dst
+    config = json.loads((src / "config.json").read_text())
+    width, head_dim = config["hidden_size"], config["hidden_size"] // config["num_attention_heads"]
+    if heads * head_dim != hidden or hidden < width or heads // kv_heads != config["num_attention_heads"] // config["num_key_value_heads"]:
+        raise ValueError(f"cannot widen {width} to {hidden} with {heads} heads of {head_dim} and {kv_heads} kv heads")
+    weights = {k: v.to(torch.float64) for k, v in load_file(src / "model.safetensors").items()}
+    weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    rotation, _ = torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64,
+                                              generator=torch.Generator().manual_seed(seed)))
+
+    def pad(t, rows: int, cols: int):
+        out = torch.zeros(rows, cols, dtype=t.dtype)
+        out[: t.shape[0], : t.shape[1]] = t
+        return out
+
+    def gain(name: str):
+        out = torch.zeros(hidden, dtype=torch.float64)
+        out[:width] = weights[name] * math.sqrt(width / hidden)
+        return out
+
+    def reads_residual(name: str, norm: str, rows: int | None = None):  # x -> W x after RMSNorm
+        w = weights[name]
+        return (pad(w, rows or w.shape[0], hidden) * gain(norm)) @ rotation
+
+    def writes_residual(name: str, cols: int | None = None):  # W x added to the residual stream
+        w = weights[name]
+        return rotation.T @ pad(w, hidden, cols or w.shape[1])
+
+    vocab = config["vocab_size"]
+    out = {
+        "model.embed_tokens.weight": pad(weights["model.embed_tokens.weight"], vocab, hidden) @ rotation,
+        "lm_head.weight": reads_residual("lm_head.weight", "model.norm.weight"),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.float64),
+    }
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.float64)
+        out[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.float64)
+        out[p + "self_attn.q_proj.weight"] = reads_residual(p + "self_attn.q_proj.weight", p + "input_layernorm.weight", hidden)
+        for name in ("k_proj", "v_proj"):
+            out[p + f"self_attn.{name}.weight"] = reads_residual(
+                p + f"self_attn.{name}.weight", p + "input_layernorm.weight", kv_heads * head_dim)
+        out[p + "self_attn.o_proj.weight"] = writes_residual(p + "self_attn.o_proj.weight", hidden)
+        for name in ("gate_proj", "up_proj"):
+            out[p + f"mlp.{name}.weight"] = reads_residual(p + f"mlp.{name}.weight", p + "post_attention_layernorm.weight")
+        out[p + "mlp.down_proj.weight"] = writes_residual(p + "mlp.down_proj.weight")
+    if set(out) != set(weights):
+        raise ValueError(f"unexpected tensors: {sorted(set(out) ^ set(weights))}")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, dst / f.name)
+    config.update(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                  rms_norm_eps=config["rms_norm_eps"] * width / hidden, tie_word_embeddings=False, torch_dtype="float32")
+    save_file({k: v.to(torch.float32).contiguous() for k, v in out.items()}, dst / "model.safetensors",
+              metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
