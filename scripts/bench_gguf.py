@@ -83,8 +83,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eval-tokens", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=2048)
-    ap.add_argument("--model", type=Path, help="an HF checkpoint directory, e.g. a run's merged/ (default: the built-in model)")
-    ap.add_argument("--dense", action="store_true", help="the built-in model with dense 768-wide weights (see above)")
+    which = ap.add_mutually_exclusive_group()  # --dense always rewrites the built-in model into one cached directory
+    which.add_argument("--model", type=Path, help="an HF checkpoint directory, e.g. a run's merged/ (default: the built-in model)")
+    which.add_argument("--dense", action="store_true", help="the built-in model with dense 768-wide weights (see above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     quants = args.quants.split(",")

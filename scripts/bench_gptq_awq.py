@@ -140,7 +140,7 @@ def load_data(model_path: Path, n_samples: int, seq_len: int, seed: int):
                       for i, row in enumerate(ids)]
     return {
         "tokenizer": tokenizer, "calib": calib, "answer_rows": prepared.validation, "all_rows": all_token_rows,
-        "prompts": prepared.eval_prompts, "eval_cfg": loaded.recipe.evaluation, "shared_prefix": shared,
+        "prompts": prepared.eval_prompts, "eval_cfg": loaded.recipe.evaluation,
     }
 
 

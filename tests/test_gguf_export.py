@@ -170,11 +170,11 @@ def hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
-def llama_cpp_model(path: Path):
+def llama_cpp_model(path: Path, n_ctx: int = 256):
     import llama_cpp
 
     # F32 KV cache: the default F16 cache alone moves logits by ~1e-3
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
                            n_threads=1, type_k=0, type_v=0)
 
 
@@ -559,9 +559,10 @@ def test_dense_model_is_the_builtin_model(builtin_dir, dense_dir):
         ref = AutoModelForCausalLM.from_pretrained(builtin_dir, dtype=torch.float32)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)(ids).logits
     assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
-    blocks = load_file(dense_dir / "model.safetensors")["model.layers.3.mlp.down_proj.weight"].reshape(-1, 32)[:64]
+    weights = load_file(dense_dir / "model.safetensors")
+    blocks = weights["model.layers.3.mlp.down_proj.weight"].reshape(-1, 32)[:64]
     assert min(len(torch.unique(b)) for b in blocks) == 32  # no longer a 16-level Q4_1 grid
-    names = [(hf_to_gguf_name(n), tuple(t.shape)) for n, t in load_file(dense_dir / "model.safetensors").items()]
+    names = [(hf_to_gguf_name(n), tuple(t.shape)) for n, t in weights.items()]
     choice = choose_types("Q4_K_M", names, 30)
     assert not choice.fallbacks and {choice.types[n] for n, shape in names if len(shape) == 2} == {Q.Q4_K, Q.Q6_K}
 
@@ -575,7 +576,6 @@ def test_quality_order(dense_dir, tmp_path):
     the built-in model itself is a dequantized Q4_1 file, on whose 16-level blocks Q4_K_M lands closer
     than Q5_K_M, and its 576-wide rows send most tensors to llama.cpp's legacy fallbacks.
     """
-    import llama_cpp
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(dense_dir)
@@ -590,8 +590,7 @@ def test_quality_order(dense_dir, tmp_path):
         if quant == "Q4_K_M":
             llama_quantize(f32, tmp_path / "llama.gguf", quant)
             assert_same_file(path, tmp_path / "llama.gguf")
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False,
-                              n_threads=1, type_k=0, type_v=0)
+        llm = llama_cpp_model(path, n_ctx=len(ids))
         llm.eval(ids)
         logp = log_softmax(np.array(llm.scores[: len(ids)], dtype=np.float64))
         reference = logp if reference is None else reference

@@ -96,6 +96,18 @@ def test_refuses_a_non_run_directory(tiny_base: Path, tmp_path: Path):
     assert (out / "precious.txt").read_text() == "not a run"
 
 
+def test_other_ranks_wait_for_rank_0s_claim(tmp_path: Path):
+    from qtune.train import _wait_for_claim
+
+    with pytest.raises(QtuneError, match="rank 0 did not claim"):
+        _wait_for_claim(tmp_path, "abc", timeout=0.5)
+    (tmp_path / rundir.RUN_FILE).write_text(json.dumps({"fingerprint": "other"}))
+    with pytest.raises(QtuneError, match="rank 0 did not claim"):
+        _wait_for_claim(tmp_path, "abc", timeout=0.5)
+    (tmp_path / rundir.RUN_FILE).write_text(json.dumps({"fingerprint": "abc"}))
+    _wait_for_claim(tmp_path, "abc", timeout=0.5)
+
+
 def yaml_of(run_dir: Path, **changes) -> dict:
     import yaml
 
