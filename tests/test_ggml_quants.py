@@ -1,5 +1,8 @@
 """qtune.quant.ggml_quants against ggml itself (llama-cpp-python's libggml-base) and gguf-py.
 
+Every test runs twice: with the compiled CPU encoders (the default on CPU) and with the torch
+encoders that other devices use (QTUNE_GGML_ENCODER=torch).
+
 The ggml oracle needs llama-cpp-python, which PyPI ships only as an sdist: build and install it
 with scripts/build_llama_cpp.sh. Without it those tests skip; the gguf-py and property tests run.
 """
@@ -20,6 +23,12 @@ from qtune.quant.ggml_quants import SUPPORTED_TYPES, block_size, dequantize, qua
 
 QUANT_TYPES = [t for t in SUPPORTED_TYPES if t not in (Q.F32, Q.F16, Q.BF16)]
 K_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("QTUNE_GGML_ENCODER", request.param)
+    return request.param
 
 
 # ---------------------------------------------------------------- the ggml oracle (ctypes)
@@ -320,6 +329,18 @@ def test_rejects_bad_inputs() -> None:
         quantize(torch.zeros(2, 256), Q.Q8_K)
     with pytest.raises(ValueError, match=r"uint8 data \[rows, 144\]"):
         dequantize(torch.zeros(2, 143, dtype=torch.uint8), Q.Q4_K, 256)
+
+
+def test_cpu_uses_the_compiled_encoder_by_default(encoder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qtune.quant.ggml_cpu as ggml_cpu
+
+    calls = []
+    monkeypatch.setattr(ggml_cpu, "quantize_rows", lambda *args: calls.append(args[1]))
+    quantize(torch.zeros(2, 256), Q.Q4_K)
+    assert calls == ([Q.Q4_K] if encoder == "compiled" else [])
+    monkeypatch.setenv("QTUNE_GGML_ENCODER", "fast")
+    with pytest.raises(ValueError, match="QTUNE_GGML_ENCODER must be 'compiled' or 'torch'"):
+        quantize(torch.zeros(2, 256), Q.Q4_K)
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)

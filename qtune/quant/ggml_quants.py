@@ -3,12 +3,16 @@
 ``quantize`` reproduces ``ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix)`` of
 ggml 0.25.3 (the llama.cpp bundled with llama-cpp-python 0.3.36) byte for byte, with or without an
 importance matrix, for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
-Everything is vectorized torch on the input's device; the float32 operation order of the C code is
-kept (see ``ggml_search``) so CPU and CUDA give the same bytes.
+Two encoders give the same bytes. On the CPU, ``ggml_cpu``'s compiled ports of the C loops run, as
+fast as ggml itself. On other devices (or with ``QTUNE_GGML_ENCODER=torch``) the vectorized torch
+encoders run; they keep the float32 operation order of the C code (see ``ggml_search``), so CUDA
+gives the CPU's bytes.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Callable
 
 import torch
@@ -109,6 +113,17 @@ def quantize(
     out = torch.empty(rows, row_bytes(qtype, n_per_row), dtype=torch.uint8, device=x.device)
     if rows == 0:
         return out
+    if _use_compiled_encoder(x):
+        from qtune.quant import ggml_cpu
+
+        threads = torch.get_num_threads()
+        try:
+            qw = None if imatrix is None else imatrix.detach().numpy()
+            ggml_cpu.quantize_rows(x.detach().numpy(), qtype, qw, out.numpy(), threads)
+        finally:
+            # numba's OpenMP pool can reset the process-wide OpenMP thread count that torch reads
+            torch.set_num_threads(threads)
+        return out
     bs = block_size(qtype)
     weighted = imatrix is not None and qtype != Q.Q8_0
     legacy_sigma2 = None
@@ -153,6 +168,14 @@ def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType, n_per_row: int) 
         return data.view(torch.bfloat16).to(torch.float32)
     blocks = data.view(-1, type_size(qtype)).to(torch.int32)
     return _DEQUANT[qtype](blocks).reshape(rows, n_per_row)
+
+
+def _use_compiled_encoder(x: torch.Tensor) -> bool:
+    choice = os.environ.get("QTUNE_GGML_ENCODER", "compiled")
+    if choice not in ("compiled", "torch"):
+        raise ValueError(f"QTUNE_GGML_ENCODER must be 'compiled' or 'torch', got {choice!r}")
+    # numba is a dependency, but the torch encoders keep working where it cannot be installed
+    return choice == "compiled" and x.device.type == "cpu" and importlib.util.find_spec("numba") is not None
 
 
 def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
