@@ -1,27 +1,30 @@
-"""Compiled CPU encoders for ggml's block types: scalar ports of ggml-quants.c (ggml 0.25.3), run by numba.
+"""Compiled CPU encoders for ggml's block types: ports of ggml-quants.c (ggml 0.25.3), run by numba.
 
-The torch encoders (``ggml_legacy``, ``ggml_kquants``) work on every device but pay per-operation
-overhead and memory traffic to keep the C float32 order in vectorized form. On the CPU these ports
-run the C loops themselves, compiled to machine code and parallel over rows, so they are as fast as
-ggml's own reference code and give the same bytes. The float32 order is the C expression order:
+They give the bytes of ggml's own quantizer (``ggml_quantize_chunk``) and run 2-3x faster than it on
+the k-quants. The scale searches (``make_qx_quants``, ``make_q3_quants``, ``make_qkx_quants``) run
+on every sub-block of a group of blocks at once, one sub-block per lane of an element-major buffer:
+each lane does the C code's float32 operations in the C order, and the loops across lanes compile
+to SIMD instructions. The C code searches one sub-block at a time. The float32 order is kept so:
 
 * every constant and every int used in float arithmetic is a float32 (numba would widen to float64);
 * ``error_model="numpy"`` gives IEEE results for division by zero instead of an exception;
 * bit patterns are read with a bitcast, so ``nearest_int`` and the fp16 conversion are ggml's own;
 * C's float-to-int conversions (``(int8_t)v``, ``(uint8_t)v``) go through ``_trunc_i32``, which gives
-  x86's result (INT32_MIN) for NaN and out-of-range values, as the compiled ggml does.
+  x86's result (INT32_MIN) for NaN and out-of-range values, as the compiled ggml does;
+* where C stops early (an accepted step, an unchanged pass) or skips a sub-block, a lane computes
+  the step anyway and discards the result, which leaves it as C leaves it.
 
-``quantize_rows`` is the entry point; the compiled code is cached on disk by numba after the first
-call of each type.
+The torch encoders (``ggml_legacy``, ``ggml_kquants``) are the same algorithms for other devices.
+``quantize_rows`` is the entry point; numba caches each compiled encoder on disk the first time it
+is used (a few seconds per type).
 """
 
 from __future__ import annotations
 
 from collections import namedtuple
 
-import numpy as np
-
 import numba
+import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
 from numba import prange, types
@@ -133,7 +136,30 @@ def _roundf(v):
     return t
 
 
+# ------------------------------------------------------------ lane layout
+#
+# Sub-block k (n values) of a group is lane k of an element-major buffer: xt[i * lanes + k] =
+# x[k * n + i]. With lanes == 1 the buffer is the sub-block itself.
+
+
+@_jit
+def _to_lanes(x, n, xt):
+    lanes = x.shape[0] // n
+    for k in range(lanes):
+        for i in range(n):
+            xt[i * lanes + k] = x[k * n + i]
+    return lanes
+
+
+@_jit
+def _from_lanes(Lt, n, lanes, L):
+    for k in range(lanes):
+        for i in range(n):
+            L[k * n + i] = Lt[i * lanes + k]
+
+
 # ------------------------------------------------------------ scale searches (ggml-quants.c)
+
 
 @_jit
 def _signed_absmax(x):
@@ -149,154 +175,206 @@ def _signed_absmax(x):
 
 
 @_jit
-def make_qx_quants(x, nmax, L, qw, use_qw):
-    """rmse_type=1: weights qw, or x**2. L (int32) gets 0..2*nmax-1."""
-    n = x.shape[0]
-    mx, amax = _signed_absmax(x)
-    if amax < GROUP_MAX_EPS:
-        L[:] = 0
-        return F0
-    fnmax = F(nmax)
-    iscale = -fnmax / mx
-    sumlx = F0
-    suml2 = F0
+def _lane_signed_absmax(xt, lanes, n, mx, amax):
+    """_signed_absmax of each lane into mx, amax."""
+    for k in range(lanes):
+        mx[k] = F0
+        amax[k] = F0
     for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-        L[i] = l + nmax
-        w = qw[i] if use_qw else x[i] * x[i]
-        fl = F(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
-    scale = sumlx / suml2 if suml2 != F0 else F0
-    best = scale * sumlx
-    for step in range(-9, 10):
+        o = i * lanes
+        for k in range(lanes):
+            ax = abs(xt[o + k])
+            mx[k] = xt[o + k] if ax > amax[k] else mx[k]
+            amax[k] = ax if ax > amax[k] else amax[k]
+
+
+@_jit
+def _lane_take(Lt, Lauxt, lanes, n, take):
+    """Lt = Lauxt on the lanes whose take flag is not 0."""
+    for i in range(n):
+        o = i * lanes
+        for k in range(lanes):
+            Lt[o + k] = Lauxt[o + k] if take[k] != F0 else Lt[o + k]
+
+
+@_jit
+def _zero_lane(Lt, lanes, n, k):
+    for i in range(n):
+        Lt[i * lanes + k] = 0
+
+
+@_jit
+def _lane_round_and_fit(xt, lanes, n, nmax, iscale, Lt, offset, qwt, use_qw, sumlx, suml2):
+    """l = clamp(nearest_int(iscale * x), -nmax, nmax - 1) per lane, stored as l + offset, and the
+    weighted sums sum(w x l), sum(w l l) added to sumlx, suml2 (w = qw, or x**2)."""
+    for i in range(n):
+        o = i * lanes
+        for k in range(lanes):
+            l = max(-nmax, min(nmax - 1, nearest_int(iscale[k] * xt[o + k])))
+            Lt[o + k] = l + offset
+            w = qwt[o + k] if use_qw else xt[o + k] * xt[o + k]
+            fl = F(l)
+            sumlx[k] += w * xt[o + k] * fl
+            suml2[k] += w * fl * fl
+
+
+@_jit
+def make_qx_quants(xt, lanes, n, nmax, Lt, Lauxt, qwt, use_qw, v, scale_out):
+    """make_qx_quants, rmse_type=1, on each lane: weights qw, or x**2. Lt (int32) gets 0..2*nmax-1."""
+    mx, amax, iscale, sumlx, suml2 = v[0:lanes], v[lanes : 2 * lanes], v[2 * lanes : 3 * lanes], v[3 * lanes : 4 * lanes], v[4 * lanes : 5 * lanes]
+    scale, best, take = v[5 * lanes : 6 * lanes], v[6 * lanes : 7 * lanes], v[7 * lanes : 8 * lanes]
+    fnmax = F(nmax)
+    _lane_signed_absmax(xt, lanes, n, mx, amax)
+    for step in range(-10, 10):
         if step == 0:
             continue
-        iscale = -(fnmax + F(0.1) * F(step)) / mx
-        sumlx = F0
-        suml2 = F0
-        for i in range(n):
-            fl = F(max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))))
-            w = qw[i] if use_qw else x[i] * x[i]
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        if suml2 > F0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
+        for k in range(lanes):
+            # the first pass (step -10) is C's starting point iscale = -nmax / max
+            iscale[k] = (-fnmax if step == -10 else -(fnmax + F(0.1) * F(step))) / mx[k]
+            sumlx[k] = F0
+            suml2[k] = F0
+        _lane_round_and_fit(xt, lanes, n, nmax, iscale, Lauxt, nmax, qwt, use_qw, sumlx, suml2)
+        for k in range(lanes):
+            if step == -10:
+                scale[k] = sumlx[k] / suml2[k] if suml2[k] != F0 else F0
+                best[k] = scale[k] * sumlx[k]
+                take[k] = F1
+            else:
+                taken = suml2[k] > F0 and sumlx[k] * sumlx[k] > best[k] * suml2[k]
+                scale[k] = sumlx[k] / suml2[k] if taken else scale[k]
+                best[k] = scale[k] * sumlx[k] if taken else best[k]
+                take[k] = F1 if taken else F0
+        _lane_take(Lt, Lauxt, lanes, n, take)
+    for k in range(lanes):
+        zero = amax[k] < GROUP_MAX_EPS
+        scale_out[k] = F0 if zero else scale[k]
+        if zero:
+            _zero_lane(Lt, lanes, n, k)
 
 
 @_jit
-def make_q3_quants(x, nmax, L):
-    """do_rmse=true. L (int32) gets 0..2*nmax-1."""
-    n = x.shape[0]
-    mx, amax = _signed_absmax(x)
-    if amax < GROUP_MAX_EPS:
-        L[:] = 0
-        return F0
-    iscale = -F(nmax) / mx
-    sumlx = F0
-    suml2 = F0
-    for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-        L[i] = l
-        w = x[i] * x[i]
-        sumlx += w * x[i] * F(l)
-        suml2 += w * F(l) * F(l)
+def make_q3_quants(xt, lanes, n, nmax, Lt, v, scale_out):
+    """make_q3_quants with do_rmse=true on each lane: coordinate descent on the x**2-weighted fit.
+
+    Lt (int32) gets 0..2*nmax-1. A pass that changes nothing leaves a lane as it was, so running all
+    5 passes on every lane gives what the C early exit gives.
+    """
+    mx, amax, iscale, sumlx, suml2 = v[0:lanes], v[lanes : 2 * lanes], v[2 * lanes : 3 * lanes], v[3 * lanes : 4 * lanes], v[4 * lanes : 5 * lanes]
+    _lane_signed_absmax(xt, lanes, n, mx, amax)
+    for k in range(lanes):
+        iscale[k] = -F(nmax) / mx[k]
+        sumlx[k] = F0
+        suml2[k] = F0
+    _lane_round_and_fit(xt, lanes, n, nmax, iscale, Lt, 0, xt, False, sumlx, suml2)
     for _ in range(5):
-        changed = 0
         for i in range(n):
-            w = x[i] * x[i]
-            li = F(L[i])
-            slx = sumlx - w * x[i] * li
-            if slx > F0:
-                sl2 = suml2 - w * li * li
-                new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
-                if new_l != L[i]:
-                    fn = F(new_l)
-                    slx += w * x[i] * fn
-                    sl2 += w * fn * fn
-                    if sl2 > F0 and slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        changed += 1
-        if changed == 0:
-            break
-    for i in range(n):
-        L[i] += nmax
-    return sumlx / suml2 if suml2 > F0 else F0
+            o = i * lanes
+            for k in range(lanes):
+                xi = xt[o + k]
+                w = xi * xi
+                li = F(Lt[o + k])
+                slx = sumlx[k] - w * xi * li
+                sl2 = suml2[k] - w * li * li
+                new_l = max(-nmax, min(nmax - 1, nearest_int(xi * sl2 / slx)))
+                fn = F(new_l)
+                slx_new = slx + w * xi * fn
+                sl2_new = sl2 + w * fn * fn
+                taken = (
+                    slx > F0
+                    and new_l != Lt[o + k]
+                    and sl2_new > F0
+                    and slx_new * slx_new * suml2[k] > sumlx[k] * sumlx[k] * sl2_new
+                )
+                Lt[o + k] = new_l if taken else Lt[o + k]
+                sumlx[k] = slx_new if taken else sumlx[k]
+                suml2[k] = sl2_new if taken else suml2[k]
+    for k in range(lanes):
+        zero = amax[k] < GROUP_MAX_EPS
+        scale_out[k] = F0 if zero or not suml2[k] > F0 else sumlx[k] / suml2[k]
+        if zero:
+            _zero_lane(Lt, lanes, n, k)
+        else:
+            for i in range(n):
+                Lt[i * lanes + k] += nmax
 
 
 @_jit
-def make_qkx_quants(x, weights, nmax, L, Laux, x_shifted, rmin, rdelta, nstep, use_mad):
-    """make_qkx2_quants / make_qkx3_quants with weights. Returns (scale, the_min); L gets 0..nmax."""
-    n = x.shape[0]
-    mn = x[0]
-    mx = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        if x[i] < mn:
-            mn = x[i]
-        if x[i] > mx:
-            mx = x[i]
-        w = weights[i]
-        sum_w += w
-        sum_x += w * x[i]
-    if mn > F0:
-        mn = F0
-    if mx <= mn:
-        for i in range(n):
-            L[i] = 0
-        return F0, -mn
+def make_qkx_quants(xt, wt, lanes, n, nmax, rmin, rdelta, nstep, use_mad, Lt, Lauxt, v, scale_out, min_out):
+    """make_qkx2_quants / make_qkx3_quants (weights given) on each lane. Lt gets 0..nmax; min_out = -min."""
+    mn, mx, sum_w, sum_x = v[0:lanes], v[lanes : 2 * lanes], v[2 * lanes : 3 * lanes], v[3 * lanes : 4 * lanes]
+    iscale, scale, best = v[4 * lanes : 5 * lanes], v[5 * lanes : 6 * lanes], v[6 * lanes : 7 * lanes]
+    sum_l, sum_l2, sum_xl = v[7 * lanes : 8 * lanes], v[8 * lanes : 9 * lanes], v[9 * lanes : 10 * lanes]
+    this_scale, this_min = v[10 * lanes : 11 * lanes], v[11 * lanes : 12 * lanes]
+    cur, D = v[12 * lanes : 13 * lanes], v[13 * lanes : 14 * lanes]
     fnmax = F(nmax)
-    iscale = fnmax / (mx - mn)
-    scale = F1 / iscale
-    best = F0
+    for k in range(lanes):
+        mn[k] = xt[k]
+        mx[k] = xt[k]
+        sum_w[k] = wt[k]
+        sum_x[k] = wt[k] * xt[k]
+    for i in range(1, n):
+        o = i * lanes
+        for k in range(lanes):
+            xv = xt[o + k]
+            mn[k] = xv if xv < mn[k] else mn[k]
+            mx[k] = xv if xv > mx[k] else mx[k]
+            sum_w[k] += wt[o + k]
+            sum_x[k] += wt[o + k] * xv
+    for k in range(lanes):
+        mn[k] = F0 if mn[k] > F0 else mn[k]
+        iscale[k] = fnmax / (mx[k] - mn[k])
+        scale[k] = F1 / iscale[k]
+        best[k] = F0
     for i in range(n):
-        L[i] = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
-        diff = scale * F(L[i]) + mn - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        best += weights[i] * diff
-    for i in range(n):
-        x_shifted[i] = x[i] - mn  # recomputed whenever a step moves mn
+        o = i * lanes
+        for k in range(lanes):
+            l = max(0, min(nmax, nearest_int(iscale[k] * (xt[o + k] - mn[k]))))
+            Lt[o + k] = l
+            diff = scale[k] * F(l) + mn[k] - xt[o + k]
+            best[k] += wt[o + k] * (abs(diff) if use_mad else diff * diff)
     for step in range(nstep + 1):
-        iscale = (rmin + rdelta * F(step) + fnmax) / (mx - mn)
-        sum_l = F0
-        sum_l2 = F0
-        sum_xl = F0
+        c = rmin + rdelta * F(step) + fnmax
+        for k in range(lanes):
+            iscale[k] = c / (mx[k] - mn[k])
+            sum_l[k] = F0
+            sum_l2[k] = F0
+            sum_xl[k] = F0
         for i in range(n):
-            l = max(0, min(nmax, nearest_int(iscale * x_shifted[i])))
-            Laux[i] = l
-            w = weights[i]
-            fl = F(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > F0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > F0:
-                this_min = F0
-                this_scale = sum_xl / sum_l2
-            cur = F0
-            for i in range(n):
-                diff = this_scale * F(Laux[i]) + this_min - x[i]
-                diff = abs(diff) if use_mad else diff * diff
-                cur += weights[i] * diff
-            if cur < best:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best = cur
-                scale = this_scale
-                mn = this_min
-                for i in range(n):
-                    x_shifted[i] = x[i] - mn
-    return scale, -mn
+            o = i * lanes
+            for k in range(lanes):
+                l = max(0, min(nmax, nearest_int(iscale[k] * (xt[o + k] - mn[k]))))
+                Lauxt[o + k] = l
+                wl = wt[o + k] * F(l)
+                sum_l[k] += wl
+                sum_l2[k] += wl * F(l)
+                sum_xl[k] += wl * xt[o + k]
+        for k in range(lanes):
+            D[k] = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k]
+            fit_scale = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / D[k]
+            fit_min = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / D[k]
+            clip = fit_min > F0
+            this_scale[k] = sum_xl[k] / sum_l2[k] if clip else fit_scale
+            this_min[k] = F0 if clip else fit_min
+            cur[k] = F0
+        for i in range(n):
+            o = i * lanes
+            for k in range(lanes):
+                diff = this_scale[k] * F(Lauxt[o + k]) + this_min[k] - xt[o + k]
+                cur[k] += wt[o + k] * (abs(diff) if use_mad else diff * diff)
+        for k in range(lanes):
+            # C only searches when max > min; it evaluates the error only when D > 0
+            taken = D[k] > F0 and cur[k] < best[k] and not mx[k] <= mn[k]
+            best[k] = cur[k] if taken else best[k]
+            scale[k] = this_scale[k] if taken else scale[k]
+            mn[k] = this_min[k] if taken else mn[k]
+            cur[k] = F1 if taken else F0
+        _lane_take(Lt, Lauxt, lanes, n, cur)
+    for k in range(lanes):
+        flat = mx[k] <= mn[k]
+        scale_out[k] = F0 if flat else scale[k]
+        min_out[k] = -mn[k]
+        if flat:
+            _zero_lane(Lt, lanes, n, k)
 
 
 @_jit
@@ -391,6 +469,15 @@ def _scale_min_k4(j, q):
     if j < 4:
         return q[j] & 63, q[j + 4] & 63
     return (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+
+
+@_jit
+def _max_from_zero(x):
+    """``m = 0; if (x[i] > m) m = x[i];``"""
+    m = F0
+    for i in range(x.shape[0]):
+        m = x[i] if x[i] > m else m
+    return m
 
 
 @_jit
@@ -524,191 +611,176 @@ def _importance_weights(x, qw, sigma2, weights):
     return total
 
 
-# ------------------------------------------------------------ block encoders: x [256] -> y [type_size]
+# ------------------------------------------------------------ encoders: a group of blocks x -> y
+#
+# Each encoder takes x (a whole number of blocks of one row, at most GROUP_VALUES values), qw (the
+# importance weights of the same values, or empty) and writes the blocks' bytes into y.
+
 
 @_jit
-def _q2_k_ref(x, qw, y, s):
-    L, Laux, weights, scales, mins = s.L, s.Laux, s.weights, s.scales, s.mins
-    max_scale = F0
-    max_min = F0
-    for j in range(16):
-        xj = x[16 * j : 16 * j + 16]
-        for l in range(16):
-            weights[l] = abs(xj[l])
-        scales[j], mins[j] = make_qkx_quants(
-            xj, weights[:16], 3, L[16 * j : 16 * j + 16], Laux, s.x_shifted, F(-0.5), F(0.1), 15, True
-        )
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
-    if max_scale > F0:
-        iscale = F(15.0) / max_scale
-        for j in range(16):
-            y[j] = nearest_int(iscale * scales[j]) & 0xFF
-        _put_fp16(y, 80, max_scale / F(15.0))
+def _sub_block_weights(x, qw, n, sigma_factor, weights, sw):
+    """quantize_row_*_impl weights qw * sqrt(sigma2 + x**2), sigma2 = factor * mean(x**2) over the
+    super-block, into ``weights``; their sum per n-wide sub-block into ``sw``."""
+    for b in range(x.shape[0] // QK_K):
+        xb = x[b * QK_K : (b + 1) * QK_K]
+        sigma2 = sigma_factor * _sum_x2(xb) / F(QK_K)
+        for j in range(QK_K // n):
+            lo = b * QK_K + j * n
+            sw[lo // n] = _importance_weights(x[lo : lo + n], qw[lo : lo + n], sigma2, weights[lo : lo + n])
+
+
+@_jit
+def _q2_k(x, qw, y, s, weighted, rmin, rdelta, nstep):
+    values = x.shape[0]
+    if weighted:
+        _sub_block_weights(x, qw, 16, F1, s.buf, s.sw)
     else:
-        for j in range(16):
-            y[j] = 0
-        _put_fp16(y, 80, F0)
-    if max_min > F0:
-        iscale = F(15.0) / max_min
-        for j in range(16):
-            y[j] |= (nearest_int(iscale * mins[j]) << 4) & 0xFF
-        _put_fp16(y, 82, max_min / F(15.0))
+        for i in range(values):
+            s.buf[i] = abs(x[i])
+    lanes = _to_lanes(x, 16, s.xt)
+    _to_lanes(s.buf[:values], 16, s.wt)
+    make_qkx_quants(s.xt, s.wt, lanes, 16, 3, rmin, rdelta, nstep, not weighted, s.Lt, s.Lauxt, s.v, s.scales, s.mins)
+    _from_lanes(s.Lt, 16, lanes, s.L)
+    for b in range(values // QK_K):
+        yb = y[84 * b : 84 * b + 84]
+        scales, mins = s.scales[16 * b : 16 * b + 16], s.mins[16 * b : 16 * b + 16]
+        if weighted:
+            sw = s.sw[16 * b : 16 * b + 16]
+            _put_fp16(yb, 80, make_qp_quants(scales, 15, s.Ls, sw))
+            _put_fp16(yb, 82, make_qp_quants(mins, 15, s.Lm, sw))
+            for j in range(16):
+                yb[j] = (s.Ls[j] | (s.Lm[j] << 4)) & 0xFF
+        else:
+            max_scale, max_min = _max_from_zero(scales), _max_from_zero(mins)
+            for j in range(16):
+                yb[j] = 0
+            if max_scale > F0:
+                iscale = F(15.0) / max_scale
+                for j in range(16):
+                    yb[j] = nearest_int(iscale * scales[j]) & 0xFF
+            _put_fp16(yb, 80, max_scale / F(15.0) if max_scale > F0 else F0)
+            if max_min > F0:
+                iscale = F(15.0) / max_min
+                for j in range(16):
+                    yb[j] |= (nearest_int(iscale * mins[j]) << 4) & 0xFF
+            _put_fp16(yb, 82, max_min / F(15.0) if max_min > F0 else F0)
+        _q2_finish(x[QK_K * b : QK_K * (b + 1)], s.L[QK_K * b : QK_K * (b + 1)], yb)
+
+
+@_jit
+def _q3_k(x, qw, y, s, weighted):
+    values = x.shape[0]
+    lanes = _to_lanes(x, 16, s.xt)
+    if weighted:
+        _sub_block_weights(x, qw, 16, F(2.0), s.buf, s.sw)
+        _to_lanes(s.buf[:values], 16, s.wt)
+        make_qx_quants(s.xt, lanes, 16, 4, s.Lt, s.Lauxt, s.wt, True, s.v, s.scales)
     else:
-        _put_fp16(y, 82, F0)
-    _q2_finish(x, L, y)
+        make_q3_quants(s.xt, lanes, 16, 4, s.Lt, s.v, s.scales)
+    _from_lanes(s.Lt, 16, lanes, s.L)
+    for b in range(values // QK_K):
+        xb, yb, L = x[QK_K * b : QK_K * (b + 1)], y[110 * b : 110 * b + 110], s.L[QK_K * b : QK_K * (b + 1)]
+        scales = s.scales[16 * b : 16 * b + 16]
+        for j in range(96, 108):
+            yb[j] = 0
+        if weighted:
+            make_qx_quants(scales, 1, 16, 32, s.Ls, s.Lm, s.sw[16 * b : 16 * b + 16], True, s.v, s.tail)
+            for j in range(16):
+                _q3_pack_scale(yb[96:108], j, s.Ls[j])
+            _put_fp16(yb, 108, s.tail[0])
+        else:
+            max_scale, _ = _signed_absmax(scales)
+            if max_scale != F0:
+                iscale = F(-32.0) / max_scale
+                for j in range(16):
+                    l = max(-32, min(31, _i8(nearest_int(iscale * scales[j])))) + 32
+                    _q3_pack_scale(yb[96:108], j, l)
+                _put_fp16(yb, 108, F1 / iscale)
+            else:
+                _put_fp16(yb, 108, F0)
+        _q3_finish(xb, L, yb)
 
 
 @_jit
-def _q2_k_impl(x, qw, y, s):
-    L, Laux, weights, scales, mins, sw, Ls, Lm = s.L, s.Laux, s.weights, s.scales, s.mins, s.sw, s.Ls, s.Lm
-    sigma2 = _sum_x2(x) / F(QK_K)
-    for j in range(16):
-        xj = x[16 * j : 16 * j + 16]
-        sw[j] = _importance_weights(xj, qw[16 * j : 16 * j + 16], sigma2, weights)
-        scales[j], mins[j] = make_qkx_quants(
-            xj, weights[:16], 3, L[16 * j : 16 * j + 16], Laux, s.x_shifted, F(-0.9), F(0.05), 36, False
-        )
-    dm = make_qp_quants(scales[:16], 15, Ls, sw[:16])
-    mm = make_qp_quants(mins[:16], 15, Lm, sw[:16])
-    _put_fp16(y, 80, dm)
-    _put_fp16(y, 82, mm)
-    for j in range(16):
-        y[j] = (Ls[j] | (Lm[j] << 4)) & 0xFF
-    _q2_finish(x, L, y)
-
-
-@_jit
-def _q3_k_ref(x, qw, y, s):
-    L, scales = s.L, s.scales
-    max_scale = F0
-    amax = F0
-    for j in range(16):
-        scales[j] = make_q3_quants(x[16 * j : 16 * j + 16], 4, L[16 * j : 16 * j + 16])
-        if abs(scales[j]) > amax:
-            amax = abs(scales[j])
-            max_scale = scales[j]
-    for j in range(96, 108):
-        y[j] = 0
-    if max_scale != F0:
-        iscale = F(-32.0) / max_scale
-        for j in range(16):
-            l = max(-32, min(31, _i8(nearest_int(iscale * scales[j])))) + 32
-            _q3_pack_scale(y[96:108], j, l)
-        _put_fp16(y, 108, F1 / iscale)
+def _q45_k(x, qw, y, s, weighted, nmax, rmin, rdelta, nstep):
+    values = x.shape[0]
+    type_bytes = 144 if nmax == 15 else 176
+    if weighted:
+        _sub_block_weights(x, qw, 32, F(2.0), s.buf, s.sw)
     else:
-        _put_fp16(y, 108, F0)
-    _q3_finish(x, L, y)
+        for j in range(values // 32):
+            xj = x[32 * j : 32 * j + 32]
+            av_x = np.sqrt(_sum_x2(xj) / F(32.0))
+            for l in range(32):
+                s.buf[32 * j + l] = av_x + abs(xj[l])
+    lanes = _to_lanes(x, 32, s.xt)
+    _to_lanes(s.buf[:values], 32, s.wt)
+    make_qkx_quants(s.xt, s.wt, lanes, 32, nmax, rmin, rdelta, nstep, False, s.Lt, s.Lauxt, s.v, s.scales, s.mins)
+    _from_lanes(s.Lt, 32, lanes, s.L)
+    Ls, Lm = s.Ls, s.Lm
+    for b in range(values // QK_K):
+        yb = y[type_bytes * b : type_bytes * (b + 1)]
+        scales, mins = s.scales[8 * b : 8 * b + 8], s.mins[8 * b : 8 * b + 8]
+        if weighted:
+            sw = s.sw[8 * b : 8 * b + 8]
+            d = make_qp_quants(scales, 63, Ls, sw)
+            dmin = make_qp_quants(mins, 63, Lm, sw)
+            if nmax == 31:
+                for j in range(8):
+                    Ls[j] = min(63, Ls[j])
+                    Lm[j] = min(63, Lm[j])
+        else:
+            max_scale, max_min = _max_from_zero(scales), _max_from_zero(mins)
+            inv_scale = F(63.0) / max_scale if max_scale > F0 else F0
+            inv_min = F(63.0) / max_min if max_min > F0 else F0
+            for j in range(8):
+                Ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+                Lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+            d = max_scale / F(63.0)
+            dmin = max_min / F(63.0)
+        _pack_scale_min_k4(Ls, Lm, yb[4:16])
+        _put_fp16(yb, 0, d)
+        _put_fp16(yb, 2, dmin)
+        _q45_finish(x[QK_K * b : QK_K * (b + 1)], s.L[QK_K * b : QK_K * (b + 1)], yb, nmax)
 
 
 @_jit
-def _q3_k_impl(x, qw, y, s):
-    L, weights, scales, sw, Ls = s.L, s.weights, s.scales, s.sw, s.Ls
-    sigma2 = F(2.0) * _sum_x2(x) / F(QK_K)
-    for j in range(16):
-        xj = x[16 * j : 16 * j + 16]
-        sw[j] = _importance_weights(xj, qw[16 * j : 16 * j + 16], sigma2, weights)
-        scales[j] = make_qx_quants(xj, 4, L[16 * j : 16 * j + 16], weights[:16], True)
-    for j in range(96, 108):
-        y[j] = 0
-    d_block = make_qx_quants(scales[:16], 32, Ls, sw[:16], True)
-    for j in range(16):
-        _q3_pack_scale(y[96:108], j, Ls[j])
-    _put_fp16(y, 108, d_block)
-    _q3_finish(x, L, y)
-
-
-@_jit
-def _q45_k_ref(x, qw, y, s, nmax, rmin, nstep):
-    L, Laux, weights, scales, mins, Ls, Lm = s.L, s.Laux, s.weights, s.scales, s.mins, s.Ls, s.Lm
-    max_scale = F0
-    max_min = F0
-    for j in range(8):
-        xj = x[32 * j : 32 * j + 32]
-        av_x = np.sqrt(_sum_x2(xj) / F(32.0))
-        for l in range(32):
-            weights[l] = av_x + abs(xj[l])
-        scales[j], mins[j] = make_qkx_quants(
-            xj, weights, nmax, L[32 * j : 32 * j + 32], Laux, s.x_shifted, rmin, F(0.1), nstep, False
-        )
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
-    inv_scale = F(63.0) / max_scale if max_scale > F0 else F0
-    inv_min = F(63.0) / max_min if max_min > F0 else F0
-    for j in range(8):
-        Ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
-        Lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-    _pack_scale_min_k4(Ls, Lm, y[4:16])
-    _put_fp16(y, 0, max_scale / F(63.0))
-    _put_fp16(y, 2, max_min / F(63.0))
-    _q45_finish(x, L, y, nmax)
-
-
-@_jit
-def _q45_k_impl(x, qw, y, s, nmax):
-    L, Laux, weights, scales, mins, sw, Ls, Lm = s.L, s.Laux, s.weights, s.scales, s.mins, s.sw, s.Ls, s.Lm
-    sigma2 = F(2.0) * _sum_x2(x) / F(QK_K)
-    for j in range(8):
-        xj = x[32 * j : 32 * j + 32]
-        sw[j] = _importance_weights(xj, qw[32 * j : 32 * j + 32], sigma2, weights)
-        scales[j], mins[j] = make_qkx_quants(
-            xj, weights, nmax, L[32 * j : 32 * j + 32], Laux, s.x_shifted, F(-0.9), F(0.05), 36, False
-        )
-    d_block = make_qp_quants(scales[:8], 63, Ls, sw[:8])
-    m_block = make_qp_quants(mins[:8], 63, Lm, sw[:8])
-    if nmax == 31:
-        for j in range(8):
-            Ls[j] = min(63, Ls[j])
-            Lm[j] = min(63, Lm[j])
-    _pack_scale_min_k4(Ls, Lm, y[4:16])
-    _put_fp16(y, 0, d_block)
-    _put_fp16(y, 2, m_block)
-    _q45_finish(x, L, y, nmax)
-
-
-@_jit
-def _q6_k(x, qw, y, s, use_qw):
-    L, scales = s.L, s.scales
-    max_scale = F0
-    max_abs = F0
-    for ib in range(16):
-        scales[ib] = make_qx_quants(x[16 * ib : 16 * ib + 16], 32, L[16 * ib : 16 * ib + 16], qw[16 * ib : 16 * ib + 16], use_qw)
-        if abs(scales[ib]) > max_abs:
-            max_abs = abs(scales[ib])
-            max_scale = scales[ib]
-    if max_abs < GROUP_MAX_EPS:
-        for j in range(210):
-            y[j] = 0
-        return
-    iscale = F(-128.0) / max_scale
-    _put_fp16(y, 208, F1 / iscale)
-    d_all = fp16_round(F1 / iscale)
-    for ib in range(16):
-        y[192 + ib] = min(127, nearest_int(iscale * scales[ib])) & 0xFF
-    for j in range(16):
-        d = d_all * F(_i8(y[192 + j]))
-        if d == F0:
+def _q6_k(x, qw, y, s, weighted):
+    values = x.shape[0]
+    lanes = _to_lanes(x, 16, s.xt)
+    if weighted:
+        _to_lanes(qw, 16, s.wt)
+    make_qx_quants(s.xt, lanes, 16, 32, s.Lt, s.Lauxt, s.wt, weighted, s.v, s.scales)
+    _from_lanes(s.Lt, 16, lanes, s.L)
+    for b in range(values // QK_K):
+        xb, yb, L = x[QK_K * b : QK_K * (b + 1)], y[210 * b : 210 * (b + 1)], s.L[QK_K * b : QK_K * (b + 1)]
+        scales = s.scales[16 * b : 16 * b + 16]
+        max_scale, max_abs = _signed_absmax(scales)
+        if max_abs < GROUP_MAX_EPS:
+            yb[:] = 0
             continue
-        for ii in range(16):
-            L[16 * j + ii] = max(-32, min(31, nearest_int(x[16 * j + ii] / d))) + 32
-    for j in range(0, QK_K, 128):
-        ql = j // 2
-        qh = 128 + j // 4
-        for l in range(32):
-            q1 = L[j + l] & 0xF
-            q2 = L[j + l + 32] & 0xF
-            q3 = L[j + l + 64] & 0xF
-            q4 = L[j + l + 96] & 0xF
-            y[ql + l] = q1 | (q3 << 4)
-            y[ql + l + 32] = q2 | (q4 << 4)
-            y[qh + l] = (L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4) | ((L[j + l + 96] >> 4) << 6)
+        iscale = F(-128.0) / max_scale
+        _put_fp16(yb, 208, F1 / iscale)
+        d_all = fp16_round(F1 / iscale)
+        for ib in range(16):
+            yb[192 + ib] = min(127, nearest_int(iscale * scales[ib])) & 0xFF
+        for j in range(16):
+            d = d_all * F(_i8(yb[192 + j]))
+            if d == F0:
+                continue
+            for ii in range(16):
+                L[16 * j + ii] = max(-32, min(31, nearest_int(xb[16 * j + ii] / d))) + 32
+        for j in range(0, QK_K, 128):
+            ql = j // 2
+            qh = 128 + j // 4
+            for l in range(32):
+                yb[ql + l] = (L[j + l] & 0xF) | ((L[j + l + 64] & 0xF) << 4)
+                yb[ql + l + 32] = (L[j + l + 32] & 0xF) | ((L[j + l + 96] & 0xF) << 4)
+                yb[qh + l] = (L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4) | ((L[j + l + 96] >> 4) << 6)
 
 
 # ------------------------------------------------------------ 32-wide legacy blocks
+
 
 @_jit
 def _min_max(x):
@@ -740,106 +812,124 @@ def _put_quants(y, offset, L, nmax):
 
 
 @_jit
-def _q4_0_q5_0_ref(x, qw, y, s, half):
-    """Q4_0 (half=8) and Q5_0 (half=16): d = max / -half, q = MIN(2*half-1, (int8_t)(x/d + half + 0.5))."""
-    d = _signed_absmax(x)[0] / F(-half)
-    inv = F1 / d if d != F0 else F0
-    _put_fp16(y, 0, d)
-    for j in range(32):
-        s.L[j] = min(2 * half - 1, _i8(_trunc_i32(x[j] * inv + F(half + 0.5)))) & 0xFF
-    _put_quants(y, 2, s.L, 2 * half - 1)
+def _q4_0_q5_0(x, qw, y, s, weighted, half):
+    """Q4_0 (half=8) and Q5_0 (half=16). Reference: d = max / -half, q = MIN(2*half-1, (int8_t)(x/d + half + 0.5))."""
+    blocks = x.shape[0] // 32
+    type_bytes = y.shape[0] // blocks
+    if weighted:
+        lanes = _to_lanes(x, 32, s.xt)
+        _to_lanes(qw, 32, s.wt)
+        make_qx_quants(s.xt, lanes, 32, half, s.Lt, s.Lauxt, s.wt, True, s.v, s.scales)
+        _from_lanes(s.Lt, 32, lanes, s.L)
+    for b in range(blocks):
+        xb, yb, L = x[32 * b : 32 * b + 32], y[type_bytes * b : type_bytes * (b + 1)], s.L[32 * b : 32 * b + 32]
+        if weighted:
+            d = s.scales[b]
+        else:
+            d = _signed_absmax(xb)[0] / F(-half)
+            inv = F1 / d if d != F0 else F0
+            for j in range(32):
+                L[j] = min(2 * half - 1, _i8(_trunc_i32(xb[j] * inv + F(half + 0.5)))) & 0xFF
+        _put_fp16(yb, 0, d)
+        _put_quants(yb, 2, L, 2 * half - 1)
 
 
 @_jit
-def _q4_1_q5_1_ref(x, qw, y, s, nmax):
-    """Q4_1 (nmax=15: MIN(15, (int8_t)q)) and Q5_1 (nmax=31: (uint8_t)q), q = (x - min)/d + 0.5."""
-    mn, mx = _min_max(x)
-    d = (mx - mn) / F(nmax)
-    inv = F1 / d if d != F0 else F0
-    _put_fp16(y, 0, d)
-    _put_fp16(y, 2, mn)
-    for j in range(32):
-        q = _trunc_i32((x[j] - mn) * inv + HALF)
-        s.L[j] = (min(15, _i8(q)) if nmax == 15 else q) & 0xFF
-    _put_quants(y, 4, s.L, nmax)
+def _q4_1_q5_1(x, qw, y, s, weighted, nmax):
+    """Q4_1 (nmax=15) and Q5_1 (nmax=31). Reference: q = (x - min)/d + 0.5, stored as MIN(15, (int8_t)q)
+    for Q4_1 and (uint8_t)q for Q5_1."""
+    blocks = x.shape[0] // 32
+    type_bytes = y.shape[0] // blocks
+    if weighted:
+        lanes = _to_lanes(x, 32, s.xt)
+        _to_lanes(qw, 32, s.wt)
+        make_qkx_quants(s.xt, s.wt, lanes, 32, nmax, F(-0.9), F(0.05), 36, False, s.Lt, s.Lauxt, s.v, s.scales, s.mins)
+        _from_lanes(s.Lt, 32, lanes, s.L)
+    for b in range(blocks):
+        xb, yb, L = x[32 * b : 32 * b + 32], y[type_bytes * b : type_bytes * (b + 1)], s.L[32 * b : 32 * b + 32]
+        if weighted:
+            d, m = s.scales[b], -s.mins[b]
+        else:
+            m, mx = _min_max(xb)
+            d = (mx - m) / F(nmax)
+            inv = F1 / d if d != F0 else F0
+            for j in range(32):
+                q = _trunc_i32((xb[j] - m) * inv + HALF)
+                L[j] = (min(15, _i8(q)) if nmax == 15 else q) & 0xFF
+        _put_fp16(yb, 0, d)
+        _put_fp16(yb, 2, m)
+        _put_quants(yb, 4, L, nmax)
 
 
 @_jit
-def _q8_0_ref(x, qw, y, s):
-    amax = F0
-    for j in range(32):
-        av = abs(x[j])
-        amax = amax if amax > av else av  # MAX(amax, fabsf(v)) takes a NaN
-    d = amax / F(127.0)
-    inv = F1 / d if d != F0 else F0
-    _put_fp16(y, 0, d)
-    for j in range(32):
-        y[2 + j] = _trunc_i32(_roundf(x[j] * inv)) & 0xFF
-
-
-@_jit
-def _q4_0_q5_0_impl(x, qw, y, s, half):
-    _put_fp16(y, 0, make_qx_quants(x, half, s.L, qw, True))
-    _put_quants(y, 2, s.L, 2 * half - 1)
-
-
-@_jit
-def _q4_1_q5_1_impl(x, qw, y, s, nmax):
-    d, the_min = make_qkx_quants(x, qw, nmax, s.L, s.Laux, s.x_shifted, F(-0.9), F(0.05), 36, False)
-    _put_fp16(y, 0, d)
-    _put_fp16(y, 2, -the_min)
-    _put_quants(y, 4, s.L, nmax)
+def _q8_0(x, qw, y, s):
+    for b in range(x.shape[0] // 32):
+        xb, yb = x[32 * b : 32 * b + 32], y[34 * b : 34 * b + 34]
+        amax = F0
+        for j in range(32):
+            av = abs(xb[j])
+            amax = amax if amax > av else av  # MAX(amax, fabsf(v)) takes a NaN
+        d = amax / F(127.0)
+        inv = F1 / d if d != F0 else F0
+        _put_fp16(yb, 0, d)
+        for j in range(32):
+            yb[2 + j] = _trunc_i32(_roundf(xb[j] * inv)) & 0xFF
 
 
 # ------------------------------------------------------------ row driver
 
-_Scratch = namedtuple("_Scratch", "L Laux x_shifted weights scales mins sw Ls Lm")
+GROUP_VALUES = 4096  # values encoded together: up to 16 super-blocks or 128 legacy blocks, one lane each sub-block
+MAX_LANES = GROUP_VALUES // 16
+
+_Scratch = namedtuple("_Scratch", "xt wt buf Lt Lauxt L v scales mins sw tail Ls Lm")
 
 
 @_jit
 def _scratch():
+    f32, i32 = np.float32, np.int32
     return _Scratch(
-        np.zeros(QK_K, np.int32), np.zeros(32, np.int32), np.zeros(32, np.float32), np.zeros(32, np.float32),
-        np.zeros(16, np.float32), np.zeros(16, np.float32), np.zeros(16, np.float32),
-        np.zeros(16, np.int32), np.zeros(16, np.int32),
+        np.zeros(GROUP_VALUES, f32), np.zeros(GROUP_VALUES, f32), np.zeros(GROUP_VALUES, f32),
+        np.zeros(GROUP_VALUES, i32), np.zeros(GROUP_VALUES, i32), np.zeros(GROUP_VALUES, i32),
+        np.zeros(14 * MAX_LANES, f32), np.zeros(MAX_LANES, f32), np.zeros(MAX_LANES, f32), np.zeros(MAX_LANES, f32),
+        np.zeros(16, f32), np.zeros(16, i32), np.zeros(16, i32),
     )
 
 
-# (qtype, with imatrix) -> (encoder number, block, type size, block encoder, its extra arguments,
-# legacy row weights). The legacy imatrix paths weight each element by qw * sqrt(sigma2 + x**2),
-# with sigma2 the mean square of the whole row; the k-quants compute their weights per super-block.
+# (qtype, with imatrix) -> (encoder number, block, type size, encoder, its extra arguments, legacy row
+# weights). The legacy imatrix paths weight each element by qw * sqrt(sigma2 + x**2), with sigma2 the
+# mean square of the whole row; the k-quants compute their weights per super-block.
 _ENCODERS = {}
-for _qtype, _block, _size, _ref, _impl, _row_weights in (
-    (Q.Q4_0, 32, 18, (_q4_0_q5_0_ref, (8,)), (_q4_0_q5_0_impl, (8,)), True),
-    (Q.Q4_1, 32, 20, (_q4_1_q5_1_ref, (15,)), (_q4_1_q5_1_impl, (15,)), True),
-    (Q.Q5_0, 32, 22, (_q4_0_q5_0_ref, (16,)), (_q4_0_q5_0_impl, (16,)), True),
-    (Q.Q5_1, 32, 24, (_q4_1_q5_1_ref, (31,)), (_q4_1_q5_1_impl, (31,)), True),
-    (Q.Q8_0, 32, 34, (_q8_0_ref, ()), (_q8_0_ref, ()), False),
-    (Q.Q2_K, QK_K, 84, (_q2_k_ref, ()), (_q2_k_impl, ()), False),
-    (Q.Q3_K, QK_K, 110, (_q3_k_ref, ()), (_q3_k_impl, ()), False),
-    (Q.Q4_K, QK_K, 144, (_q45_k_ref, (15, F(-1.0), 20)), (_q45_k_impl, (15,)), False),
-    (Q.Q5_K, QK_K, 176, (_q45_k_ref, (31, F(-0.5), 15)), (_q45_k_impl, (31,)), False),
-    (Q.Q6_K, QK_K, 210, (_q6_k, (False,)), (_q6_k, (True,)), False),
+for _qtype, _block, _size, _encoder, _ref, _impl, _row_weights in (
+    (Q.Q4_0, 32, 18, _q4_0_q5_0, (False, 8), (True, 8), True),
+    (Q.Q4_1, 32, 20, _q4_1_q5_1, (False, 15), (True, 15), True),
+    (Q.Q5_0, 32, 22, _q4_0_q5_0, (False, 16), (True, 16), True),
+    (Q.Q5_1, 32, 24, _q4_1_q5_1, (False, 31), (True, 31), True),
+    (Q.Q8_0, 32, 34, _q8_0, (), (), False),
+    (Q.Q2_K, QK_K, 84, _q2_k, (False, F(-0.5), F(0.1), 15), (True, F(-0.9), F(0.05), 36), False),
+    (Q.Q3_K, QK_K, 110, _q3_k, (False,), (True,), False),
+    (Q.Q4_K, QK_K, 144, _q45_k, (False, 15, F(-1.0), F(0.1), 20), (True, 15, F(-0.9), F(0.05), 36), False),
+    (Q.Q5_K, QK_K, 176, _q45_k, (False, 31, F(-0.5), F(0.1), 15), (True, 31, F(-0.9), F(0.05), 36), False),
+    (Q.Q6_K, QK_K, 210, _q6_k, (False,), (True,), False),
 ):
-    _ENCODERS[_qtype, False] = (len(_ENCODERS), _block, _size, *_ref, False)
-    _ENCODERS[_qtype, True] = (len(_ENCODERS), _block, _size, *_impl, _row_weights)
-_BLOCK_ENCODERS = [entry[3:5] for entry in _ENCODERS.values()]
+    _ENCODERS[_qtype, False] = (len(_ENCODERS), _block, _size, _encoder, _ref, False)
+    _ENCODERS[_qtype, True] = (len(_ENCODERS), _block, _size, _encoder, _impl, _row_weights)
+_GROUP_ENCODERS = [entry[3:5] for entry in _ENCODERS.values()]
 
 
-def _encode_block(encoder, x, qw, y, s):
+def _encode_group(encoder, x, qw, y, s):
     raise NotImplementedError  # replaced in compiled code by the overload below
 
 
-@overload(_encode_block)
-def _encode_block_overload(encoder, x, qw, y, s):
+@overload(_encode_group)
+def _encode_group_overload(encoder, x, qw, y, s):
     # The encoder number is a compile-time literal, so each row-driver specialization compiles
-    # (and caches) only its own block encoder.
+    # (and caches) only its own encoder.
     if not isinstance(encoder, types.IntegerLiteral):
         raise numba.errors.TypingError("the encoder number must be a literal")
-    block_encoder, extra = _BLOCK_ENCODERS[encoder.literal_value]
+    group_encoder, extra = _GROUP_ENCODERS[encoder.literal_value]
 
     def impl(encoder, x, qw, y, s):
-        block_encoder(x, qw, y, s, *extra)
+        group_encoder(x, qw, y, s, *extra)
 
     return impl
 
@@ -848,6 +938,8 @@ def _encode_block_overload(encoder, x, qw, y, s):
 def _encode_rows(encoder, block, type_bytes, row_weights, x, qw, out):
     numba.literally(encoder)
     rows, n = x.shape
+    blocks = n // block
+    group = max(1, GROUP_VALUES // block)
     chunks = min(rows, 256)  # scratch buffers are allocated once per chunk of rows
     for c in prange(chunks):
         s = _scratch()
@@ -858,15 +950,16 @@ def _encode_rows(encoder, block, type_bytes, row_weights, x, qw, out):
                 sigma2 = _sum_x2(xr) / F(n)
                 for j in range(n):
                     weights[j] = qw[j] * np.sqrt(sigma2 + xr[j] * xr[j])
-            for b in range(n // block):
+            for g0 in range(0, blocks, group):
+                lo, hi = g0 * block, min(blocks, g0 + group) * block
                 if row_weights:
-                    wb = weights[b * block : (b + 1) * block]
+                    wg = weights[lo:hi]
                 elif qw.shape[0]:
-                    wb = qw[b * block : (b + 1) * block]
+                    wg = qw[lo:hi]
                 else:
-                    wb = qw
-                yb = out[r, b * type_bytes : (b + 1) * type_bytes]
-                _encode_block(encoder, xr[b * block : (b + 1) * block], wb, yb, s)
+                    wg = qw
+                yg = out[r, g0 * type_bytes : min(blocks, g0 + group) * type_bytes]
+                _encode_group(encoder, xr[lo:hi], wg, yg, s)
 
 
 SUPPORTED_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -881,10 +974,20 @@ def quantize_rows(
     spread over ``threads`` threads. The first call of a type compiles its encoder (a few
     seconds), later processes load it from numba's cache.
     """
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be a writeable C-contiguous array")
     weighted = imatrix is not None and qtype != Q.Q8_0
     encoder, block, type_bytes, _, _, row_weights = _ENCODERS[qtype, weighted]
+    x = np.ascontiguousarray(x, dtype=np.float32)
     qw = np.ascontiguousarray(imatrix, dtype=np.float32) if weighted else np.zeros(0, np.float32)
-    args = (block, type_bytes, row_weights, np.ascontiguousarray(x, dtype=np.float32), qw, out)
+    rows, n = x.shape
+    if not row_weights:
+        # Blocks only see their own values and their column's importance, so short rows can be
+        # joined into longer ones: more sub-blocks are searched side by side.
+        merge = max(d for d in range(1, max(1, GROUP_VALUES // n) + 1) if rows % d == 0)
+        x, out = x.reshape(rows // merge, merge * n), out.reshape(rows // merge, -1)
+        qw = np.tile(qw, merge) if weighted else qw
+    args = (block, type_bytes, row_weights, x, qw, out)
     signature = (types.literal(encoder), *(numba.typeof(a) for a in args))
     if signature not in _encode_rows.overloads:
         _encode_rows.compile(signature)  # or load it from numba's cache
