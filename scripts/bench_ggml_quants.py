@@ -5,13 +5,16 @@
 
 ggml gets the same number of CPU threads (row slices quantized in parallel, as llama-quantize
 does). The ggml column needs llama-cpp-python (scripts/build_llama_cpp.sh); without it only our
-timings are printed. Every run also checks that both produce the same bytes.
+timings are printed. Every run also checks that both produce the same bytes. Each encoder is warmed
+up first (on CPU that loads or compiles it), then the two are timed alternately, median of --repeats.
+QTUNE_GGML_ENCODER=torch times the torch encoders on CPU instead of the compiled ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import statistics
 import importlib.util
 import pathlib
 import time
@@ -69,6 +72,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -79,25 +83,33 @@ def main() -> None:
     qwt = torch.from_numpy(imatrix).to(args.device)
     fn = load_ggml_quantize_chunk()
 
-    # warm-up (CUDA context, allocator) on a slice
-    quantize(xt[: min(8, args.rows)], GGMLQuantizationType.Q4_K)
+    def ours(qtype: GGMLQuantizationType, qw: torch.Tensor | None) -> torch.Tensor:
+        data = quantize(xt, qtype, qw)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return data
 
-    print(f"[{args.rows}, {args.cols}] float32, {args.threads} CPU threads, ours on {args.device}")
+    print(f"[{args.rows}, {args.cols}] float32, {args.threads} CPU threads, ours on {args.device}, "
+          f"median of {args.repeats}")
     print(f"{'type':6} {'imatrix':8} {'ours s':>9} {'ggml s':>9} {'ours/ggml':>10}  bytes")
     for name in args.types:
         qtype = GGMLQuantizationType[name]
         for qw_np, qw_t in ((None, None), (imatrix, qwt)):
-            ours, t_ours = timed(lambda: quantize(xt, qtype, qw_t))
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-                ours, t_ours = timed(lambda: (quantize(xt, qtype, qw_t), torch.cuda.synchronize())[0])
+            quantize(xt[: min(8, args.rows)], qtype, qw_t)  # warm-up: compiled encoder, CUDA context
+            t_ours, t_ref = [], []
+            for _ in range(args.repeats):
+                data, t = timed(lambda: ours(qtype, qw_t))
+                t_ours.append(t)
+                if fn is not None:
+                    ref, t = timed(lambda: ggml_quantize(fn, x, qtype, qw_np, args.threads))
+                    t_ref.append(t)
+            mine = statistics.median(t_ours)
             if fn is None:
-                print(f"{name:6} {str(qw_np is not None):8} {t_ours:9.3f} {'-':>9} {'-':>10}  (no llama_cpp)")
+                print(f"{name:6} {str(qw_np is not None):8} {mine:9.3f} {'-':>9} {'-':>10}  (no llama_cpp)")
                 continue
-            ref, t_ref = timed(lambda: ggml_quantize(fn, x, qtype, qw_np, args.threads))
-            same = "equal" if np.array_equal(ours.cpu().numpy(), ref) else "DIFFER"
-            print(f"{name:6} {str(qw_np is not None):8} {t_ours:9.3f} {t_ref:9.3f} {t_ours / t_ref:10.1f}  {same}")
-
+            theirs = statistics.median(t_ref)
+            same = "equal" if np.array_equal(data.cpu().numpy(), ref) else "DIFFER"
+            print(f"{name:6} {str(qw_np is not None):8} {mine:9.3f} {theirs:9.3f} {mine / theirs:10.2f}  {same}")
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import statistics
 import tempfile
 import time
@@ -180,6 +181,24 @@ def quality(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path, quants: 
         print(f"| {quant:8} | {who:9} | {im:7} | {ppl:8.4f} | {kl:10.6f} | {size / 2**20:7.2f} |")
 
 
+def convert_and_quantize(ckpt: Path, tmp: Path, threads: int) -> float | None:
+    """Seconds for llama.cpp's own route from an HF checkpoint: convert_hf_to_gguf.py to F32, then quantize."""
+    import os
+    import subprocess
+    import sys
+
+    sources = sorted(ROOT.glob(".cache/sdist/llama_cpp_python-*/vendor/llama.cpp"))
+    if not sources or importlib.util.find_spec("sentencepiece") is None:
+        return None  # the converter needs llama.cpp's sources (scripts/setup.sh --test) and sentencepiece
+    converted = tmp / "converted.gguf"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, str(sources[-1] / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f32",
+                    "--outfile", str(converted)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(sources[-1] / "gguf-py")})
+    llama_quantize(converted, tmp / "converted-Q4_K_M.gguf", "Q4_K_M", threads)
+    return time.perf_counter() - t
+
+
 def speed(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path) -> None:
     """Q4_K_M export time against llama_model_quantize; the two alternate so machine load hits both alike."""
     t = time.perf_counter()
@@ -194,12 +213,15 @@ def speed(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path) -> None:
         llama_quantize(f32, tmp / "theirs.gguf", "Q4_K_M", args.threads)
         theirs_t.append(time.perf_counter() - t)
     same = (tmp / "ours.gguf").read_bytes() == (tmp / "theirs.gguf").read_bytes()
+    from_hf = convert_and_quantize(ckpt, tmp, args.threads)
     ours_m, theirs_m = statistics.median(ours_t), statistics.median(theirs_t)
     print(f"\nQ4_K_M speed, {args.threads} thread(s), median of {args.repeats} alternated runs")
     print("| quantizer | seconds | runs |")
     print("|-----------|---------|------|")
     print(f"| qtune export_gguf (safetensors -> gguf) | {ours_m:.2f} | {', '.join(f'{t:.2f}' for t in ours_t)} |")
     print(f"| llama_model_quantize (F32 gguf -> gguf) | {theirs_m:.2f} | {', '.join(f'{t:.2f}' for t in theirs_t)} |")
+    if from_hf is not None:
+        print(f"| llama.cpp from the checkpoint: convert_hf_to_gguf.py (F32) + quantize, one run | {from_hf:.2f} | |")
     print(f"ratio qtune / llama.cpp: {ours_m / theirs_m:.2f}x; files byte-identical: {same}")
     print(f"first Q4_K_M export of the process (imports numba, loads or compiles the encoders): {first:.2f} s")
 
