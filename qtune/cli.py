@@ -44,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by qtune train")
     p.add_argument("--no-tracking", action="store_true", help="write the files only; log nothing to W&B")
 
-    p = commands.add_parser("export", help="re-quantize a run's merged model (or any HF checkpoint) to GGUF, GPTQ or AWQ")
+    p = commands.add_parser("export", help="re-quantize a run's merged model (or any HF checkpoint) to GGUF, GPTQ or AWQ, "
+                                           "or write a run's adapter as a GGUF LoRA")
     p.add_argument("source", help="a run directory (its merged model is used) or an HF checkpoint directory")
-    p.add_argument("--format", required=True, choices=["gguf", "gptq", "awq"])
-    p.add_argument("--quant", default="Q4_K_M", help="GGUF type or mix, e.g. Q4_K_M, Q5_K_M, Q8_0, F16 (default Q4_K_M)")
+    p.add_argument("--format", required=True, choices=["gguf", "gptq", "awq", "gguf-lora"],
+                   help="gguf-lora: the run's LoRA adapter alone, for llama.cpp --lora or Ollama's ADAPTER")
+    p.add_argument("--quant", help="GGUF type or mix, e.g. Q4_K_M, Q5_K_M, Q8_0, F16 (default Q4_K_M; gguf-lora: F16)")
     p.add_argument("--output", help="output file (GGUF) or directory (GPTQ/AWQ); default: RUN_DIR/exports/<name>")
     p.add_argument("--bits", type=int, default=4, help="GPTQ: 2, 3, 4 or 8; AWQ: 4 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 for one group per row (default 128)")
@@ -145,8 +147,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from qtune.recipe import ExportTarget
 
         try:
+            quant = {"quant": args.quant} if args.quant else {}
             target = ExportTarget(
-                format=args.format, quant=args.quant, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                format=args.format, **quant, bits=args.bits, group_size=args.group_size, sym=not args.asym,
                 act_order=args.act_order, group_aware=not args.no_group_aware, damp=args.damp,
                 rounding=args.awq_rounding, calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
                 imatrix=not args.no_imatrix,

@@ -1,4 +1,5 @@
-"""Exports: the merged model re-quantized into deployable files (GGUF, GPTQ, AWQ).
+"""Exports: the merged model re-quantized into deployable files (GGUF, GPTQ, AWQ), or the adapter alone
+as a GGUF LoRA.
 
 An export starts from a run directory (its merged model, calibrated on its own training data) or from
 any HF checkpoint directory (calibrated on ``calibration``). Every output is written under a temporary
@@ -30,6 +31,7 @@ class ExportSource:
     data: DataSection | None
     base_dir: Path
     exports_dir: Path
+    adapter: Path | None = None
 
 
 def resolve_source(path: Path) -> ExportSource:
@@ -41,7 +43,9 @@ def resolve_source(path: Path) -> ExportSource:
 
             merge_run(path)
         loaded = rundir.load_run_recipe(path)
-        return ExportSource(path / rundir.MERGED_DIR, loaded.recipe.data, loaded.base_dir, path / "exports")
+        adapter = path / rundir.ADAPTER_DIR
+        return ExportSource(path / rundir.MERGED_DIR, loaded.recipe.data, loaded.base_dir, path / "exports",
+                            adapter if adapter.is_dir() else None)
     if (path / "config.json").is_file():
         return ExportSource(path, None, path, path.parent / f"{path.name}-exports")
     raise QtuneError(f"{path} is neither a qtune run directory nor a Hugging Face checkpoint (no config.json)")
@@ -76,6 +80,8 @@ def export(path: Path, target: ExportTarget, output: Path | None = None, overwri
     try:
         if target.format == "gguf":
             report = _export_gguf(source, target, tokenizer, output)
+        elif target.format == "gguf-lora":
+            report = _export_gguf_lora(source, target, output)
         else:
             report = _export_gptq_awq(source, target, tokenizer, output, overwrite)
     except ValueError as exc:  # the quantizers' own checks: shapes, group sizes, non-finite weights
@@ -91,6 +97,17 @@ def export(path: Path, target: ExportTarget, output: Path | None = None, overwri
 
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _export_gguf_lora(source: ExportSource, target: ExportTarget, output: Path) -> dict:
+    from qtune.formats.gguf import export_gguf_lora
+
+    if source.adapter is None:
+        raise QtuneError(f"a GGUF LoRA export needs a qtune run directory with a trained adapter; {source.checkpoint} has none")
+    report = export_gguf_lora(source.adapter, source.checkpoint, output, target.quant)
+    log.info("LoRA adapter: rank %d, alpha %g, %d tensors; apply it to a GGUF of the base model", report.rank,
+             report.alpha, report.tensors)
+    return {"rank": report.rank, "alpha": report.alpha, "tensors": report.tensors}
 
 
 def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: Path) -> dict:

@@ -142,6 +142,15 @@ def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Pa
     raise QtuneError(f"unknown artifact '{name}'; this run has: {', '.join(available_artifacts(run_dir))}")
 
 
+def _is_adapter(path: Path) -> bool:
+    from qtune.formats.gguf import read_gguf_header
+
+    try:
+        return read_gguf_header(path)[0].get("general.type") == "adapter"
+    except QtuneError:
+        return False
+
+
 def available_artifacts(run_dir: Path) -> list[str]:
     present = ["base"]
     if (run_dir / rundir.ADAPTER_DIR).is_dir():
@@ -151,7 +160,7 @@ def available_artifacts(run_dir: Path) -> list[str]:
     exports = run_dir / "exports"
     if exports.is_dir():
         present += sorted(p.name for p in exports.iterdir()
-                          if (p.is_dir() and is_w4a16_checkpoint(p)) or (p.is_file() and p.suffix == ".gguf"))
+                          if (p.is_dir() and is_w4a16_checkpoint(p)) or (p.is_file() and p.suffix == ".gguf" and not _is_adapter(p)))
     return present
 
 
@@ -276,7 +285,8 @@ def run(loaded: LoadedRecipe, overwrite: bool = False) -> int:
     export_names = []
     for target in loaded.recipe.export:
         name = target.default_name()
-        export_names.append(name)
+        if target.format != "gguf-lora":  # an adapter alone is not a model to score
+            export_names.append(name)
         output = run_dir / "exports" / name
         if output.exists():
             continue

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qtune.errors import QtuneError
 
@@ -182,9 +182,9 @@ GGUF_TYPES = (
 
 
 class ExportTarget(Section):
-    """One deployable file: a GGUF, or a GPTQ or AWQ checkpoint directory."""
+    """One deployable file: a GGUF, or a GPTQ or AWQ checkpoint directory, or the adapter alone as a GGUF LoRA."""
 
-    format: Literal["gguf", "gptq", "awq"]
+    format: Literal["gguf", "gptq", "awq", "gguf-lora"]
     quant: str = "Q4_K_M"
     imatrix: bool = True
     bits: int = 4
@@ -209,8 +209,17 @@ class ExportTarget(Section):
             raise ValueError(f"unknown GGUF type {value!r}{hint} (supported: {', '.join(GGUF_TYPES)})")
         return upper
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_default_type(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("format") == "gguf-lora" and "quant" not in data:
+            return {**data, "quant": "F16"}  # a LoRA adapter is stored unquantized
+        return data
+
     def problems(self) -> list[tuple[str, str]]:
         found = []
+        if self.format == "gguf-lora" and self.quant not in ("F32", "F16", "BF16"):
+            found.append(("quant", f"a GGUF LoRA adapter is written as F32, F16 or BF16, not {self.quant}"))
         if self.group_size not in (32, 64, 128, -1):
             found.append(("group_size", "must be 32, 64, 128 or -1 (one group per row)"))
         if self.format == "gptq" and self.bits not in (2, 3, 4, 8):
@@ -229,6 +238,8 @@ class ExportTarget(Section):
     def default_name(self) -> str:
         if self.format == "gguf":
             return f"model-{self.quant}.gguf"
+        if self.format == "gguf-lora":
+            return f"lora-{self.quant}.gguf"
         group = "channel" if self.group_size == -1 else f"g{self.group_size}"
         suffix = "-asym" if not self.sym and self.format == "gptq" else "-gptq" if self.format == "awq" and self.rounding == "gptq" else ""
         return f"{self.format}-{self.bits}bit-{group}{suffix}"

@@ -132,3 +132,24 @@ def test_export_names_and_awq_only_options():
     assert ExportTarget(format="awq", group_size=64).default_name() == "awq-4bit-g64"
     assert ("rounding", "rounding applies to AWQ exports (how the scaled weights are rounded)") in \
         ExportTarget(format="gptq", rounding="gptq").problems()
+
+
+def test_gguf_lora_export_from_a_run(run_dir: Path, tmp_path: Path):
+    from qtune.pipeline import available_artifacts
+
+    result = qtune_cli("export", str(run_dir), "--format", "gguf-lora")
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = run_dir / "exports" / "lora-F16.gguf"
+    reader = gguf.GGUFReader(path)
+    assert bytes(reader.fields["general.type"].parts[-1]).decode() == "adapter"
+    names = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert names["blk.0.attn_q.weight.lora_a"] == "F16" and "blk.0.attn_q.weight.lora_b" in names
+    report = json.loads((run_dir / "exports" / "lora-F16.gguf.report.json").read_text())
+    assert report["format"] == "gguf-lora" and report["tensors"] == len(names)
+    assert "lora-F16.gguf" not in available_artifacts(run_dir), "an adapter alone is not scored as a model"
+
+    bad = qtune_cli("export", str(run_dir), "--format", "gguf-lora", "--quant", "Q4_K", "--output", str(tmp_path / "x.gguf"))
+    assert bad.returncode == 2 and "F32, F16 or BF16" in bad.stderr
+    plain = qtune_cli("export", str(run_dir / "merged"), "--format", "gguf-lora", "--output", str(tmp_path / "y.gguf"))
+    assert plain.returncode == 2 and "needs a qtune run directory with a trained adapter" in plain.stderr
+    assert not list(tmp_path.iterdir())

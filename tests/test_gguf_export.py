@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -603,3 +604,110 @@ def test_quality_order(dense_dir, tmp_path):
     order = ["F16", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M"]
     assert [ppl[q] for q in order] == sorted(ppl[q] for q in order), ppl
     assert [kl[q] for q in order] == sorted(kl[q] for q in order), kl
+
+
+def test_fast_array_packing_matches_gguf_py():
+    from qtune.formats.gguf import _Writer
+
+    V = gguf.GGUFValueType
+    ours, theirs = _Writer(path=None, arch="llama"), gguf.GGUFWriter(path=None, arch="llama")
+    tokens = ["<|im_start|>", "", "Ġthe", "é", "日本", "\n", b"raw bytes".decode()] * 3
+    for val, sub_type in ((tokens, V.STRING), ([0, 1, -3, 2**31 - 1, -(2**31)], V.INT32), ([1.5, 2.0], V.FLOAT32)):
+        for add_vtype in (True, False):
+            assert ours._pack_val(val, V.ARRAY, add_vtype, sub_type) == theirs._pack_val(val, V.ARRAY, add_vtype, sub_type)
+    assert ours._pack_val("plain", V.STRING, True) == theirs._pack_val("plain", V.STRING, True)
+
+
+# ---------------------------------------------------------------- GGUF LoRA adapters
+
+
+def make_adapter(base: Path, out: Path, seed: int = 0, **config) -> Path:
+    """A PEFT LoRA adapter on ``base`` with random (nonzero) A and B, saved as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    settings = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                        "down_proj"]) | config
+    peft_model = get_peft_model(model, LoraConfig(**settings))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.05)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def peft_logits(base: Path, adapter: Path, ids: list[int]) -> np.ndarray:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+@pytest.mark.parametrize("model,settings", [("llama", {}), ("qwen2", {}), ("llama", {"use_rslora": True}),
+                                            ("llama", {"alpha_pattern": {"v_proj": 4.0}})])
+def test_lora_adapter_layout(models, tmp_path, model, settings):
+    from qtune.formats.gguf import export_gguf_lora
+
+    adapter = make_adapter(models[model], tmp_path / "adapter", **settings)
+    report = export_gguf_lora(adapter, models[model], tmp_path / "lora.gguf", "F32")
+    kv, infos = read_gguf_header(report.path)
+    assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora"
+    folded = bool(settings)
+    assert kv["adapter.lora.alpha"] == pytest.approx(8.0 if folded else 16.0)
+    tensors = {t.name: t for t in infos}
+    layers = json.loads((models[model] / "config.json").read_text())["num_hidden_layers"]
+    assert len(tensors) == report.tensors == 2 * 7 * layers  # lora_a and lora_b of 7 modules per layer
+    reader = gguf.GGUFReader(report.path)  # the gguf package reads every tensor back
+    data = {t.name: np.array(t.data) for t in reader.tensors}
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    a = weights["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].numpy()
+    b = weights["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].numpy()
+    assert data["blk.1.attn_v.weight.lora_a"].shape == (8, a.shape[1]) and np.array_equal(data["blk.1.attn_v.weight.lora_a"], a)
+    scale = {"use_rslora": 16 / np.sqrt(8), "alpha_pattern": 4.0 / 8}.get(next(iter(settings), ""), 1.0)
+    np.testing.assert_allclose(data["blk.1.attn_v.weight.lora_b"], b * scale, rtol=1e-6)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model,settings", [("llama", {}), ("qwen2", {}), ("llama", {"use_rslora": True})])
+def test_llama_cpp_applies_lora_like_peft(models, exported, builtin_dir, tmp_path, model, settings):
+    """Base GGUF + our LoRA GGUF in llama.cpp against the PEFT model (unmerged) in transformers."""
+    import llama_cpp
+
+    from qtune.formats.gguf import export_gguf_lora
+
+    adapter = make_adapter(models[model], tmp_path / "adapter", **settings)
+    lora = export_gguf_lora(adapter, models[model], tmp_path / "lora.gguf", "F32").path
+    ids = prompt_ids(builtin_dir)
+    ref = log_softmax(peft_logits(models[model], adapter, ids))
+    base_only = log_softmax(hf_logits(models[model], ids))
+    llm = llama_cpp.Llama(model_path=str(exported[model, "F32"]), lora_path=str(lora), n_ctx=256, n_batch=256,
+                          logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
+    llm.eval(ids)
+    got = log_softmax(np.array(llm.scores[: len(ids)], dtype=np.float64))
+    kl = (np.exp(ref) * (ref - got)).sum(-1).mean()
+    assert kl <= 1e-4, kl
+    assert (np.exp(ref) * (ref - base_only)).sum(-1).mean() > 100 * max(kl, 1e-6)  # the adapter matters
+
+
+def test_lora_adapter_bad_input(models, tmp_path):
+    from qtune.formats.gguf import export_gguf_lora
+
+    with pytest.raises(QtuneError, match="not a PEFT LoRA adapter"):
+        export_gguf_lora(tmp_path, models["llama"], tmp_path / "x.gguf")
+    dora = make_adapter(models["llama"], tmp_path / "dora", use_dora=True)
+    with pytest.raises(QtuneError, match="DoRA"):
+        export_gguf_lora(dora, models["llama"], tmp_path / "x.gguf")
+    saved = make_adapter(models["llama"], tmp_path / "saved", modules_to_save=["lm_head"])
+    with pytest.raises(QtuneError, match="trains whole modules"):
+        export_gguf_lora(saved, models["llama"], tmp_path / "x.gguf")
+    plain = make_adapter(models["llama"], tmp_path / "plain")
+    with pytest.raises(QtuneError, match="F32, F16, BF16"):
+        export_gguf_lora(plain, models["llama"], tmp_path / "x.gguf", "Q4_K")
+    assert not (tmp_path / "x.gguf").exists()

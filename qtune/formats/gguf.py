@@ -8,6 +8,8 @@ from our F32 file. Supported architectures: llama, mistral (written as llama) an
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -150,6 +152,30 @@ def export_gguf(
     such as ``blk.0.ffn_down.weight``) to per-input-column importances (mean x², ``qtune.imatrix``).
     The file is written under a temporary name beside ``output`` and renamed when complete.
     """
+    with _gc_paused():
+        return _write_gguf(checkpoint_dir, output, quant, imatrix, device)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: the tokenizer's and the vocabulary's millions of small objects
+    make each full pass cost ~0.1 s, several per export, and an export creates no cycles worth collecting."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _write_gguf(
+    checkpoint_dir: Path,
+    output: Path,
+    quant: str,
+    imatrix: dict[str, torch.Tensor] | None,
+    device: str | torch.device,
+) -> GGUFExportReport:
     start = time.perf_counter()
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     mix = quant_mix(quant)
@@ -166,7 +192,7 @@ def export_gguf(
     choice = choose_types(mix.name, [(n, shapes[n]) for n in order], hp["n_layer"], is_70b=is_70b)
     importance = _imatrix_by_gguf_name(imatrix, arch, shapes) if imatrix else {}
 
-    writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
+    writer = _Writer(path=None, arch=arch.gguf_arch)
     _add_model_metadata(writer, config, checkpoint_dir, arch, hp)
     for key, (value, vtype, sub_type) in tokenizer_kv.items():
         writer.add_key_value(key, value, vtype, sub_type)
@@ -197,6 +223,97 @@ def export_gguf(
     report.size_bytes = output.stat().st_size
     report.seconds = time.perf_counter() - start
     return report
+
+
+LORA_TYPES = ("F32", "F16", "BF16")
+
+
+@dataclass
+class GGUFLoraReport:
+    path: Path
+    rank: int
+    alpha: float
+    tensors: int
+    seconds: float = 0.0
+
+
+def export_gguf_lora(adapter_dir: Path, base_checkpoint: Path, output: Path, dtype: str = "F16") -> GGUFLoraReport:
+    """Write a PEFT LoRA adapter as a GGUF LoRA adapter (llama.cpp ``--lora``, Ollama ``ADAPTER``).
+
+    ``base_checkpoint`` gives the architecture (config.json): the file applies to a GGUF of that base.
+    Tensors are named ``<base tensor>.lora_a`` [rank, in] and ``.lora_b`` [out, rank], with llama's Q/K
+    row permutation applied to B, as llama.cpp's convert_lora_to_gguf writes them. llama.cpp scales
+    B·A by alpha / rank; an rsLoRA adapter or one with per-module ranks or alphas has its scaling folded
+    into B instead (and alpha = rank). DoRA adapters, and adapters that train whole modules
+    (``modules_to_save``), have no GGUF LoRA form: export the merged model.
+    """
+    from safetensors.torch import load_file
+
+    start = time.perf_counter()
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    dtype = dtype.upper()
+    if dtype not in LORA_TYPES:
+        raise QtuneError(f"a GGUF LoRA adapter is written as {', '.join(LORA_TYPES)}, not {dtype}")
+    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise QtuneError(f"{adapter_dir} is not a PEFT LoRA adapter (needs adapter_config.json and adapter_model.safetensors)")
+    lora = json.loads(config_file.read_text(encoding="utf-8"))
+    if lora.get("peft_type", "LORA") != "LORA":
+        raise QtuneError(f"{adapter_dir} is a {lora.get('peft_type')} adapter; only LoRA adapters have a GGUF form")
+    if lora.get("use_dora"):
+        raise QtuneError("a DoRA adapter has no GGUF LoRA form (llama.cpp applies plain B·A); export the merged model instead")
+    if lora.get("modules_to_save"):
+        raise QtuneError(f"the adapter trains whole modules ({', '.join(lora['modules_to_save'])}), which a GGUF LoRA "
+                         "cannot carry; export the merged model instead")
+    config = _read_config(Path(base_checkpoint))
+    arch = _architecture(config)
+    hp = _hyperparameters(config)
+    rank, alpha = int(lora["r"]), float(lora["lora_alpha"])
+    rank_pattern, alpha_pattern = lora.get("rank_pattern") or {}, lora.get("alpha_pattern") or {}
+    fold_scale = bool(lora.get("use_rslora")) or bool(rank_pattern) or bool(alpha_pattern)
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(weights_file)).items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if match is None:
+            raise QtuneError(f"unexpected tensor {key} in {weights_file} (bias or embedding LoRA is not supported)")
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor.to(torch.float32)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise QtuneError(f"{module} has lora_{''.join(ab)} without its pair")
+        a, b = ab["A"], ab["B"]
+        name = hf_to_gguf_name(module, config["model_type"]).removesuffix(".weight")
+        if fold_scale:
+            suffix = module.rsplit(".", 1)[-1]
+            r_m = int(next((v for k, v in rank_pattern.items() if module.endswith(k) or k == suffix), rank))
+            alpha_m = float(next((v for k, v in alpha_pattern.items() if module.endswith(k) or k == suffix), alpha))
+            scaling = alpha_m / (math.sqrt(r_m) if lora.get("use_rslora") else r_m)
+            b = b * scaling  # llama.cpp's alpha / rank is then 1: alpha is written as the rank
+        if arch.permute_qk and module.endswith("self_attn.q_proj"):
+            b = _permute_for_rope(b, hp["n_head"])
+        elif arch.permute_qk and module.endswith("self_attn.k_proj"):
+            b = _permute_for_rope(b, hp["n_head_kv"])
+        tensors[f"{name}.weight.lora_a"] = a
+        tensors[f"{name}.weight.lora_b"] = b
+    if not tensors:
+        raise QtuneError(f"{weights_file} holds no LoRA tensors")
+    ranks = {t.shape[0] for n, t in tensors.items() if n.endswith(".lora_a")}
+    if fold_scale and len(ranks) > 1:
+        raise QtuneError("modules with different ranks cannot share one GGUF alpha; use one rank for every module")
+    written_alpha = float(ranks.pop()) if fold_scale else alpha
+
+    writer = _Writer(path=None, arch=arch.gguf_arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, written_alpha)
+    qtype = Q[dtype]
+    for name, tensor in tensors.items():
+        writer.add_tensor_info(name, _byte_shape(qtype, tuple(tensor.shape)), np.dtype(np.uint8),
+                               _nbytes(qtype, tuple(tensor.shape)), raw_dtype=qtype)
+    _write_atomically(writer, output, (quantize(t, qtype).numpy().reshape(-1) for t in tensors.values()))
+    return GGUFLoraReport(output, rank, written_alpha, len(tensors), time.perf_counter() - start)
 
 
 def hf_to_gguf_name(hf_name: str, model_type: str = "llama") -> str:
@@ -426,6 +543,21 @@ def _hyperparameters(config: dict) -> dict:
         raise QtuneError(f"GGUF export supports RoPE types default, linear and llama3, not '{rope_type}'")
     hp["rope"], hp["rope_type"] = rope, rope_type
     return hp
+
+
+class _Writer(gguf.GGUFWriter):
+    """gguf's writer, packing string and int32 arrays (the vocabulary, merges and token types) in one
+    pass: its generic path packs item by item, about 0.25 s for a 49k-token vocabulary."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        V = gguf.GGUFValueType
+        if vtype != V.ARRAY or sub_type not in (V.STRING, V.INT32) or not val or self.endianess != gguf.GGUFEndian.LITTLE:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", sub_type, len(val))
+        if sub_type == V.INT32:
+            return head + np.asarray(val, dtype="<i4").tobytes()
+        items = [item.encode("utf-8") if isinstance(item, str) else item for item in val]
+        return head + b"".join(struct.pack("<Q", len(item)) + item for item in items)
 
 
 def _add_model_metadata(writer: gguf.GGUFWriter, config: dict, checkpoint_dir: Path, arch: _Arch, hp: dict) -> None:
