@@ -110,6 +110,11 @@ def fp16_round(f):
 
 
 @_jit
+def _get_fp16(y, offset):
+    return fp16_value(np.int64(y[offset]) | (np.int64(y[offset + 1]) << 8))
+
+
+@_jit
 def _put_fp16(out, offset, f):
     bits = fp16_bits(f)
     out[offset] = bits & 0xFF
@@ -299,6 +304,19 @@ def make_q3_quants(xt, lanes, n, nmax, Lt, v, scale_out):
 
 
 @_jit
+def _affine_level(x, iscale, minimum, nmax):
+    """``MAX(0, MIN(nmax, nearest_int(iscale*(x - min))))``"""
+    return max(0, min(nmax, nearest_int(iscale * (x - minimum))))
+
+
+@_jit
+def _affine_error(x, w, scale, minimum, l, use_mad):
+    """``w * |diff|`` or ``w * diff*diff``, diff = scale*l + min - x: one term of make_qkx_quants' error."""
+    diff = scale * F(l) + minimum - x
+    return w * (abs(diff) if use_mad else diff * diff)
+
+
+@_jit
 def make_qkx_quants(xt, wt, lanes, n, nmax, rmin, rdelta, nstep, use_mad, Lt, Lauxt, v, scale_out, min_out):
     """make_qkx2_quants / make_qkx3_quants (weights given) on each lane. Lt gets 0..nmax; min_out = -min."""
     mn, mx, sum_w, sum_x = v[0:lanes], v[lanes : 2 * lanes], v[2 * lanes : 3 * lanes], v[3 * lanes : 4 * lanes]
@@ -328,10 +346,9 @@ def make_qkx_quants(xt, wt, lanes, n, nmax, rmin, rdelta, nstep, use_mad, Lt, La
     for i in range(n):
         o = i * lanes
         for k in range(lanes):
-            l = max(0, min(nmax, nearest_int(iscale[k] * (xt[o + k] - mn[k]))))
+            l = _affine_level(xt[o + k], iscale[k], mn[k], nmax)
             Lt[o + k] = l
-            diff = scale[k] * F(l) + mn[k] - xt[o + k]
-            best[k] += wt[o + k] * (abs(diff) if use_mad else diff * diff)
+            best[k] += _affine_error(xt[o + k], wt[o + k], scale[k], mn[k], l, use_mad)
     for step in range(nstep + 1):
         c = rmin + rdelta * F(step) + fnmax
         for k in range(lanes):
@@ -342,7 +359,7 @@ def make_qkx_quants(xt, wt, lanes, n, nmax, rmin, rdelta, nstep, use_mad, Lt, La
         for i in range(n):
             o = i * lanes
             for k in range(lanes):
-                l = max(0, min(nmax, nearest_int(iscale[k] * (xt[o + k] - mn[k]))))
+                l = _affine_level(xt[o + k], iscale[k], mn[k], nmax)
                 Lauxt[o + k] = l
                 wl = wt[o + k] * F(l)
                 sum_l[k] += wl
@@ -359,8 +376,7 @@ def make_qkx_quants(xt, wt, lanes, n, nmax, rmin, rdelta, nstep, use_mad, Lt, La
         for i in range(n):
             o = i * lanes
             for k in range(lanes):
-                diff = this_scale[k] * F(Lauxt[o + k]) + this_min[k] - xt[o + k]
-                cur[k] += wt[o + k] * (abs(diff) if use_mad else diff * diff)
+                cur[k] += _affine_error(xt[o + k], wt[o + k], this_scale[k], this_min[k], Lauxt[o + k], use_mad)
         for k in range(lanes):
             # C only searches when max > min; it evaluates the error only when D > 0
             taken = D[k] > F0 and cur[k] < best[k] and not mx[k] <= mn[k]
@@ -506,7 +522,7 @@ def _q3_pack_scale(scales, j, l):
 @_jit
 def _q3_finish(x, L, y):
     """Requantize with the stored scales, then write hmask and qs (block_q3_K: hmask, qs, scales, d)."""
-    d_all = fp16_value(y[108] | (y[109] << 8))
+    d_all = _get_fp16(y, 108)
     scales = y[96:108]
     for j in range(16):
         d = d_all * F(_q3_scale(scales, j))
@@ -532,8 +548,8 @@ def _q3_finish(x, L, y):
 @_jit
 def _q2_finish(x, L, y):
     """block_q2_K: scales[16], qs[64], d, dmin; the scales and the two fp16 fields are written."""
-    dm = fp16_value(y[80] | (y[81] << 8))
-    mm = fp16_value(y[82] | (y[83] << 8))
+    dm = _get_fp16(y, 80)
+    mm = _get_fp16(y, 82)
     for j in range(16):
         d = dm * F(y[j] & 0xF)
         if d == F0:
@@ -546,8 +562,8 @@ def _q2_finish(x, L, y):
 
 @_jit
 def _q45_requantize(x, L, y, nmax):
-    d_all = fp16_value(y[0] | (y[1] << 8))
-    m_all = fp16_value(y[2] | (y[3] << 8))
+    d_all = _get_fp16(y, 0)
+    m_all = _get_fp16(y, 2)
     scales = y[4:16]
     for j in range(8):
         sc, m = _scale_min_k4(j, scales)
@@ -947,9 +963,7 @@ def _encode_rows(encoder, block, type_bytes, row_weights, x, qw, out):
         for r in range(c * rows // chunks, (c + 1) * rows // chunks):
             xr = x[r]
             if row_weights:
-                sigma2 = _sum_x2(xr) / F(n)
-                for j in range(n):
-                    weights[j] = qw[j] * np.sqrt(sigma2 + xr[j] * xr[j])
+                _importance_weights(xr, qw, _sum_x2(xr) / F(n), weights)
             for g0 in range(0, blocks, group):
                 lo, hi = g0 * block, min(blocks, g0 + group) * block
                 if row_weights:
