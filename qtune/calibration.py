@@ -1,7 +1,8 @@
 """Calibration batches for GPTQ, AWQ and the GGUF importance matrix.
 
 By default they come from the recipe's own training data, rendered exactly as training saw it (chat
-template included), so the quantizers see the activations of the task the model was tuned for.
+template included), so the quantizers see the activations of the task the model was tuned for, drawn
+evenly over the records' categories. A relative path is relative to the recipe (``base_dir``).
 Given an explicit source, a plain text file is cut into windows, and a jsonl file or a ``datasets``
 id is read like training data.
 """
@@ -16,7 +17,7 @@ import torch
 
 from qtune import data as qdata
 from qtune.errors import QtuneError
-from qtune.recipe import DataSection, DataSource
+from qtune.recipe import CALIBRATION_TEXT_SUFFIXES, DataSection, DataSource, looks_like_file, resolve_path
 
 MIN_TOKENS = 256
 
@@ -32,10 +33,26 @@ class CalibrationSet:
         return int(self.attention_mask.sum())
 
 
-def _windows(token_lists: list[list[int]], seq_len: int, samples: int, pad_token_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate whole examples into windows of at most ``seq_len`` tokens, then pad."""
-    order = list(range(len(token_lists)))
-    random.Random(seed).shuffle(order)
+def draw_order(strata: list[str | None], seed: int) -> list[int]:
+    """Indices of the examples in the order calibration takes them: each stratum (the records' category)
+    shuffled by ``seed``, then the strata interleaved, so that any prefix covers every category about
+    evenly. Deterministic: the same data and seed give the same draw on every machine."""
+    groups: dict[str, list[int]] = {}
+    for index, stratum in enumerate(strata):
+        groups.setdefault("" if stratum is None else str(stratum), []).append(index)
+    rng = random.Random(seed)
+    queues = []
+    for name in sorted(groups):
+        members = groups[name]
+        rng.shuffle(members)
+        queues.append(members)
+    # interleave by position within each stratum, so strata of unequal size stay proportionate
+    ranked = sorted((position / len(queue), q, index) for q, queue in enumerate(queues) for position, index in enumerate(queue))
+    return [index for _, _, index in ranked]
+
+
+def _windows(token_lists: list[list[int]], order: list[int], seq_len: int, samples: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate whole examples, in ``order``, into windows of at most ``seq_len`` tokens, then pad."""
     rows, current = [], []
     for index in order:
         tokens = token_lists[index][:seq_len]
@@ -74,34 +91,36 @@ def calibration_set(
     seq_len: int = 512,
     seed: int = 0,
 ) -> CalibrationSet:
-    """``samples`` windows of up to ``seq_len`` tokens from ``source``, or from the recipe's training data."""
+    """``samples`` windows of up to ``seq_len`` tokens from ``source``, or from the recipe's training data,
+    drawn by ``draw_order`` (stratified by category where the records have one)."""
     if source is None:
         if data_cfg is None or not data_cfg.train:
             raise QtuneError("no calibration data: pass --calibration FILE (text or jsonl) or a datasets id, or export from a run directory")
         cfg, description = data_cfg, "the recipe's training data"
         records = qdata.load_records(cfg.train, base_dir)
     else:
-        path = Path(source).expanduser()
-        if path.suffix in (".txt", ".md", ".text"):
+        path = resolve_path(source, base_dir) if looks_like_file(source, base_dir) else None
+        if path is not None and path.suffix.lower() in CALIBRATION_TEXT_SUFFIXES:
             if not path.is_file():
                 raise QtuneError(f"calibration file not found: {path}")
             token_lists = _text_file_tokens(path, tokenizer, seq_len)
-            return _finish(token_lists, tokenizer, seq_len, samples, seed, str(path))
-        spec = {"path": str(path)} if path.suffix in qdata.READERS or path.is_dir() else {"hub": source}
+            return _finish(token_lists, draw_order([None] * len(token_lists), seed), tokenizer, seq_len, samples, str(path))
+        spec = {"path": str(path)} if path is not None else {"hub": source}
         cfg = (data_cfg or DataSection()).model_copy(update={"train": [DataSource(**spec)], "validation": []})
         records = qdata.load_records(cfg.train, base_dir)
         description = source
     formatter = qdata.Formatter(cfg, tokenizer)
-    qdata.check_fields(records, formatter, description)
+    qdata.check_records(records, cfg, description)
     token_lists = [qdata.tokenize_rendered(formatter.render(r), tokenizer).input_ids for r in records]
-    return _finish(token_lists, tokenizer, seq_len, samples, seed, description)
+    order = draw_order([r.get(cfg.fields.category) for r in records], seed)
+    return _finish(token_lists, order, tokenizer, seq_len, samples, description)
 
 
-def _finish(token_lists: list[list[int]], tokenizer, seq_len: int, samples: int, seed: int, description: str) -> CalibrationSet:
-    token_lists = [t for t in token_lists if t]
-    if not token_lists:
+def _finish(token_lists: list[list[int]], order: list[int], tokenizer, seq_len: int, samples: int, description: str) -> CalibrationSet:
+    if not any(token_lists):
         raise QtuneError(f"the calibration data ({description}) is empty")
-    ids, mask = _windows(token_lists, seq_len, samples, tokenizer.pad_token_id, seed)
+    order = [i for i in order if token_lists[i]]
+    ids, mask = _windows(token_lists, order, seq_len, samples, tokenizer.pad_token_id)
     calibration = CalibrationSet(ids, mask, description)
     if calibration.tokens < MIN_TOKENS:
         raise QtuneError(f"the calibration data ({description}) holds only {calibration.tokens} tokens; give at least {MIN_TOKENS}")

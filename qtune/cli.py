@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
+import traceback
+from pathlib import Path
 
+from qtune import errors
+from qtune.cpu import configure_threads
 from qtune.errors import QtuneError
-from qtune.secrets import RedactingFilter
+from qtune.paths import cache_dir, write_text_atomic
+from qtune.secrets import RedactingFilter, redact
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="calibration text (.txt), jsonl file, saved dataset or datasets id; default: the run's training data")
     p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="which calibration draw (default 0); the draw is stratified by the records' category")
     p.add_argument("--no-imatrix", action="store_true", help="GGUF: quantize without an importance matrix (then byte-identical to llama.cpp)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
@@ -90,28 +98,65 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    configure_threads()  # before torch or numba starts its thread pool
     args = build_parser().parse_args(argv)
     try:
         _configure_logging(args.verbose)
-        return _dispatch(args)
+        with errors.stage(args.command):
+            return _dispatch(args)
     except QtuneError as exc:
         print(f"qtune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("qtune: interrupted", file=sys.stderr)
-        return 130
+        return errors.INTERRUPTED_EXIT
+    except Exception as exc:
+        known = errors.explain(exc)
+        if known is not None:
+            print(f"qtune: error: {known}", file=sys.stderr)
+            if args.verbose:
+                print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+            return known.exit_code
+        return _report_internal_error(exc, argv, args.verbose)
+
+
+def _report_internal_error(exc: BaseException, argv: list[str], verbose: bool) -> int:
+    """One line naming the stage and the cause; the traceback goes to a log file (and to stderr with -v)."""
+    stage = errors.stage_of(exc) or "qtune"
+    text = "".join(traceback.format_exception(exc))
+    from qtune.rundir import LOGS_DIR
+
+    run_dir = getattr(exc, "qtune_run_dir", None)
+    folder = Path(run_dir) / LOGS_DIR if run_dir is not None and Path(run_dir).is_dir() else cache_dir() / "logs"
+    log_file = folder / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        write_text_atomic(log_file, f"qtune {' '.join(argv)}\n{redact(text)}")
+        where = f"the traceback is in {log_file}"
+    except OSError:
+        where, verbose = "the traceback could not be saved, so here it is", True
+    cause = redact(errors.first_line(exc))
+    print(f"qtune: error: {stage} failed unexpectedly: {type(exc).__name__}{': ' + cause if cause else ''}", file=sys.stderr)
+    print(f"qtune: this is a bug in qtune or in a library it uses; {where}", file=sys.stderr)
+    if verbose:
+        print(redact(text), file=sys.stderr, end="")
+    return errors.INTERNAL_ERROR_EXIT
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from qtune import pipeline
+    # torch and transformers are imported only by the commands that need them, after the recipe is read:
+    # a mistake in the recipe is reported in a fraction of a second
     from qtune.recipe import base_model_type, dump_recipe, load_recipe
 
     if args.command == "validate":
+        from qtune.data import check_local_data
+
         loaded = load_recipe(args.recipe, args.overrides)
+        remote = check_local_data(loaded.recipe.data, loaded.base_dir)
         if args.print_resolved:
             print(dump_recipe(loaded.recipe), end="")
+        if remote:
+            print(f"qtune: note: {', '.join(remote)} come(s) from the hub; their records are checked when training loads them")
         if loaded.recipe.export and base_model_type(loaded.recipe.model, loaded.base_dir) is None:
             print(f"qtune: note: {loaded.recipe.model.base}'s architecture is not known before its download; "
                   "train checks that it can be exported before training starts")
@@ -124,10 +169,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"qtune: adapter saved in {run_dir / 'adapter'}")
         return 0
     if args.command == "merge":
+        from qtune import pipeline
+
         result = pipeline.merge_run(Path(args.run_dir))
         print(f"qtune: merged model saved in {result}")
         return 0
     if args.command == "eval":
+        from qtune import pipeline
+
         results = pipeline.evaluate_run(Path(args.run_dir), args.artifact)
         failed = [name for name, r in results.items() if r["status"] != "ok"]
         if failed:
@@ -151,8 +200,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             target = ExportTarget(
                 format=args.format, **quant, bits=args.bits, group_size=args.group_size, sym=not args.asym,
                 act_order=args.act_order, group_aware=not args.no_group_aware, damp=args.damp,
-                rounding=args.awq_rounding, calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
-                imatrix=not args.no_imatrix,
+                rounding=args.awq_rounding, calibration=_from_cwd(args.calibration), samples=args.samples,
+                seq_len=args.seq_len, seed=args.seed, imatrix=not args.no_imatrix,
             )
         except ValidationError as exc:
             raise QtuneError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())) from None
@@ -160,8 +209,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"qtune: {args.format} export written to {out}")
         return 0
     if args.command == "run":
-        return pipeline.run(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+        loaded = load_recipe(args.recipe, args.overrides)
+        from qtune import pipeline
+
+        return pipeline.run(loaded, overwrite=args.overwrite)
     raise AssertionError(args.command)
+
+
+def _from_cwd(name: str | None) -> str | None:
+    """A relative calibration path on the command line means one relative to where the user stands."""
+    from qtune.recipe import looks_like_file
+
+    if name is None or not looks_like_file(name, Path.cwd()):
+        return name
+    return str(Path(name).expanduser().resolve())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from qtune.errors import QtuneError
+from qtune.errors import QtuneError, first_line
 from qtune.recipe import DataSection, DataSource, resolve_path
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,20 @@ ALPACA_PROMPT = (
 
 # ---------------------------------------------------------------- loading
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
+class Records(list):
+    """Records (plain dicts) that also know where each one came from, e.g. ``train.jsonl line 12``, so a
+    problem found later can point at the line to fix."""
+
+    def __init__(self, rows: Sequence[dict] = (), origins: Sequence[str] | None = None):
+        super().__init__(rows)
+        self.origins = list(origins) if origins is not None else [f"record {i + 1}" for i in range(len(self))]
+
+    def subset(self, indices: Sequence[int]) -> Records:
+        return Records([self[i] for i in indices], [self.origins[i] for i in indices])
+
+
+def _read_jsonl(path: Path) -> Records:
+    records, origins = [], []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -41,7 +53,8 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not isinstance(record, dict):
                 raise QtuneError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
-    return records
+            origins.append(f"{path.name} line {number}")
+    return Records(records, origins)
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -53,19 +66,33 @@ def _read_json(path: Path) -> list[dict]:
         payload = payload["data"]
     if not isinstance(payload, list) or not all(isinstance(r, dict) for r in payload):
         raise QtuneError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
-    return payload
+    return _numbered(payload, path.name, "item")
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        return [dict(row) for row in csv.DictReader(handle)]
+def _numbered(rows: list[dict], name: str, unit: str) -> Records:
+    return Records(rows, [f"{name} {unit} {i + 1}" for i in range(len(rows))])
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_csv(path: Path) -> Records:
+    rows, origins = [], []
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                if None in row:  # DictReader files the extra cells of a long row under the key None
+                    raise QtuneError(f"{path}, line {reader.line_num}: {len(row) - 1 + len(row[None])} cells, but the header names {len(reader.fieldnames or [])} columns")
+                rows.append(dict(row))
+                origins.append(f"{path.name} line {reader.line_num}")
+    except csv.Error as exc:
+        raise QtuneError(f"{path}: malformed CSV: {exc}") from None
+    return Records(rows, origins)
+
+
+def _read_parquet(path: Path) -> Records:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        return _numbered(pq.read_table(path).to_pylist(), path.name, "row")
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise QtuneError(f"{path}: cannot read parquet file: {exc}") from None
 
@@ -73,7 +100,7 @@ def _read_parquet(path: Path) -> list[dict]:
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
-def load_source(source: DataSource, base_dir: Path) -> list[dict]:
+def load_source(source: DataSource, base_dir: Path) -> Records:
     """All records of one data source, as plain dicts."""
     if source.path is not None:
         path = resolve_path(source.path, base_dir)
@@ -88,32 +115,36 @@ def load_source(source: DataSource, base_dir: Path) -> list[dict]:
             return reader(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise QtuneError(f"cannot read dataset file {path}: {exc}") from None
-    return _load_hub_dataset(source)
+    return _load_hub_dataset(source, base_dir)
 
 
-def _load_saved_dataset(path: Path, split: str) -> list[dict]:
+def _load_saved_dataset(path: Path, split: str) -> Records:
     import datasets
 
     try:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError:
         raise QtuneError(f"{path} is a directory but not a dataset saved with datasets.save_to_disk") from None
+    except Exception as exc:  # a damaged arrow file or state.json: pyarrow and json raise many types
+        raise QtuneError(f"{path}: cannot read the saved dataset: {type(exc).__name__}: {first_line(exc)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise QtuneError(f"{path} has no split '{split}' (it has {', '.join(loaded)})")
         loaded = loaded[split]
-    return loaded.to_list()
+    return _numbered(loaded.to_list(), f"{path.name}[{split}]", "row")
 
 
-def _load_hub_dataset(source: DataSource) -> list[dict]:
+def _load_hub_dataset(source: DataSource, base_dir: Path) -> Records:
     import datasets
 
+    local = resolve_path(source.hub, base_dir)  # a folder holding a copy of the dataset's repository
+    name = str(local) if local.is_dir() else source.hub
     try:
-        return datasets.load_dataset(source.hub, source.subset, split=source.split).to_list()
+        return _numbered(datasets.load_dataset(name, source.subset, split=source.split).to_list(), source.describe(), "row")
     except Exception as exc:  # offline, missing, or a bad split: all reported the same way
         raise QtuneError(
             f"cannot load dataset '{source.hub}' (split {source.split}) from the local cache or the hub: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f"{type(exc).__name__}: {first_line(exc)}"
         ) from None
 
 
@@ -146,16 +177,6 @@ class Formatter:
             raise QtuneError("data.format is 'chat' but the tokenizer has no chat template")
         self.style = style
         self.completion_only = cfg.loss_on_completions_only
-
-    def required_fields(self, record: dict) -> list[str]:
-        names, fmt = self.cfg.fields, self.cfg.format
-        if fmt == "alpaca":
-            return [names.instruction, names.output]
-        if fmt == "chat":
-            return [names.messages]
-        if names.prompt in record or names.completion in record:
-            return [names.prompt, names.completion]
-        return [names.text]
 
     def render(self, record: dict) -> Rendered:
         fmt = self.cfg.format
@@ -194,13 +215,12 @@ class Formatter:
         )
 
     def _chat(self, messages: Any) -> Rendered:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise ValueError("'messages' must be a list of {role, content} objects")
+        problem = conversation_problem(messages)
+        if problem:
+            raise ValueError(problem)
         if self.cfg.system_prompt and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if not assistant_turns:
-            raise ValueError("the conversation has no assistant message to learn from")
         render = self.tokenizer.apply_chat_template
         segments, so_far, prompt = [], "", None
         for i in assistant_turns:
@@ -280,23 +300,86 @@ def tokenize_rendered(rendered: Rendered, tokenizer) -> Example:
     return Example(input_ids, labels)
 
 
-def check_fields(records: Sequence[dict], formatter: Formatter, where: str) -> None:
-    bad = []
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def required_fields(cfg: DataSection, record: dict) -> list[str]:
+    """The text fields a record must carry for ``cfg.format`` (completion data: prompt and completion, or text)."""
+    names, fmt = cfg.fields, cfg.format
+    if fmt == "alpaca":
+        return [names.instruction, names.output]
+    if fmt == "chat":
+        return [names.messages]
+    if names.prompt in record or names.completion in record:
+        return [names.prompt, names.completion]
+    return [names.text]
+
+
+def conversation_problem(messages: Any) -> str | None:
+    """Why ``messages`` is not a conversation to train on; None when it is."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        return "'messages' must be a list of {role, content} objects"
+    for number, message in enumerate(messages, start=1):
+        if message["role"] not in CHAT_ROLES:
+            return f"message {number} has role {message['role']!r}; the roles are {', '.join(CHAT_ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"message {number}'s content must be text, got {_describe_value(message['content'])}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "the conversation has no assistant message to learn from"
+    return None
+
+
+def _describe_value(value: Any) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+
+
+def _value_problem(cfg: DataSection, record: dict, name: str) -> str | None:
+    value = record[name]
+    if name == cfg.fields.messages and cfg.format == "chat":
+        return conversation_problem(value)
+    if not isinstance(value, str):
+        return f"'{name}' must be text, got {_describe_value(value)}"
+    return None
+
+
+def check_records(records: Sequence[dict], cfg: DataSection, where: str) -> None:
+    """Refuse records that lack a field the format needs, or hold something other than text in one."""
+    origins = getattr(records, "origins", None) or [None] * len(records)
+    missing, malformed = [], []
     for i, record in enumerate(records):
-        missing = [name for name in formatter.required_fields(record) if record.get(name) in (None, "")]
-        if missing:
-            bad.append((i, missing))
-    if bad:
-        shown = "; ".join(f"record {i + 1} lacks {', '.join(repr(m) for m in missing)}" for i, missing in bad[:3])
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        names = required_fields(cfg, record)
+        if cfg.format == "alpaca" and record.get(cfg.fields.input) not in (None, ""):
+            names = [*names, cfg.fields.input]
+        absent = [name for name in names if record.get(name) in (None, "")]
+        if absent:
+            missing.append((i, absent))
+            continue
+        problem = next((p for p in (_value_problem(cfg, record, n) for n in names) if p), None)
+        if problem:
+            malformed.append((i, problem))
+
+    def at(i: int) -> str:
+        origin = origins[i]
+        return f" ({origin})" if origin and origin != f"record {i + 1}" else ""
+
+    def listing(items: list, describe) -> str:
+        shown = "; ".join(describe(i, detail) + at(i) for i, detail in items[:3])
+        return shown + (f" (and {len(items) - 3} more)" if len(items) > 3 else "")
+
+    if missing:
+        shown = listing(missing, lambda i, absent: f"record {i + 1} lacks {', '.join(repr(m) for m in absent)}")
         raise QtuneError(
-            f"{where}: {len(bad)} record(s) miss fields that format '{formatter.cfg.format}' needs: {shown}{more}. "
+            f"{where}: {len(missing)} record(s) miss fields that format '{cfg.format}' needs: {shown}. "
             f"Map your column names with data.fields"
         )
+    if malformed:
+        shown = listing(malformed, lambda i, problem: f"record {i + 1}: {problem}")
+        raise QtuneError(f"{where}: {len(malformed)} record(s) hold values format '{cfg.format}' cannot use: {shown}")
 
 
 def tokenize_records(records: Sequence[dict], formatter: Formatter, cfg: DataSection, where: str) -> tuple[list[Example], list[dict], DataReport]:
-    check_fields(records, formatter, where)
+    check_records(records, cfg, where)
     report = DataReport(records=len(records))
     examples, prompts = [], []
     for i, record in enumerate(records):
@@ -380,11 +463,29 @@ class Collator:
         return batch
 
 
-def load_records(sources: Sequence[DataSource], base_dir: Path) -> list[dict]:
-    records = []
+def load_records(sources: Sequence[DataSource], base_dir: Path) -> Records:
+    records = Records()
     for source in sources:
-        records.extend(load_source(source, base_dir))
+        loaded = load_source(source, base_dir)
+        records.extend(loaded)
+        records.origins.extend(loaded.origins)
     return records
+
+
+def check_local_data(cfg: DataSection, base_dir: Path) -> list[str]:
+    """Read every local data file of the recipe and check its records for the format, as training will;
+    returns the hub sources, which are checked only when training loads them."""
+    remote = []
+    for split in ("train", "validation"):
+        for source in getattr(cfg, split):
+            if source.hub is not None:
+                remote.append(source.describe())
+                continue
+            records = load_source(source, base_dir)
+            if split == "train" and not records:
+                raise QtuneError(f"the training data is empty: {source.describe()}")
+            check_records(records, cfg, source.describe())
+    return remote
 
 
 def prepare_data(cfg: DataSection, tokenizer, base_dir: Path, seed: int) -> PreparedData:
@@ -398,17 +499,17 @@ def prepare_data(cfg: DataSection, tokenizer, base_dir: Path, seed: int) -> Prep
         validation_records = load_records(cfg.validation, base_dir)
         where_val = ", ".join(s.describe() for s in cfg.validation)
     elif cfg.validation_fraction:
-        shuffled = list(train_records)
-        random.Random(seed).shuffle(shuffled)
-        cut = max(1, round(len(shuffled) * cfg.validation_fraction))
-        if cut >= len(shuffled):
-            raise QtuneError(f"{where_train} has {len(shuffled)} record(s): too few to hold out {cfg.validation_fraction:.0%} for validation")
-        validation_records, train_records = shuffled[:cut], shuffled[cut:]
+        order = list(range(len(train_records)))
+        random.Random(seed).shuffle(order)
+        cut = max(1, round(len(order) * cfg.validation_fraction))
+        if cut >= len(order):
+            raise QtuneError(f"{where_train} has {len(order)} record(s): too few to hold out {cfg.validation_fraction:.0%} for validation")
+        validation_records, train_records = train_records.subset(order[:cut]), train_records.subset(order[cut:])
         where_val = f"{cfg.validation_fraction:.0%} of {where_train}"
     else:
-        validation_records, where_val = [], "(none)"
+        validation_records, where_val = Records(), "(none)"
     if cfg.max_train_samples is not None:
-        train_records = train_records[: cfg.max_train_samples]
+        train_records = train_records.subset(range(min(cfg.max_train_samples, len(train_records))))
 
     train_examples, _, train_report = tokenize_records(train_records, formatter, cfg, where_train)
     if not train_examples:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from qtune.cpu import fit_threads
 from qtune.data import IGNORE_INDEX, Collator
 from qtune.scorers import Scorer
 from qtune.scorers import exact_match as exact_match_scorer
@@ -75,6 +76,7 @@ def task_accuracy(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int
     started = time.perf_counter()
     try:
         for start in range(0, len(prompts), batch_size):
+            fit_threads()
             chunk = prompts[start : start + batch_size]
             enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=budget, do_sample=False, eos_token_id=stops,
@@ -109,6 +111,7 @@ def task_accuracy(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int
 def batches(rows: Sequence[dict], pad_token_id: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     collate = Collator(pad_token_id)
     for start in range(0, len(rows), batch_size):
+        fit_threads()
         batch = collate(list(rows[start : start + batch_size]))
         batch.pop("num_real_tokens")
         yield batch

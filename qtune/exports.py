@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +21,9 @@ import torch
 
 from qtune import rundir
 from qtune.calibration import CalibrationSet, calibration_set
-from qtune.errors import QtuneError
-from qtune.paths import write_text_atomic
+from qtune.checkpoint_files import check_checkpoint
+from qtune.errors import QtuneError, is_disk_full, stage
+from qtune.paths import staging_prefix, write_text_atomic
 from qtune.recipe import DataSection, ExportTarget
 
 log = logging.getLogger(__name__)
@@ -32,20 +36,21 @@ class ExportSource:
     base_dir: Path
     exports_dir: Path
     adapter: Path | None = None
+    run_dir: Path | None = None  # None when exporting a plain checkpoint
 
 
 def resolve_source(path: Path) -> ExportSource:
     """A run directory (merging first if needed) or a plain HF checkpoint directory."""
     path = Path(path).resolve()
     if (path / rundir.RECIPE_FILE).is_file():
-        if not (path / rundir.MERGED_DIR).is_dir():
+        if not rundir.is_merged(path):
             from qtune.pipeline import merge_run
 
             merge_run(path)
         loaded = rundir.load_run_recipe(path)
         adapter = path / rundir.ADAPTER_DIR
         return ExportSource(path / rundir.MERGED_DIR, loaded.recipe.data, loaded.base_dir, path / "exports",
-                            adapter if adapter.is_dir() else None)
+                            adapter if adapter.is_dir() else None, run_dir=path)
     if (path / "config.json").is_file():
         return ExportSource(path, None, path, path.parent / f"{path.name}-exports")
     raise QtuneError(f"{path} is neither a qtune run directory nor a Hugging Face checkpoint (no config.json)")
@@ -59,7 +64,8 @@ def _load_model(checkpoint: Path):
 
 
 def _calibration(source: ExportSource, target: ExportTarget, tokenizer) -> CalibrationSet:
-    calibration = calibration_set(tokenizer, source.data, source.base_dir, target.calibration, target.samples, target.seq_len)
+    calibration = calibration_set(tokenizer, source.data, source.base_dir, target.calibration, target.samples, target.seq_len,
+                                  target.seed)
     log.info("calibration: %d samples, %d tokens, from %s", calibration.input_ids.shape[0], calibration.tokens, calibration.description)
     return calibration
 
@@ -70,7 +76,21 @@ def export(path: Path, target: ExportTarget, output: Path | None = None, overwri
     if problems:
         raise QtuneError("; ".join(f"{key}: {message}" for key, message in problems))
     source = resolve_source(path)
+    check_checkpoint(source.checkpoint)
     output = Path(output) if output else source.exports_dir / target.default_name()
+    with stage(f"export {output.name}", source.run_dir):
+        if source.run_dir is not None:
+            rundir.remove_staging(source.run_dir)
+        return _export(source, target, output, overwrite)
+
+
+def report_path(output: Path) -> Path:
+    """Where an export's report lands; written right after the export itself, so its presence marks an
+    export that finished."""
+    return output.with_name(output.name + ".report.json")
+
+
+def _export(source: ExportSource, target: ExportTarget, output: Path, overwrite: bool) -> Path:
     if output.exists() and not overwrite:
         raise QtuneError(f"{output} already exists; pass --overwrite to replace it")
     from qtune.models import load_tokenizer
@@ -84,13 +104,18 @@ def export(path: Path, target: ExportTarget, output: Path | None = None, overwri
             report = _export_gguf_lora(source, target, output)
         else:
             report = _export_gptq_awq(source, target, tokenizer, output, overwrite)
-    except ValueError as exc:  # the quantizers' own checks: shapes, group sizes, non-finite weights
-        raise QtuneError(f"cannot export {target.format}: {exc}") from None
-    except OSError as exc:
-        raise QtuneError(f"writing {output} failed ({exc.strerror or exc}); nothing was left under that name") from None
+    except Exception as exc:
+        if is_disk_full(exc):  # an OSError from Python, a SafetensorError from Rust
+            raise QtuneError(f"the disk is full during export {output.name}: nothing was left under that name and earlier "
+                             "outputs are intact; free some space and run the same command again") from None
+        if isinstance(exc, ValueError):  # the quantizers' own checks: shapes, group sizes, non-finite weights
+            raise QtuneError(f"cannot export {target.format}: {exc}") from None
+        if isinstance(exc, OSError):
+            raise QtuneError(f"writing {output} failed ({exc.strerror or exc}); nothing was left under that name") from None
+        raise
     report.update(format=target.format, output=str(output), seconds=round(time.perf_counter() - started, 1),
                   size_bytes=_size(output), settings=target.model_dump(mode="json"))
-    write_text_atomic(output.with_name(output.name + ".report.json"), json.dumps(report, indent=2))
+    write_text_atomic(report_path(output), json.dumps(report, indent=2))
     log.info("%s written to %s (%.1f MB, %.0f s)", target.format, output, report["size_bytes"] / 1e6, report["seconds"])
     return output
 
@@ -128,13 +153,24 @@ def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: 
     elif weighted:
         log.warning("no calibration data for the importance matrix (plain checkpoint, no --calibration); quantizing without one")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = export_gguf(source.checkpoint, output, target.quant, imatrix=importance, device=device)
-    problems = check_chat_roundtrip(output, source.checkpoint)
-    if problems:
-        raise QtuneError(f"{output} was written, but its chat template or stop tokens differ from training: {'; '.join(problems)}")
-    write_modelfile(output, source.checkpoint, output.with_suffix(".Modelfile"))
+    # The file is checked before it takes its final name: a GGUF whose chat template or stop tokens
+    # differ from training's is never published.
+    staged = output.with_name(f"{staging_prefix(output)}{uuid.uuid4().hex[:8]}")
+    try:
+        report = export_gguf(source.checkpoint, staged, target.quant, imatrix=importance, device=device)
+        problems = check_chat_roundtrip(staged, source.checkpoint)
+        if problems:
+            raise QtuneError(f"the GGUF's chat template or stop tokens differ from training, so {output} was not written: {'; '.join(problems)}")
+        write_modelfile(output, source.checkpoint, output.with_suffix(".Modelfile"))
+        os.replace(staged, output)
+    finally:
+        staged.unlink(missing_ok=True)
     for fallback in report.fallbacks:
-        log.info("fallback: %s", fallback)
+        log.debug("fallback: %s", fallback)
+    swaps = Counter(f"{f.wanted.name}→{f.used.name}" for f in report.fallbacks)
+    if swaps:
+        log.info("%d tensor(s) have rows the wanted type cannot split, so they use another (%s); each is listed in "
+                 "the export's report", len(report.fallbacks), ", ".join(f"{n}× {s}" for s, n in swaps.most_common()))
     return {
         "quant": report.quant,
         "bits_per_weight": report.bits_per_weight,

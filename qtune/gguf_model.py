@@ -1,18 +1,26 @@
 """A GGUF file as a model that ``qtune.evaluate`` can score.
 
-With llama-cpp-python installed the file runs in llama.cpp itself, the runtime users deploy it on.
+With llama-cpp-python installed the file runs in llama.cpp itself, the runtime users deploy it on, in a
+child process so that a native crash there fails one artifact, not the run.
 Without it, transformers' GGUF loader dequantizes the file (through the ``gguf`` package) into the
 matching architecture; that scores the same weights, but says nothing about llama.cpp's speed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import signal
+import subprocess
+import sys
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from qtune import llama_worker
 
 LLAMA_CPP = "llama.cpp"
 TRANSFORMERS_GGUF = "transformers-gguf"
@@ -40,63 +48,101 @@ def gguf_tensor_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
+class LlamaCppCrash(RuntimeError):
+    """llama.cpp died (a signal, or an exit) while running a file."""
+
+
+_SIGNAL_HINTS = {
+    signal.SIGILL: "an instruction this CPU does not run; rebuild llama-cpp-python for this machine "
+                   "(bash scripts/build_llama_cpp.sh builds it with portable flags)",
+    signal.SIGSEGV: "a memory fault, often a damaged or truncated GGUF file",
+    signal.SIGBUS: "a memory fault, often a GGUF file truncated while it was mapped",
+    signal.SIGKILL: "killed, often by the out-of-memory killer",
+}
+
+
 class LlamaCppCausalLM:
     """The slice of a transformers causal LM that evaluation calls (forward logits, greedy generate),
-    answered by llama.cpp. Token ids come from the run's own tokenizer, so every artifact sees the same
-    input; the KV cache is kept in F32 so that only the file's weights are measured."""
+    answered by llama.cpp in a child process (``qtune.llama_worker``), so that a native crash fails this
+    artifact only. Token ids come from the run's own tokenizer, so every artifact sees the same input;
+    the KV cache is kept in F32 so that only the file's weights are measured."""
 
     runtime = LLAMA_CPP
     device = torch.device("cpu")
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
-        import llama_cpp
-
         self.path = Path(path)
-        self._llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False,
-            n_threads=threads or torch.get_num_threads(), type_k=0, type_v=0,
-        )
-        meta = self._llm.metadata
-        stops = {int(meta[key]) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if key in meta}
-        self.generation_config = SimpleNamespace(eos_token_id=sorted(stops))
         self.n_ctx = n_ctx
+        self._proc = subprocess.Popen([sys.executable, "-m", "qtune.llama_worker"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE)
+        self._closer = weakref.finalize(self, _stop_worker, self._proc)
+        info, _ = self._request({"op": "load", "path": str(self.path), "n_ctx": n_ctx,
+                                 "threads": threads or torch.get_num_threads()})
+        self.n_vocab = int(info["n_vocab"])
+        self.generation_config = SimpleNamespace(eos_token_id=info["stops"])
+
+    def _request(self, header: dict) -> tuple[dict, bytes]:
+        try:
+            llama_worker.send(self._proc.stdin, header)
+            reply, payload = llama_worker.receive(self._proc.stdout)
+        except (EOFError, BrokenPipeError, OSError):
+            raise self._crash(header["op"]) from None
+        if "error" in reply:
+            raise RuntimeError(f"llama.cpp could not run {self.path.name}: {reply['error']}")
+        return reply, payload
+
+    def _crash(self, op: str) -> LlamaCppCrash:
+        code = self._proc.wait(timeout=30)
+        if code < 0:
+            name = signal.Signals(-code).name
+            cause = f"{name}: {_SIGNAL_HINTS.get(signal.Signals(-code), signal.strsignal(-code) or 'a signal')}"
+        else:
+            cause = f"it exited with code {code}"
+        return LlamaCppCrash(f"llama.cpp crashed while running {self.path.name} ({op}): {cause}")
+
+    def close(self) -> None:
+        self._closer()
 
     def eval(self) -> LlamaCppCausalLM:
         return self
 
     def _scores(self, ids: list[int]) -> np.ndarray:
-        if len(ids) > self.n_ctx:
-            raise ValueError(f"{len(ids)} tokens do not fit the {self.n_ctx}-token context")
-        self._llm.reset()
-        self._llm.eval(ids)
-        return self._llm.scores[: len(ids)]
+        reply, payload = self._request({"op": "scores", "ids": ids})
+        return np.frombuffer(payload, dtype=np.float32).reshape(reply["shape"])
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        logits = torch.zeros(*input_ids.shape, self._llm.n_vocab(), dtype=torch.float32)
+        logits = torch.zeros(*input_ids.shape, self.n_vocab, dtype=torch.float32)
         for row, (ids, keep) in enumerate(zip(input_ids, mask)):
-            logits[row, keep] = torch.from_numpy(np.array(self._scores(ids[keep].tolist()), dtype=np.float32))
+            logits[row, keep] = torch.from_numpy(self._scores(ids[keep].tolist()).copy())
         return SimpleNamespace(logits=logits)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  eos_token_id: list[int] | int | None = None, pad_token_id: int = 0, **_unused) -> torch.Tensor:
         """Greedy decoding (argmax of llama.cpp's logits), rows padded on the right with pad_token_id."""
-        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or self.generation_config.eos_token_id)
+        stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or self.generation_config.eos_token_id)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         new_tokens = []
         for ids, keep in zip(input_ids, mask):
-            prompt = ids[keep].tolist()
-            scores, generated = self._scores(prompt), []
-            for _ in range(max_new_tokens):
-                token = int(np.argmax(scores[-1]))
-                generated.append(token)
-                if token in stops or self._llm.n_tokens >= self.n_ctx:
-                    break
-                self._llm.eval([token])
-                scores = self._llm.scores[self._llm.n_tokens - 1 : self._llm.n_tokens]
-            new_tokens.append(generated)
+            reply, _ = self._request({"op": "generate", "ids": ids[keep].tolist(), "max_new_tokens": max_new_tokens, "stops": stops})
+            new_tokens.append(reply["tokens"])
         width = max((len(t) for t in new_tokens), default=0)
         padded = torch.full((input_ids.shape[0], width), pad_token_id, dtype=input_ids.dtype)
         for row, tokens in enumerate(new_tokens):
             padded[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
         return torch.cat([input_ids, padded], dim=1)
+
+
+def _stop_worker(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError):
+            llama_worker.send(proc.stdin, {"op": "close"})
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        with contextlib.suppress(OSError, ValueError):
+            stream.close()

@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 import torch
 
+from qtune.cpu import fit_threads
 from qtune.errors import QtuneError
 
 
@@ -73,6 +74,7 @@ def collect_imatrix(
     try:
         n_batches = 0
         for input_ids in batches:
+            fit_threads()
             input_ids = torch.as_tensor(input_ids)
             if input_ids.dim() == 1:
                 input_ids = input_ids.unsqueeze(0)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qtune.cpu import fit_threads
 from qtune.quant import awq as awq_math
 from qtune.quant.gptq import HessianAccumulator, gptq_quantize
 from qtune.quant.rtn import QuantizedWeight, check_bits, rtn_quantize
@@ -262,6 +263,7 @@ def _quantize_model_gptq(
     groups = SEQUENTIAL_GROUPS if true_sequential else (LINEAR_NAMES,)
     result = LayerwiseResult(quantized_layers={}, method="gptq")
     for index, layer in enumerate(layers):
+        fit_threads()
         with _block_on(layer, device_):
             for names in groups:
                 accumulators = {
@@ -397,6 +399,7 @@ def _quantize_model_awq(
     }
     captured_names = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
     for index, layer in enumerate(layers):
+        fit_threads()
         with _block_on(layer, device_):
             features: dict[str, list[Tensor]] = {name: [] for name in captured_names}
             with _input_hooks(layer, captured_names, lambda n, x: features[n].append(x.detach()), False):

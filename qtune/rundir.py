@@ -9,13 +9,18 @@ import shutil
 from pathlib import Path
 
 from qtune.errors import QtuneError
-from qtune.paths import write_text_atomic
+from qtune.paths import remove_stale_staging, write_text_atomic
 from qtune.recipe import LoadedRecipe, Recipe, dump_recipe, load_recipe
 
 RUN_FILE = "run.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
+MERGE_REPORT = "merge_report.json"
+EXPORTS_DIR = "exports"
+EVAL_DIR = "eval"
+REPORT_DIR = "report"
+LOGS_DIR = "logs"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # The sections that decide what a training run computes; tracking, outputs and evaluation do not.
 FINGERPRINT_SECTIONS = ("model", "quantization", "lora", "data", "training")
@@ -51,10 +56,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+STAGED_FOLDERS = ("", EXPORTS_DIR, EVAL_DIR, REPORT_DIR, LOGS_DIR)
+
+
 def remove_staging(run_dir: Path) -> None:
-    """Leftovers of writes that never finished (a crash, a full disk) are never mistaken for results."""
-    for child in run_dir.glob(".*.tmp-*"):
-        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    """Leftovers of writes that never finished (a killed process, a full disk) are never mistaken for
+    results: staged files and folders of writers that are no longer running are deleted."""
+    for folder in STAGED_FOLDERS:
+        remove_stale_staging(run_dir / folder)
 
 
 def load_run_recipe(run_dir: Path) -> LoadedRecipe:
@@ -90,6 +99,16 @@ def claim(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
     info = existing if existing is not None and not overwrite else {}
     info.update({"fingerprint": fingerprint(recipe), "format": 1})
     write_text_atomic(run_dir / RUN_FILE, json.dumps(info, indent=2))
+
+
+def is_trained(run_dir: Path) -> bool:
+    """Training finished: the adapter is saved and run.json says so (it is written last)."""
+    return (run_dir / ADAPTER_DIR).is_dir() and bool((read_run_file(run_dir) or {}).get("trained"))
+
+
+def is_merged(run_dir: Path) -> bool:
+    """The merge finished: the merged checkpoint and, written after it, its report."""
+    return (run_dir / MERGED_DIR).is_dir() and (run_dir / MERGE_REPORT).is_file()
 
 
 def update_run_file(run_dir: Path, **fields) -> None:

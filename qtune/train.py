@@ -16,7 +16,8 @@ import torch
 
 from qtune import data as qdata
 from qtune import models, rundir, tracking
-from qtune.errors import NonFiniteLossError, QtuneError
+from qtune.cpu import fit_threads
+from qtune.errors import NonFiniteLossError, QtuneError, stage
 from qtune.paths import atomic_dir, fsync_tree, write_text_atomic
 from qtune.recipe import LoadedRecipe, Recipe, TrainingSection, unsupported_export_message
 
@@ -65,6 +66,7 @@ def _trainer_class():
             self._last_log = (time.perf_counter(), 0)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            fit_threads()
             self.tokens_seen += int(inputs.pop("num_real_tokens", inputs["input_ids"].numel()))
             loss = super().training_step(model, inputs, num_items_in_batch)
             bad = torch.tensor(float(not torch.isfinite(loss).all()), device=loss.device)
@@ -93,6 +95,7 @@ def _trainer_class():
             # so a checkpoint-N directory is always complete.
             run_dir = Path(self.args.output_dir)
             final = run_dir / f"checkpoint-{self.state.global_step}"
+            # every rank writes into it, so its name cannot carry one process's PID
             staging_root = run_dir / f".checkpoint-{self.state.global_step}.tmp-staging"
             if self.args.should_save:
                 shutil.rmtree(staging_root, ignore_errors=True)
@@ -176,6 +179,11 @@ def _wait_for_claim(run_dir: Path, fingerprint: str, timeout: float = 600.0) -> 
 
 def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Train the recipe's adapter; returns the run directory. The final adapter lands in run_dir/adapter."""
+    with stage("train", loaded.output_dir):
+        return _train(loaded, resume, overwrite)
+
+
+def _train(loaded: LoadedRecipe, resume: bool, overwrite: bool) -> Path:
     from accelerate import PartialState
     from transformers import set_seed
 
@@ -190,7 +198,7 @@ def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -
     state.wait_for_everyone()
     if rank != 0:
         _wait_for_claim(run_dir, rundir.fingerprint(recipe))
-    if (run_dir / rundir.ADAPTER_DIR).is_dir() and not overwrite:
+    if rundir.is_trained(run_dir) and not overwrite:
         log.info("%s already holds a trained adapter; nothing to train", run_dir)
         return run_dir
     resume_from = rundir.latest_checkpoint(run_dir) if resume else None

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qtune.checkpoint_files import check_checkpoint
 from qtune.formats.awq import load_dequantized_awq_model
 from qtune.formats.gptq import load_dequantized_gptq_model, read_quantization_config, read_tensors
 
@@ -32,6 +33,7 @@ def load_w4a16_model(path: Path, use_kernels: bool | None = None, backend: str =
     the packed weights; otherwise the model holds the dequantized weights in float32.
     """
     path = Path(path)
+    check_checkpoint(path)
     quant = read_quantization_config(path)
     loader = load_dequantized_awq_model if quant["quant_method"] == "awq" else load_dequantized_gptq_model
     use_kernels = torch.cuda.is_available() if use_kernels is None else use_kernels

@@ -1,8 +1,14 @@
-"""Write the quickstart dataset: extract a person's name, age and city from one sentence as JSON.
+"""Write the quickstart dataset: extract a person's name, age and city from one sentence, as three lines.
 
-The task is scored by exact match, so a base model that answers in prose or in any other JSON
-layout fails it, while a few minutes of LoRA training teach the layout and the copying.
-Validation names and cities are drawn from lists the training split never uses.
+The task is scored by exact match, so a base model that answers in prose or in any other layout
+fails it, while a few minutes of LoRA training teach the layout and the copying. Validation names
+and cities are drawn from lists the training split never uses, so the model must copy, not recall.
+
+Every name and city follows a space, in the sentence and in the answer (``city: Geneva``), so the
+answer repeats the input's own tokens. An earlier version answered in JSON, where a value follows a
+quote: there `` Geneva`` must be spelled again as ``Gene`` + ``va``, which a 135M model does for unseen
+names with probabilities near 0.5, so any 4-bit export flipped whole groups of answers and the
+quickstart passed or failed its gates depending on the CPU (docs/benchmarks.md).
 
     python scripts/make_quickstart_data.py recipes/data
 """
@@ -32,19 +38,33 @@ Tehran Utrecht Valencia Warsaw Yokohama Zagreb Adelaide Bilbao Calgary Dresden E
 Izmir Jaipur Kiev Leipzig Montreal Nagoya Oporto Pune Recife Salzburg Tallaght Ulm Vilnius Wellington Xiamen
 Yerevan Zaragoza Antwerp Bremen Cordoba Delft Eindhoven Fez Genoa Hobart Innsbruck Krakow Lucerne Marseille
 """.split()
-HELD_OUT_FIRST = "Amara Bjorn Celine Dario Esther Felix Gita Hugo Ingrid Jamal Kira Lars Mina Nils Orla Pavel".split()
-HELD_OUT_LAST = "Alvarez Brennan Castillo Duarte Eriksen Fontaine Grieve Holm Ito Jurado Kovacs Lund".split()
-HELD_OUT_CITIES = "Madrid Geneva Ottawa Dakar Tallinn Sapporo Lyon Munich Nantes Sydney Bordeaux Kobe".split()
+HELD_OUT_FIRST = """
+Amara Bjorn Celine Dario Esther Felix Gita Hugo Ingrid Jamal Kira Lars Mina Nils Orla Pavel Anika Cyril Dagny
+Elif Fabio Greta Hamid Ilse Joren Kasia Lotte Milan Nora Oskar Petra Rania Sven Talia Ugo
+""".split()
+HELD_OUT_LAST = """
+Alvarez Brennan Castillo Duarte Eriksen Fontaine Grieve Holm Ito Jurado Kovacs Lund Moretti Novotny Okoro Pereira
+Quinlan Rasmussen Sorensen Tiwari Ueda Vidal Wojcik Zeller
+""".split()
+HELD_OUT_CITIES = """
+Madrid Geneva Ottawa Dakar Tallinn Sapporo Lyon Munich Nantes Sydney Bordeaux Kobe Lille Brno Gdansk Turku Aarhus
+Seattle Phoenix Tampa Nashville Orlando Kolkata Hyderabad Surabaya Medan Cusco Arequipa Rosario Mendoza Fortaleza
+Belem Cork Galway Dundee Toulouse Nice Basel Bern Lausanne Trieste Padua Bari Seoul Taipei Darwin
+""".split()
 
 TEMPLATES = {
-    "prose": "{name} is {age} years old and lives in {city}.",
+    "prose": "Our new member {name} is {age} years old and lives in {city}.",
     "fields": "Name: {name} | Age: {age} | City: {city}",
-    "apposition": "{city} resident {name}, aged {age}, joined the club.",
+    "apposition": "A {city} resident, {name}, aged {age}, joined the club.",
     "intro": "Meet {name} ({age}) from {city}!",
     "reordered": "Age {age}, city {city}, full name {name}.",
     "letter": "Dear team, my name is {name}, I am {age}, and I moved to {city} last year.",
 }
-INSTRUCTION = 'Extract the person as JSON with the keys "name", "age" and "city".'
+INSTRUCTION = 'Extract the person as three lines: "name: ...", "age: ..." and "city: ...".'
+
+
+def answer(person: dict) -> str:
+    return f"name: {person['name']}\nage: {person['age']}\ncity: {person['city']}"
 
 
 def make_split(rng: random.Random, count: int, first: list, last: list, cities: list) -> list[dict]:
@@ -55,13 +75,15 @@ def make_split(rng: random.Random, count: int, first: list, last: list, cities: 
         records.append({
             "instruction": INSTRUCTION,
             "input": TEMPLATES[category].format(**person),
-            "output": json.dumps(person),
+            "output": answer(person),
             "category": category,
         })
     return records
 
 
 def main(out_dir: str) -> None:
+    for held_out, seen in ((HELD_OUT_FIRST, FIRST_NAMES), (HELD_OUT_LAST, LAST_NAMES), (HELD_OUT_CITIES, CITIES)):
+        assert not set(held_out) & set(seen), f"held-out names also in training: {sorted(set(held_out) & set(seen))}"
     rng = random.Random(20261123)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from support import full_run_recipe, qtune_cli, write_recipe
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted ``qtune run`` of a tiny model with every export (see support.full_run_recipe)."""
+    work = tmp_path_factory.mktemp("report")
+    recipe = full_run_recipe(work, work / "run")
+    result = qtune_cli("run", str(write_recipe(work / "recipe.yaml", recipe)), timeout=1500)
+    return work / "run", result
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,24 @@ def tiny_recipe(base: Path, out_dir: Path, **sections) -> dict:
     return recipe
 
 
+FULL_RUN_EXPORTS = [
+    {"format": "gguf", "quant": "Q8_0"},
+    {"format": "gguf", "quant": "Q4_K_M", "samples": 8, "seq_len": 128},
+    {"format": "gptq", "group_size": 32, "samples": 8, "seq_len": 128},
+    {"format": "awq", "group_size": 32, "samples": 8, "seq_len": 128},
+]
+FULL_RUN_EXPORT_NAMES = ["model-Q8_0.gguf", "model-Q4_K_M.gguf", "gptq-4bit-g32", "awq-4bit-g32"]
+
+
+def full_run_recipe(work: Path, out_dir: Path) -> dict:
+    """A tiny model through every stage of ``qtune run``: 4 training steps, every export format, gates open."""
+    base = tiny_llama_dir(work / "llama", hidden=128)
+    recipe = tiny_recipe(base, out_dir, training={"max_steps": 4})
+    recipe["export"] = FULL_RUN_EXPORTS
+    recipe["evaluation"]["gates"] = {"max_kl_vs_merged": 10.0, "min_task_ratio": 0.0}
+    return recipe
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -153,3 +153,22 @@ def test_gguf_lora_export_from_a_run(run_dir: Path, tmp_path: Path):
     plain = qtune_cli("export", str(run_dir / "merged"), "--format", "gguf-lora", "--output", str(tmp_path / "y.gguf"))
     assert plain.returncode == 2 and "needs a qtune run directory with a trained adapter" in plain.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("target", [
+    {"format": "gguf", "quant": "Q4_K_M", "samples": 8, "seq_len": 128},
+    {"format": "gptq", "group_size": 32, "sym": False, "samples": 8, "seq_len": 128},
+    {"format": "awq", "group_size": 32, "rounding": "gptq", "samples": 8, "seq_len": 128},
+], ids=lambda t: t["format"])
+def test_an_export_repeated_on_one_machine_is_the_same_bytes(run_dir: Path, tmp_path: Path, target: dict):
+    """Calibration draws, quantizers and writers are deterministic: what can differ is only the CPU
+    (its float rounding in matmuls) and the thread count, never a second run."""
+    outputs = []
+    for attempt in ("first", "second"):
+        name = "model.gguf" if target["format"] == "gguf" else target["format"]
+        outputs.append(export(run_dir, ExportTarget(**target), tmp_path / attempt / name))
+    first, second = outputs
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file()) if first.is_dir() else [Path()]
+    assert files
+    for relative in files:
+        assert (first / relative).read_bytes() == (second / relative).read_bytes(), relative

@@ -23,8 +23,8 @@ def test_quickstart_meets_its_accuracy_targets(tmp_path: Path):
     assert scores["base"]["task_metric"] <= 0.20
     assert scores["adapter"]["task_metric"] >= 0.80
     assert scores["merged"]["task_metric"] >= 0.80
-    for name in EXPORTS:  # every deliverable within 5 points of the merged model
-        assert scores[name]["status"] == "ok" and scores[name]["task_metric"] >= scores["merged"]["task_metric"] - 0.05, (name, scores[name])
+    for name in EXPORTS:  # every deliverable within 5 points of the merged model (the gate), with 2 to spare
+        assert scores[name]["status"] == "ok" and scores[name]["task_metric"] >= scores["merged"]["task_metric"] - 0.03, (name, scores[name])
     merge_report = json.loads((run_dir / "merge_report.json").read_text())
     assert merge_report["kl"][merge_report["chosen"]] <= 1e-3
     report = (run_dir / "report.md").read_text()

@@ -501,6 +501,7 @@ def test_rule_problems_are_all_reported_together(tmp_recipe, monkeypatch, no_cud
 
 def test_shorthand_sources(tmp_recipe, tmp_path, data_file, monkeypatch):
     (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text("{}")  # what datasets.save_to_disk leaves in a dataset folder
     text = MINIMAL.replace(
         "  train: data/train.jsonl\n",
         "  train:\n    - data/train.jsonl\n    - HuggingFaceH4/no_robots\n    - ./saved\n"
@@ -531,6 +532,7 @@ def test_null_sources_mean_none():
 
 def test_shorthand_folder_relative_to_recipe_is_a_path_whatever_the_cwd(tmp_recipe, tmp_path, monkeypatch):
     (tmp_path / "datasets" / "mine").mkdir(parents=True)
+    (tmp_path / "datasets" / "mine" / "dataset_dict.json").write_text("{}")  # a saved DatasetDict
     text = MINIMAL.replace("  train: data/train.jsonl\n", "  train: datasets/mine\n")
     path = tmp_recipe(text)
     monkeypatch.chdir(tmp_path)
@@ -543,6 +545,7 @@ def test_shorthand_folder_relative_to_recipe_is_a_path_whatever_the_cwd(tmp_reci
 
 def test_with_absolute_paths(tmp_recipe, tmp_path, data_file):
     (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "models" / "mine" / "config.json").write_text('{"model_type": "llama"}')
     text = MINIMAL.replace(
         "  train: data/train.jsonl\n",
         "  train: [data/train.jsonl, org/name]\n  validation: ./data/train.jsonl\n",

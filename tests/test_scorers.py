@@ -29,6 +29,8 @@ def test_a_recipe_names_a_scorer_of_its_own(tmp_path: Path, monkeypatch):
 
 
 def test_an_unknown_scorer_is_refused_at_validation(tmp_path: Path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "llama"}')  # a base checkpoint folder, as validation requires
     recipe = tiny_recipe(tmp_path / "base", tmp_path / "run")
     recipe["evaluation"]["scorer"] = "exact"
     with pytest.raises(RecipeError, match="unknown scorer 'exact'.*exact_match, normalized_match, json_equal, contains"):

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from qtune.cpu import fit_threads
 from qtune.errors import QtuneError
+from qtune.paths import staging_prefix
 from qtune.quant.ggml_mixes import Fallback, choose_types, llama_tensor_order, quant_mix
 from qtune.quant.ggml_quants import quantize
 
@@ -209,6 +211,7 @@ def _write_gguf(
 
     def tensor_bytes() -> Iterator[np.ndarray]:
         for name in order:
+            fit_threads()
             qtype, shape = choice.types[name], shapes[name]
             weight = extra[name] if name in extra else sources[name].load(device)
             weights = importance.get(name)
@@ -939,7 +942,7 @@ def _nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
 def _write_atomically(writer: gguf.GGUFWriter, output: Path, tensors: Iterator[np.ndarray]) -> None:
     """Write header, KVs, tensor infos and tensors to a temporary file, then rename it to ``output``."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(output), dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -955,6 +958,7 @@ def _write_atomically(writer: gguf.GGUFWriter, output: Path, tensors: Iterator[n
         os.replace(tmp, output)
     except BaseException:
         for handle in writer.fout or []:
-            handle.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                handle.close()
         tmp.unlink(missing_ok=True)
         raise
