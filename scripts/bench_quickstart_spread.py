@@ -133,8 +133,9 @@ def report(run_dir: Path, spread: Path, thread_counts: list[int], seeds: list[in
             correct = [r["correct"] for r in ok]
             kls = [r["kl_vs_merged"] for r in ok]
             drops = [100 * (merged["task_metric"] - r["task_metric"]) for r in ok]
+            margin = f"{gates.max_task_drop_points - max(drops):.1f}" if gates.max_task_drop_points is not None else "n/a"
             summary.append(f"| {name} | {len(ok)} | {min(correct)}–{max(correct)} of {ok[0]['total']} | {max(drops):+.1f} | "
-                           f"{min(kls):.4f}–{max(kls):.4f} | {f"{gates.max_task_drop_points - max(drops):.1f}" if gates.max_task_drop_points is not None else "n/a"} |")
+                           f"{min(kls):.4f}–{max(kls):.4f} | {margin} |")
     print("\n| export | runs | exact match range | worst drop (points) | KL range | smallest task-drop margin (points) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(summary))
