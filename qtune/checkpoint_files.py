@@ -61,3 +61,17 @@ def check_checkpoint(folder: Path) -> None:
         problem = safetensors_problem(path)
         if problem:
             raise QtuneError(f"{path} is damaged: {problem}; write it again or restore it")
+
+
+def copy_generation_config(checkpoint: Path, folder: Path, config=None) -> None:
+    """``checkpoint``'s generation config into ``folder``; without one, the one transformers builds from
+    ``config`` (nothing when no config is given)."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(checkpoint)
+    except OSError:  # the checkpoint has none
+        if config is None:
+            return
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(folder)

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("validate", help="check a recipe without running anything heavy")
     _recipe_args(p)
     p.add_argument("--print", dest="print_resolved", action="store_true", help="print the fully resolved recipe")
+    p.add_argument("--no-memory-plan", action="store_true", help="skip the memory plan (it imports torch)")
+    _machine_args(p)
 
     p = commands.add_parser("train", help="train the recipe's LoRA adapter on the NF4 base")
     _recipe_args(p)
@@ -78,7 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(exit 1 when an artifact fails its gates)")
     _recipe_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace whatever the output directory holds")
+    p.add_argument("--ignore-memory-plan", action="store_true",
+                   help="start even when the memory plan says a stage will not fit this machine")
+    _machine_args(p)
     return parser
+
+
+def _machine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpu-memory", metavar="SIZE", help="plan for a GPU of this size (e.g. 24GB; 0 for none) instead of this machine's")
+    parser.add_argument("--host-memory", metavar="SIZE", help="plan for this much host memory (e.g. 32GB) instead of this machine's")
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -160,6 +170,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if loaded.recipe.export and base_model_type(loaded.recipe.model, loaded.base_dir) is None:
             print(f"qtune: note: {loaded.recipe.model.base}'s architecture is not known before its download; "
                   "train checks that it can be exported before training starts")
+        if not args.no_memory_plan:  # to stderr under --print, so the resolved recipe alone can be piped to a file
+            _print_memory_plan(loaded, args, sys.stderr if args.print_resolved else sys.stdout)
         print(f"qtune: {args.recipe} is valid")
         return 0
     if args.command == "train":
@@ -210,10 +222,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "run":
         loaded = load_recipe(args.recipe, args.overrides)
+        plan = _print_memory_plan(loaded, args)
+        if plan is not None and plan.too_big() and not args.ignore_memory_plan:
+            raise QtuneError("the memory plan says this run will not finish on this machine: " + "; ".join(plan.problems())
+                             + ". Change that setting, or pass --ignore-memory-plan to start anyway")
         from qtune import pipeline
 
         return pipeline.run(loaded, overwrite=args.overwrite)
     raise AssertionError(args.command)
+
+
+def _print_memory_plan(loaded, args: argparse.Namespace, stream=None):
+    from qtune import memory_plan
+    from qtune.recipe import parse_size
+
+    try:
+        gpu = None if args.gpu_memory is None else (parse_size(args.gpu_memory) if args.gpu_memory.strip() != "0" else 0)
+        host = None if args.host_memory is None else parse_size(args.host_memory)
+    except ValueError as exc:
+        raise QtuneError(f"--gpu-memory/--host-memory: {exc}") from None
+    plan = memory_plan.for_recipe(loaded, gpu, host)
+    stream = stream or sys.stdout
+    if plan is None:
+        print(f"qtune: note: {loaded.recipe.model.base}'s config is not on this machine yet; its memory plan is made when "
+              "training has it", file=stream)
+    else:
+        print("qtune: " + plan.table().replace("\n", "\nqtune: "), file=stream)
+        for problem in plan.problems():
+            print(f"qtune: warning: {problem}", file=stream)
+    return plan
 
 
 def _from_cwd(name: str | None) -> str | None:

@@ -118,15 +118,30 @@ def batches(rows: Sequence[dict], pad_token_id: int, batch_size: int) -> Iterato
 
 
 def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits for a batch, left on its device."""
     device = _device(model)
-    return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+    return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
 
 
-def _label_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL over the label tokens, and their count."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll.item(), int((labels != IGNORE_INDEX).sum())
+def head_inputs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """What the model's head is applied to for a batch ([b, s, hidden], after the final norm), without
+    forming any logits; None for a model that only gives logits (llama.cpp)."""
+    decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is None or head is None:
+        return None
+    device = _device(model)
+    return decoder()(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+
+
+def token_logits(model, batch: dict[str, torch.Tensor]):
+    """A batch's logits a chunk of tokens at a time where the model allows it: a callable of flat
+    [b*s] positions; otherwise (llama.cpp) the whole [b, s, vocab] tensor."""
+    hidden = head_inputs(model, batch)
+    if hidden is None:
+        return _logits(model, batch)
+    head, flat = model.get_output_embeddings(), hidden.flatten(0, 1)
+    return lambda positions: head(flat[positions.to(flat.device)])
 
 
 @torch.no_grad()
@@ -135,8 +150,16 @@ def perplexity(model, rows: Sequence[dict], pad_token_id: int, batch_size: int =
     model.eval()
     nll, count = 0.0, 0
     for batch in batches(rows, pad_token_id, batch_size):
-        batch_nll, batch_count = _label_nll(_logits(model, batch), batch["labels"])
-        nll, count = nll + batch_nll, count + batch_count
+        logits = token_logits(model, batch)
+        flat = logits.flatten(0, 1) if isinstance(logits, torch.Tensor) else None
+        for positions, targets in real_token_chunks(batch):
+            labelled = targets != IGNORE_INDEX
+            if not labelled.any():
+                continue
+            chunk = flat[positions.to(flat.device)] if flat is not None else logits(positions)
+            log_probs = F.log_softmax(chunk.float(), dim=-1)[labelled.to(chunk.device)]
+            nll += F.nll_loss(log_probs, targets[labelled].to(log_probs.device), reduction="sum").item()
+            count += int(labelled.sum())
     return math.exp(nll / count) if count else float("nan")
 
 
@@ -148,21 +171,110 @@ class Divergence:
     perplexity: float = float("nan")  # the candidate's, over the label tokens: one forward pass serves both
 
 
+TOKEN_CHUNK = 512  # tokens whose full-vocabulary log-probabilities are held at once (256 MB each at 128k vocabulary)
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """For each position, the label of the next token (IGNORE_INDEX where there is none to predict)."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+@dataclass
+class DivergenceSum:
+    """Running sums for ``Divergence``, fed the logits of the same tokens from a reference and a candidate."""
+
+    kl_sum: float = 0.0
+    agree: int = 0
+    count: int = 0
+    nll: float = 0.0
+    labelled: int = 0
+
+    def add(self, reference_logits: torch.Tensor, candidate_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """[tokens, vocab] logits of real tokens from both models, and each token's next-token target."""
+        ref = F.log_softmax(reference_logits.float(), dim=-1)
+        cand = F.log_softmax(candidate_logits.float(), dim=-1)
+        self.kl_sum += F.kl_div(cand, ref, log_target=True, reduction="sum").item()
+        self.agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        self.count += ref.shape[0]
+        labelled = targets != IGNORE_INDEX
+        if labelled.any():
+            self.nll += F.nll_loss(cand[labelled], targets[labelled].to(cand.device), reduction="sum").item()
+            self.labelled += int(labelled.sum())
+
+    def result(self) -> Divergence:
+        return Divergence(mean_kl=self.kl_sum / self.count, top1_agreement=self.agree / self.count, tokens=self.count,
+                          perplexity=math.exp(self.nll / self.labelled) if self.labelled else float("nan"))
+
+
+def real_token_chunks(batch: dict[str, torch.Tensor], chunk: int = TOKEN_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(flat indices into the batch's [b*s] positions, next-token targets) of its real tokens, ``chunk`` at a time."""
+    positions = batch["attention_mask"].reshape(-1).nonzero().squeeze(1)
+    targets = next_token_targets(batch["labels"]).reshape(-1)[positions]
+    for start in range(0, positions.numel(), chunk):
+        yield positions[start : start + chunk], targets[start : start + chunk]
+
+
+@dataclass
+class ReferenceOutputs:
+    """A reference model's output on held-out batches, kept as the head's inputs (one vector per token)
+    plus the head: full-vocabulary logits are formed a chunk of tokens at a time, when compared."""
+
+    head: torch.nn.Module
+    hidden: list[torch.Tensor]  # per batch: [b, s, hidden], what the head is applied to
+    batches: list[dict[str, torch.Tensor]]
+
+    def logits(self, batch_index: int, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden[batch_index].flatten(0, 1)
+        return self.head(hidden[positions.to(hidden.device)].to(self.head.weight.device))
+
+
+@torch.no_grad()
+def model_reference(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> ReferenceOutputs:
+    """A loaded model's reference outputs: its head's inputs for each batch (no logits are formed)."""
+    model.eval()
+    kept = list(batches(rows, pad_token_id, batch_size))
+    hidden = [head_inputs(model, batch) for batch in kept]
+    if any(h is None for h in hidden):
+        raise ValueError(f"{type(model).__name__} gives no head inputs to use as a reference")
+    return ReferenceOutputs(model.get_output_embeddings(), hidden, kept)
+
+
+@torch.no_grad()
+def streamed_reference(checkpoint, rows: Sequence[dict], pad_token_id: int, device: torch.device | str,
+                       batch_size: int = 8) -> ReferenceOutputs:
+    """A checkpoint's reference outputs in float32, computed one decoder block at a time (see blockwise)."""
+    from qtune.blockwise import StreamedModel
+
+    streamed = StreamedModel(checkpoint, device, torch.float32)
+    kept = list(batches(rows, pad_token_id, batch_size))
+    hidden = [h.cpu() for h in streamed.final_hidden(kept)]  # host memory: the GPU is for the artifacts
+    return ReferenceOutputs(streamed.output_head(), hidden, kept)
+
+
+def divergence_sum(reference: ReferenceOutputs, candidate_logits) -> Divergence:
+    """``candidate_logits(batch_index, batch)`` gives a candidate's [b, s, vocab] logits (or a callable
+    of the token positions); compared with the reference a chunk of tokens at a time."""
+    total = DivergenceSum()
+    for index, batch in enumerate(reference.batches):
+        logits = candidate_logits(index, batch)
+        flat = logits.flatten(0, 1) if isinstance(logits, torch.Tensor) else None
+        for positions, targets in real_token_chunks(batch):
+            cand = flat[positions.to(flat.device)] if flat is not None else logits(positions)
+            total.add(reference.logits(index, positions), cand, targets)
+    return total.result()
+
+
+@torch.no_grad()
+def divergence_from(reference: ReferenceOutputs, candidate) -> Divergence:
+    """Mean per-token KL(reference || candidate) in nats and top-1 agreement over every real token of the
+    reference's batches, and the candidate's perplexity on their label tokens."""
+    candidate.eval()
+    return divergence_sum(reference, lambda index, batch: token_logits(candidate, batch))
+
+
 @torch.no_grad()
 def divergence(reference, candidate, rows: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> Divergence:
-    """Mean per-token KL(reference || candidate) in nats and top-1 agreement, over every real token,
-    and the candidate's perplexity on the label tokens."""
-    reference.eval(), candidate.eval()
-    kl_sum, agree, count, nll, labelled = 0.0, 0, 0, 0.0, 0
-    for batch in batches(rows, pad_token_id, batch_size):
-        mask = batch["attention_mask"].bool()
-        candidate_logits = _logits(candidate, batch)
-        batch_nll, batch_labelled = _label_nll(candidate_logits, batch["labels"])
-        nll, labelled = nll + batch_nll, labelled + batch_labelled
-        ref = F.log_softmax(_logits(reference, batch), dim=-1)[mask]
-        cand = F.log_softmax(candidate_logits, dim=-1)[mask]
-        kl_sum += F.kl_div(cand, ref, log_target=True, reduction="sum").item()
-        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        count += int(mask.sum())
-    return Divergence(mean_kl=kl_sum / count, top1_agreement=agree / count, tokens=count,
-                      perplexity=math.exp(nll / labelled) if labelled else float("nan"))
+    """``divergence_from`` with a loaded reference model."""
+    return divergence_from(model_reference(reference, rows, pad_token_id, batch_size), candidate)

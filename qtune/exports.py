@@ -21,10 +21,11 @@ import torch
 
 from qtune import rundir
 from qtune.calibration import CalibrationSet, calibration_set
-from qtune.checkpoint_files import check_checkpoint
+from qtune.checkpoint_files import check_checkpoint, copy_generation_config
 from qtune.errors import QtuneError, is_disk_full, stage
-from qtune.paths import staging_prefix, write_text_atomic
-from qtune.recipe import DataSection, ExportTarget
+from qtune.cpu import fit_threads
+from qtune.paths import atomic_dir, staging_prefix, write_text_atomic
+from qtune.recipe import DEFAULT_MAX_SHARD_SIZE, DataSection, ExportTarget, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,8 @@ def resolve_source(path: Path) -> ExportSource:
     raise QtuneError(f"{path} is neither a qtune run directory nor a Hugging Face checkpoint (no config.json)")
 
 
-def _load_model(checkpoint: Path):
-    from transformers import AutoModelForCausalLM
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map={"": device}).eval()
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _calibration(source: ExportSource, target: ExportTarget, tokenizer) -> CalibrationSet:
@@ -81,6 +79,9 @@ def export(path: Path, target: ExportTarget, output: Path | None = None, overwri
     with stage(f"export {output.name}", source.run_dir):
         if source.run_dir is not None:
             rundir.remove_staging(source.run_dir)
+            from qtune import memory_plan
+
+            memory_plan.log_stage(rundir.load_run_recipe(source.run_dir), f"export {target.default_name()}")
         return _export(source, target, output, overwrite)
 
 
@@ -142,17 +143,18 @@ def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: 
     importance, calibrated_on = None, None
     weighted = target.imatrix and target.quant not in ("F32", "F16", "BF16", "Q8_0")
     if weighted and (source.data is not None or target.calibration is not None):
-        from qtune.imatrix import collect_imatrix
+        from qtune.imatrix import collect_imatrix_streamed
+
+        from qtune.blockwise import StreamedModel
 
         calibration = _calibration(source, target, tokenizer)
-        model = _load_model(source.checkpoint)
-        batches = [row[mask.bool()].unsqueeze(0).to(model.device) for row, mask in zip(calibration.input_ids, calibration.attention_mask)]
-        importance = collect_imatrix(model, batches).means()
+        streamed = StreamedModel(source.checkpoint, _device(), torch.float32)
+        batches = [row[mask.bool()].unsqueeze(0) for row, mask in zip(calibration.input_ids, calibration.attention_mask)]
+        importance = collect_imatrix_streamed(streamed, batches).means()
         calibrated_on = calibration.description
-        del model
     elif weighted:
         log.warning("no calibration data for the importance matrix (plain checkpoint, no --calibration); quantizing without one")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device()
     # The file is checked before it takes its final name: a GGUF whose chat template or stop tokens
     # differ from training's is never published.
     staged = output.with_name(f"{staging_prefix(output)}{uuid.uuid4().hex[:8]}")
@@ -182,28 +184,88 @@ def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: 
 
 
 def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, output: Path, overwrite: bool) -> dict:
+    """GPTQ or AWQ, one decoder block at a time: each block is read from the merged checkpoint, quantized on
+    the calibration activations it receives from the block before, written into the output's shards
+    and freed. No stage holds more than one block besides the embeddings and the head."""
     from qtune import layerwise
-    from qtune.formats.awq import write_awq_checkpoint
-    from qtune.formats.gptq import write_gptq_checkpoint
+    from qtune.blockwise import StreamedModel, release
+    from qtune.formats.awq import awq_packed_shapes, awq_quantization_config, pack_awq_layer
+    from qtune.formats.gptq import (
+        collect_tensors, gptq_packed_shapes, gptq_quantization_config, pack_gptq_layer, quantized_config,
+    )
+    from qtune.shards import ShardedWriter
 
     calibration = _calibration(source, target, tokenizer)
-    model = _load_model(source.checkpoint)
+    device = _device()
+    streamed = StreamedModel(source.checkpoint, device, torch.float32)
     saved_dtype = _checkpoint_dtype(source.checkpoint)
-    progress = lambda message: log.debug(message)  # noqa: E731
     if target.format == "gptq":
-        result = layerwise.quantize_model_gptq(
-            model, calibration.input_ids, calibration.attention_mask, bits=target.bits, group_size=target.group_size,
-            sym=target.sym, act_order=target.act_order, damp=target.damp, group_aware=target.group_aware,
-            progress=progress,
-        )
-        write_gptq_checkpoint(model, result.quantized_layers, output, tokenizer, damp_percent=target.damp, dtype=saved_dtype, overwrite=overwrite)
+        checkpoint_format = "gptq" if target.sym else "gptq_v2"
+        settings = dict(bits=target.bits, group_size=target.group_size, sym=target.sym, act_order=target.act_order,
+                        damp=target.damp, group_aware=target.group_aware)
+        quantize_block, shapes = layerwise.gptq_block, lambda n, k, name: gptq_packed_shapes(n, k, target.bits, target.group_size)
+        pack = lambda name, q: pack_gptq_layer(q, checkpoint_format, name)  # noqa: E731
+        config = gptq_quantization_config(target.bits, target.group_size, target.sym, target.act_order, checkpoint_format,
+                                          target.damp, True)
     else:
-        result = layerwise.quantize_model_awq(
-            model, calibration.input_ids, calibration.attention_mask, bits=target.bits, group_size=target.group_size,
-            rounding=target.rounding, damp=target.damp, progress=progress,
-        )
-        write_awq_checkpoint(model, result.quantized_layers, output, tokenizer, dtype=saved_dtype, overwrite=overwrite)
-    return {"layers": len(result.quantized_layers), "calibration": calibration.description, "calibration_tokens": calibration.tokens, "stats": _jsonable(result.stats)}
+        if target.bits != 4:
+            raise ValueError(f"AWQ GEMM holds 4-bit weights only, got bits={target.bits}")
+        settings = dict(bits=target.bits, group_size=target.group_size, rounding=target.rounding, damp=target.damp)
+        quantize_block, shapes = layerwise.awq_block, lambda n, k, name: awq_packed_shapes(n, k, target.group_size, name)
+        pack = lambda name, q: pack_awq_layer(q, name)  # noqa: E731
+        config = awq_quantization_config(target.group_size, None)
+    entries = _quantized_plan(streamed, shapes, saved_dtype)
+    ids = calibration.input_ids
+    mask = torch.ones_like(ids, dtype=torch.bool) if calibration.attention_mask is None else calibration.attention_mask.bool()
+    batches = streamed.embed([(ids[i : i + 8], mask[i : i + 8]) for i in range(0, ids.shape[0], 8)])
+    stats, layers = {}, 0
+    with atomic_dir(output, overwrite=overwrite) as staging:
+        writer = ShardedWriter(staging, entries, parse_size(DEFAULT_MAX_SHARD_SIZE))
+        for name in _outside_blocks(entries):
+            tensor = streamed.reader.get(streamed.head_source_name(name))
+            writer.add(name, tensor.to(saved_dtype) if tensor.is_floating_point() else tensor)
+        for index in range(len(streamed.layers)):
+            fit_threads()
+            layer = streamed.load_block(index)
+            block = quantize_block(layer, index, batches, device, **settings)
+            for name, tensor in collect_tensors(layer, block.quantized_layers, pack, saved_dtype, f"model.layers.{index}.").items():
+                writer.add(name, tensor)
+            release(layer)
+            stats.update(block.stats)
+            layers += len(block.quantized_layers)
+            log.debug("%s: block %d/%d done", target.format, index + 1, len(streamed.layers))
+        writer.close()
+        quantized_config(source.checkpoint, config, saved_dtype).save_pretrained(staging)
+        copy_generation_config(source.checkpoint, staging)
+        tokenizer.save_pretrained(staging)
+        if target.format == "gptq":
+            (staging / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"layers": layers, "calibration": calibration.description, "calibration_tokens": calibration.tokens, "stats": _jsonable(stats)}
+
+
+def _quantized_plan(streamed, shapes, saved_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """Every tensor of the quantized checkpoint, with dtype and shape, before any is computed."""
+    from qtune import layerwise
+
+    entries = []
+    for name, placeholder in streamed.model.state_dict(keep_vars=True).items():
+        if name == "lm_head.weight" and streamed.tied:
+            continue
+        module, _, leaf = name.rpartition(".")
+        local = module.split(".", 3)[-1] if module.startswith("model.layers.") else None
+        if local in layerwise.LINEAR_NAMES and leaf == "weight":
+            out_features, in_features = placeholder.shape
+            entries += [(f"{module}.{suffix}", dtype, shape) for suffix, (dtype, shape) in shapes(out_features, in_features, module).items()]
+        elif local in layerwise.LINEAR_NAMES and leaf == "bias":
+            entries.append((name, torch.float16, tuple(placeholder.shape)))
+        else:
+            stored = streamed.reader.dtype(streamed.head_source_name(name))
+            entries.append((name, saved_dtype if stored.is_floating_point else stored, tuple(placeholder.shape)))
+    return entries
+
+
+def _outside_blocks(entries) -> list[str]:
+    return [name for name, _, _ in entries if not name.startswith("model.layers.")]
 
 
 def _checkpoint_dtype(checkpoint: Path) -> torch.dtype:

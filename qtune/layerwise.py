@@ -260,50 +260,64 @@ def _quantize_model_gptq(
     layers = decoder_layers(model)
     device_ = _resolve_device(model, device)
     batches = capture_block_inputs(model, input_ids, attention_mask, batch_size, device_)
-    groups = SEQUENTIAL_GROUPS if true_sequential else (LINEAR_NAMES,)
     result = LayerwiseResult(quantized_layers={}, method="gptq")
     for index, layer in enumerate(layers):
         fit_threads()
         with _block_on(layer, device_):
-            for names in groups:
-                accumulators = {
-                    name: HessianAccumulator(layer.get_submodule(name).in_features, device_) for name in names
-                }
-                current_mask: list[Tensor] = []
-
-                def collect(name: str, x: Tensor) -> None:
-                    accumulators[name].add_batch(x, current_mask[0])
-
-                with _input_hooks(layer, names, collect, stop_after_all=True):
-                    with torch.no_grad():
-                        for batch in batches:
-                            current_mask[:] = [batch.token_mask]
-                            try:
-                                layer(batch.hidden, **batch.layer_kwargs[index])
-                            except _StopForward:
-                                pass
-                for name in names:
-                    linear = layer.get_submodule(name)
-                    full_name = f"model.layers.{index}.{name}"
-                    try:
-                        quantized = gptq_quantize(
-                            linear.weight.data, accumulators[name].hessian, bits, group_size, sym, act_order,
-                            damp, block_size, group_aware,
-                        )
-                    except ValueError as exc:
-                        raise ValueError(f"{full_name}: {exc}") from exc
-                    _set_weight(linear, quantized.weight)
-                    result.quantized_layers[full_name] = quantized.to("cpu")  # codes only, off the device
-                    result.stats[full_name] = {
-                        "loss": quantized.loss,
-                        "damp": quantized.damp,
-                        "damp_retries": quantized.damp_retries,
-                        "dead_columns": quantized.dead_columns,
-                    }
-                    del accumulators[name]
-            _run_block(layer, batches, index)
+            block = gptq_block(layer, index, batches, device_, bits=bits, group_size=group_size, sym=sym,
+                               act_order=act_order, damp=damp, block_size=block_size, group_aware=group_aware,
+                               true_sequential=true_sequential)
+        result.quantized_layers.update(block.quantized_layers)
+        result.stats.update(block.stats)
         if progress is not None:
             progress(f"gptq: layer {index + 1}/{len(layers)} done")
+    return result
+
+
+def gptq_block(
+    layer: nn.Module, index: int, batches: list[_Batch], device: torch.device, *, bits: int, group_size: int,
+    sym: bool, act_order: bool, damp: float, block_size: int = 128, group_aware: bool = True,
+    true_sequential: bool = True,
+) -> LayerwiseResult:
+    """GPTQ one decoder block (on ``device``) in place, then carry ``batches`` through the quantized block."""
+    groups = SEQUENTIAL_GROUPS if true_sequential else (LINEAR_NAMES,)
+    result = LayerwiseResult(quantized_layers={}, method="gptq")
+    with _eval_mode(layer):
+        for names in groups:
+            accumulators = {name: HessianAccumulator(layer.get_submodule(name).in_features, device) for name in names}
+            current_mask: list[Tensor] = []
+
+            def collect(name: str, x: Tensor) -> None:
+                accumulators[name].add_batch(x, current_mask[0])
+
+            with _input_hooks(layer, names, collect, stop_after_all=True):
+                with torch.no_grad():
+                    for batch in batches:
+                        current_mask[:] = [batch.token_mask]
+                        try:
+                            layer(batch.hidden, **batch.layer_kwargs[index])
+                        except _StopForward:
+                            pass
+            for name in names:
+                linear = layer.get_submodule(name)
+                full_name = f"model.layers.{index}.{name}"
+                try:
+                    quantized = gptq_quantize(
+                        linear.weight.data, accumulators[name].hessian, bits, group_size, sym, act_order,
+                        damp, block_size, group_aware,
+                    )
+                except ValueError as exc:
+                    raise ValueError(f"{full_name}: {exc}") from exc
+                _set_weight(linear, quantized.weight)
+                result.quantized_layers[full_name] = quantized.to("cpu")  # codes only, off the device
+                result.stats[full_name] = {
+                    "loss": quantized.loss,
+                    "damp": quantized.damp,
+                    "damp_retries": quantized.damp_retries,
+                    "dead_columns": quantized.dead_columns,
+                }
+                del accumulators[name]
+        _run_block(layer, batches, index)
     return result
 
 
@@ -392,97 +406,114 @@ def _quantize_model_awq(
             awq_math.check_awq_group_size(linear.in_features, group_size, f"model.layers.{index}.{name}")
     batches = capture_block_inputs(model, input_ids, attention_mask, batch_size, device_)
     result = LayerwiseResult(quantized_layers={}, method="awq")
-    input_of = {  # which captured activation feeds each linear
-        "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
-        "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
-        "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
-    }
-    captured_names = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
     for index, layer in enumerate(layers):
         fit_threads()
         with _block_on(layer, device_):
-            features: dict[str, list[Tensor]] = {name: [] for name in captured_names}
-            with _input_hooks(layer, captured_names, lambda n, x: features[n].append(x.detach()), False):
-                _run_block_for_inputs(layer, batches, index)
-            # only attention mixes tokens: every other inspected module sees the real tokens of all
-            # batches as a few large chunks, with the padding dropped
-            chunk_masks: dict[str, list[Tensor | None]] = {"self_attn.q_proj": [b.token_mask for b in batches]}
-            for name in captured_names[1:]:
-                valid = torch.cat([x[b.token_mask] for x, b in zip(features[name], batches)])
-                features[name] = list(valid.split(TOKENWISE_CHUNK))
-                chunk_masks[name] = [None] * len(features[name])
-
-            for previous_name, linear_names, inspected_name in _awq_groups(layer):
-                feature_key = input_of[linear_names[0]]
-                inputs, masks = features[feature_key], chunk_masks[feature_key]
-                inspected = layer.get_submodule(inspected_name)
-                linears = [layer.get_submodule(name) for name in linear_names]
-                is_attention = inspected_name == "self_attn"
-
-                def run_inspected(x: Tensor, chunk: int) -> Tensor:
-                    if is_attention:
-                        kwargs = batches[chunk].layer_kwargs[index]
-                        return _first_output(inspected(hidden_states=x, **kwargs))
-                    return _first_output(inspected(x))
-
-                with torch.no_grad():
-                    references = [run_inspected(x, i) for i, x in enumerate(inputs)]
-                originals = [linear.weight.data.clone() for linear in linears]
-
-                def evaluate(candidates: list[Tensor]) -> float:
-                    total, count = 0.0, 0
-                    try:
-                        for linear, weight in zip(linears, candidates):
-                            _set_weight(linear, weight)
-                        with torch.no_grad():
-                            for i, x in enumerate(inputs):
-                                sq, n = _masked_mse(run_inspected(x, i), references[i], masks[i])
-                                total, count = total + sq, count + n
-                    finally:
-                        for linear, weight in zip(linears, originals):
-                            linear.weight.data.copy_(weight)
-                    return total / max(count, 1)
-
-                x_mean = awq_math.activation_mean(_real_tokens(inputs, masks))
-                search = awq_math.search_scales(
-                    x_mean, originals, evaluate, bits=bits, group_size=group_size, n_grid=n_grid,
-                    duo_scaling=duo_scaling,
-                )
-                scales = search.scales.to(device_)
-                _scale_previous_op(layer.get_submodule(previous_name), scales)
-                for linear in linears:
-                    _scale_linear_inputs(linear, scales)
-                features[feature_key] = [(x.float() / scales).to(x.dtype) for x in inputs]
-                for name in linear_names:
-                    result.stats[f"model.layers.{index}.{name}"] = {
-                        "awq_ratio": search.ratio,
-                        "awq_error": search.error,
-                        "rtn_error": search.rtn_error,
-                        "scaled_by": previous_name,
-                    }
-
-            for name in LINEAR_NAMES:
-                full_name = f"model.layers.{index}.{name}"
-                linear = layer.get_submodule(name)
-                weight = linear.weight.data.float()
-                key = input_of[name]
-                x = _real_tokens(features[key], chunk_masks[key])
-                if apply_clip and name not in ("self_attn.q_proj", "self_attn.k_proj"):
-                    weight = awq_math.apply_clip(weight, awq_math.search_clip(weight, x, bits, group_size))
-                if rounding == "gptq":
-                    hessian = HessianAccumulator(weight.shape[1], weight.device)
-                    hessian.add_batch(x)
-                    quantized = gptq_quantize(weight, hessian.hessian, bits, group_size, sym=False, damp=damp, group_aware=True)
-                else:
-                    quantized = rtn_quantize(weight, bits, group_size, sym=False, convention="awq")
-                _set_weight(linear, quantized.dequantize())
-                result.quantized_layers[full_name] = quantized.to("cpu")
-                result.stats.setdefault(full_name, {})["clipped"] = apply_clip and name not in (
-                    "self_attn.q_proj", "self_attn.k_proj",
-                )
-            features.clear()
-            _run_block(layer, batches, index)
+            block = awq_block(layer, index, batches, device_, bits=bits, group_size=group_size, n_grid=n_grid,
+                              duo_scaling=duo_scaling, apply_clip=apply_clip, rounding=rounding, damp=damp)
+        result.quantized_layers.update(block.quantized_layers)
+        result.stats.update(block.stats)
         if progress is not None:
             progress(f"awq: layer {index + 1}/{len(layers)} done")
+    return result
+
+
+_AWQ_INPUT_OF = {  # which captured activation feeds each linear
+    "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+    "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
+}
+_AWQ_CAPTURED = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+
+
+def awq_block(
+    layer: nn.Module, index: int, batches: list[_Batch], device: torch.device, *, bits: int, group_size: int,
+    n_grid: int = 20, duo_scaling: bool = True, apply_clip: bool = True, rounding: str = "rtn", damp: float = 0.01,
+) -> LayerwiseResult:
+    """AWQ one decoder block (on ``device``) in place, then carry ``batches`` through the quantized block."""
+    input_of, captured_names = _AWQ_INPUT_OF, _AWQ_CAPTURED
+    result = LayerwiseResult(quantized_layers={}, method="awq")
+    with _eval_mode(layer):
+        features: dict[str, list[Tensor]] = {name: [] for name in captured_names}
+        with _input_hooks(layer, captured_names, lambda n, x: features[n].append(x.detach()), False):
+            _run_block_for_inputs(layer, batches, index)
+        # only attention mixes tokens: every other inspected module sees the real tokens of all
+        # batches as a few large chunks, with the padding dropped
+        chunk_masks: dict[str, list[Tensor | None]] = {"self_attn.q_proj": [b.token_mask for b in batches]}
+        for name in captured_names[1:]:
+            valid = torch.cat([x[b.token_mask] for x, b in zip(features[name], batches)])
+            features[name] = list(valid.split(TOKENWISE_CHUNK))
+            chunk_masks[name] = [None] * len(features[name])
+
+        for previous_name, linear_names, inspected_name in _awq_groups(layer):
+            feature_key = input_of[linear_names[0]]
+            inputs, masks = features[feature_key], chunk_masks[feature_key]
+            inspected = layer.get_submodule(inspected_name)
+            linears = [layer.get_submodule(name) for name in linear_names]
+            is_attention = inspected_name == "self_attn"
+
+            def run_inspected(x: Tensor, chunk: int) -> Tensor:
+                if is_attention:
+                    kwargs = batches[chunk].layer_kwargs[index]
+                    return _first_output(inspected(hidden_states=x, **kwargs))
+                return _first_output(inspected(x))
+
+            with torch.no_grad():
+                references = [run_inspected(x, i) for i, x in enumerate(inputs)]
+            originals = [linear.weight.data.clone() for linear in linears]
+
+            def evaluate(candidates: list[Tensor]) -> float:
+                total, count = 0.0, 0
+                try:
+                    for linear, weight in zip(linears, candidates):
+                        _set_weight(linear, weight)
+                    with torch.no_grad():
+                        for i, x in enumerate(inputs):
+                            sq, n = _masked_mse(run_inspected(x, i), references[i], masks[i])
+                            total, count = total + sq, count + n
+                finally:
+                    for linear, weight in zip(linears, originals):
+                        linear.weight.data.copy_(weight)
+                return total / max(count, 1)
+
+            x_mean = awq_math.activation_mean(_real_tokens(inputs, masks))
+            search = awq_math.search_scales(
+                x_mean, originals, evaluate, bits=bits, group_size=group_size, n_grid=n_grid,
+                duo_scaling=duo_scaling,
+            )
+            scales = search.scales.to(device)
+            _scale_previous_op(layer.get_submodule(previous_name), scales)
+            for linear in linears:
+                _scale_linear_inputs(linear, scales)
+            features[feature_key] = [(x.float() / scales).to(x.dtype) for x in inputs]
+            for name in linear_names:
+                result.stats[f"model.layers.{index}.{name}"] = {
+                    "awq_ratio": search.ratio,
+                    "awq_error": search.error,
+                    "rtn_error": search.rtn_error,
+                    "scaled_by": previous_name,
+                }
+
+        for name in LINEAR_NAMES:
+            full_name = f"model.layers.{index}.{name}"
+            linear = layer.get_submodule(name)
+            weight = linear.weight.data.float()
+            key = input_of[name]
+            x = _real_tokens(features[key], chunk_masks[key])
+            if apply_clip and name not in ("self_attn.q_proj", "self_attn.k_proj"):
+                weight = awq_math.apply_clip(weight, awq_math.search_clip(weight, x, bits, group_size))
+            if rounding == "gptq":
+                hessian = HessianAccumulator(weight.shape[1], weight.device)
+                hessian.add_batch(x)
+                quantized = gptq_quantize(weight, hessian.hessian, bits, group_size, sym=False, damp=damp, group_aware=True)
+            else:
+                quantized = rtn_quantize(weight, bits, group_size, sym=False, convention="awq")
+            _set_weight(linear, quantized.dequantize())
+            result.quantized_layers[full_name] = quantized.to("cpu")
+            result.stats.setdefault(full_name, {})["clipped"] = apply_clip and name not in (
+                "self_attn.q_proj", "self_attn.k_proj",
+            )
+        features.clear()
+        _run_block(layer, batches, index)
     return result
 

@@ -122,6 +122,13 @@ def bnb_config(quant: QuantizationSection):
     )
 
 
+def device() -> torch.device:
+    """Where models run: this process's GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def device_map() -> dict | str:
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
@@ -181,6 +188,40 @@ def load_full_precision(checkpoint: Path, model: ModelSection, dtype: torch.dtyp
         checkpoint, trust_remote_code=model.trust_remote_code, attn_implementation=model.attn_implementation,
         dtype=dtype, device_map=device_map(),
     )
+
+
+class _AsFloat32(torch.nn.Module):
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.float()
+
+
+def compute_in_float32(model) -> torch.nn.Module:
+    """Keep a half-precision model's weights in half precision but compute in float32: each weight is
+    upcast when its module runs (a parametrization), so memory is half precision's and the arithmetic is
+    that of the same checkpoint loaded in float32. Used on CPU, where half-precision matmuls are slow or
+    inexact."""
+    from torch.nn.utils import parametrize
+
+    targets = [(module, name) for module in model.modules() for name, p in module.named_parameters(recurse=False)
+               if p.dtype in (torch.float16, torch.bfloat16)]
+    for module, name in targets:
+        parametrize.register_parametrization(module, name, _AsFloat32(), unsafe=True)
+    return model
+
+
+def load_for_eval(checkpoint: Path, model: ModelSection):
+    """A (merged) checkpoint for scoring, in its stored half precision; on CPU computing in float32
+    (``compute_in_float32``), so the numbers are those of a float32 load at half its memory."""
+    from transformers import AutoModelForCausalLM
+
+    check_checkpoint(checkpoint)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        checkpoint, trust_remote_code=model.trust_remote_code, attn_implementation=model.attn_implementation,
+        dtype="auto", device_map=device_map(),
+    )
+    if next(loaded.parameters()).device.type == "cpu":
+        compute_in_float32(loaded)
+    return loaded.eval()
 
 
 def dequantize_for_inference(model) -> int:

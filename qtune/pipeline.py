@@ -6,6 +6,7 @@ interrupted ``qtune run`` picks up where it stopped.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -15,12 +16,13 @@ from pathlib import Path
 import torch
 
 from qtune import data as qdata
-from qtune import merge, models, rundir
+from qtune import memory_plan, merge, models, rundir
+from qtune.blockwise import StreamedModel
 from qtune.errors import QtuneError, stage
-from qtune.evaluate import divergence, perplexity, task_accuracy
+from qtune.evaluate import divergence_from, model_reference, perplexity, streamed_reference, task_accuracy
 from qtune.gguf_model import gguf_tensor_bytes, load_gguf_model
 from qtune.paths import atomic_dir, write_text_atomic
-from qtune.recipe import LoadedRecipe
+from qtune.recipe import LoadedRecipe, parse_size
 from qtune.scorers import resolve_scorer
 from qtune.w4a16_models import is_w4a16_checkpoint, load_w4a16_model
 
@@ -59,24 +61,30 @@ def _merge_run(run_dir: Path) -> Path:
     if not adapter_dir.is_dir():
         raise QtuneError(f"{run_dir} has no trained adapter yet; run qtune train first")
     loaded, checkpoint, tokenizer, prepared = _context(run_dir)
+    memory_plan.log_stage(loaded, "merge")
     recipe = loaded.recipe
-    rows = _held_out_rows(prepared)
+    rows = merge.measurement_rows(_held_out_rows(prepared))
     if not rows:
         raise QtuneError("merging needs held-out rows to compare the merge bases; give the recipe a validation split")
 
     adapter_model = models.load_adapter_model(checkpoint, adapter_dir, recipe.model, recipe.quantization)
-    full_model = models.load_full_precision(checkpoint, recipe.model, torch.float32).eval()
-    original = {k: v.detach().clone() for k, v in full_model.state_dict().items()}
     deltas = merge.lora_deltas(adapter_model)
-    dequantized = merge.dequantized_weights(adapter_model)
-    models.for_inference(adapter_model)
     if not deltas:
         raise QtuneError(f"the adapter in {adapter_dir} has no LoRA layers to merge")
-    dtype = merge.choose_dtype(recipe.output.merge_dtype, getattr(full_model.config, "dtype", None), original)
+    specs = merge.nf4_specs(adapter_model)
+    reference = model_reference(adapter_model, rows, tokenizer.pad_token_id)
+    device = next(adapter_model.parameters()).device
+    del adapter_model  # only its head and the head's inputs are kept
+    gc.collect()
+
+    streamed = StreamedModel(checkpoint, device, torch.float32, recipe.model.trust_remote_code, recipe.model.attn_implementation)
+    dtype = merge.choose_dtype(recipe.output.merge_dtype, merge.config_dtype(checkpoint), lambda: merge.checkpoint_absmax(streamed.reader))
     bases = merge.MERGE_BASES if recipe.output.merge_base == "auto" else (recipe.output.merge_base,)
-    if not any(isinstance(m, _linear4bit()) for m in adapter_model.modules()):
+    if not specs:
         bases = ("original",)  # an unquantized base has no dequantized variant
-    scores = merge.measure_bases(adapter_model, full_model, original, dequantized, deltas, rows, tokenizer.pad_token_id, dtype, bases)
+    sources = {name: merge.candidate_source(name, streamed.reader, specs, deltas, dtype) for name in bases}
+    scores = merge.measure_candidates(streamed, sources, reference)
+    del reference
     chosen = min(scores, key=lambda name: scores[name].mean_kl)
     report = merge.MergeReport(
         chosen=chosen,
@@ -85,25 +93,15 @@ def _merge_run(run_dir: Path) -> Path:
         top1={k: v.top1_agreement for k, v in scores.items()},
         tokens=scores[chosen].tokens,
     )
-    del adapter_model
-    final = merge.rounded(merge.candidate_state(chosen, original, dequantized, deltas), dtype)
-    full_model.load_state_dict(final, strict=False)
-    full_model.to(dtype)
-    full_model.config.dtype = dtype
     with atomic_dir(run_dir / rundir.MERGED_DIR, overwrite=True) as staging:
-        full_model.save_pretrained(staging)
+        merge.write_merged(streamed, sources[chosen], dtype, staging, parse_size(recipe.output.max_shard_size))
+        merge.write_merged_config(checkpoint, dtype, staging, recipe.model.trust_remote_code)
         tokenizer.save_pretrained(staging)
     write_text_atomic(run_dir / rundir.MERGE_REPORT, json.dumps(report.as_dict(), indent=2))
     if not report.passes:
         log.warning("the merged model differs from the adapter model by %.3g nats/token (gate %.0e)", report.kl[chosen], report.gate)
     log.info("merged into the %s base (%s)", chosen, report.dtype)
     return run_dir / rundir.MERGED_DIR
-
-
-def _linear4bit():
-    from bitsandbytes.nn import Linear4bit
-
-    return Linear4bit
 
 
 @dataclass
@@ -137,13 +135,13 @@ def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Pa
         return Artifact(models.for_inference(model), size, "transformers + bitsandbytes + peft")
     if name == "merged":
         merged = run_dir / rundir.MERGED_DIR
-        return Artifact(models.load_full_precision(merged, recipe.model, torch.float32), _files_size(merged), "transformers")
+        return Artifact(models.load_for_eval(merged, recipe.model), _files_size(merged), "transformers")
     path = run_dir / "exports" / name
     if path.suffix == ".gguf" and path.is_file():
         model = load_gguf_model(path, n_ctx)
         return Artifact(model, path.stat().st_size, model.runtime, gguf_tensor_bytes(path))
     if is_w4a16_checkpoint(path):
-        runtime = "qtune W4A16 kernels" if torch.cuda.is_available() else "qtune dequantized (CPU)"
+        runtime = "qtune W4A16 kernels" if torch.cuda.is_available() else "qtune W4A16, torch reference (CPU)"
         return Artifact(load_w4a16_model(path), _files_size(path), runtime)
     raise QtuneError(f"unknown artifact '{name}'; this run has: {', '.join(available_artifacts(run_dir))}")
 
@@ -191,6 +189,7 @@ def evaluate_run(run_dir: Path, artifacts: list[str] | None = None) -> dict[str,
 
 def _evaluate_run(run_dir: Path, artifacts: list[str] | None) -> dict[str, dict]:
     loaded, checkpoint, tokenizer, prepared = _context(run_dir)
+    memory_plan.log_stage(loaded, "eval")
     present = available_artifacts(run_dir)
     wanted = artifacts or present
     missing = [a for a in wanted if a not in present]
@@ -209,8 +208,8 @@ def _evaluate_run(run_dir: Path, artifacts: list[str] | None) -> dict[str, dict]
     results = {}
     reference = None
     if "merged" in present and any(name != "merged" for name in wanted) and prepared.validation:
-        try:
-            reference = load_artifact("merged", run_dir, loaded, checkpoint).model
+        try:  # float32, one block at a time: its head's inputs are what is kept (evaluate.ReferenceOutputs)
+            reference = streamed_reference(run_dir / rundir.MERGED_DIR, prepared.validation, tokenizer.pad_token_id, models.device())
         except Exception as exc:  # the merged row reports the failure; the rest is scored without KL
             log.error("the merged model failed to load (%s); scoring without KL against it", exc)
     for name in wanted:
@@ -246,7 +245,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def _score(name: str, artifact: Artifact, reference, tokenizer, prepared: qdata.PreparedData, prompts: list[dict], cfg, scorer) -> dict:
     model = artifact.model
     task = task_accuracy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, scorer)
-    versus_merged = divergence(reference, model, prepared.validation, tokenizer.pad_token_id) if reference is not None and name != "merged" else None
+    versus_merged = divergence_from(reference, model) if reference is not None and name != "merged" else None
     return {
         "artifact": name,
         "status": "ok",

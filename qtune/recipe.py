@@ -36,6 +36,28 @@ def _scalar_types(annotation: Any) -> set[type]:
     return {t for arg in getattr(annotation, "__args__", ()) if arg is not type(None) for t in _scalar_types(arg)}
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as ``5GB`` (powers of ten, as transformers reads it), ``500MiB`` or ``1000000``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = text, ""
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not match or match.group(2).upper() not in SIZE_UNITS:
+            raise ValueError(f"'{text}' is not a size (write e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+        value, unit = float(match.group(1)), match.group(2).upper()
+    size = int(value * SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"a size must be positive, got '{text}'")
+    return size
+
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -220,6 +242,15 @@ class OutputSection(Section):
     dir: str = "runs/qtune"
     merge_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     merge_base: Literal["auto", "dequantized", "original"] = "auto"
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE  # per safetensors shard of the merged model, e.g. 5GB, 500MB, 2GiB
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _size(cls, value):
+        if not isinstance(value, (str, int)):
+            raise ValueError("must be a size such as 5GB, 500MB or 2GiB")
+        parse_size(value)
+        return str(value)
 
 
 EXPORT_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -666,28 +697,40 @@ def unsupported_export_message(model_type: str | None) -> str | None:
     return f"the base model's architecture '{model_type}' cannot be exported; supported: {', '.join(EXPORT_ARCHITECTURES)}"
 
 
-def base_model_type(model: ModelSection, base_dir: Path) -> str | None:
-    """The base model's ``model_type`` when it can be read without a download; None when it can't."""
+def base_model_config(model: ModelSection, base_dir: Path) -> dict | None:
+    """The base model's config.json when it can be read without a download (or a conversion); else None."""
     import json
 
     if model.base in BUILTIN_BASES:
-        return BUILTIN_BASES[model.base].model_type
-    candidates = [resolve_path(model.base, base_dir) / "config.json"]
-    try:
-        from huggingface_hub import try_to_load_from_cache
+        from qtune.paths import cache_dir
 
-        cached = try_to_load_from_cache(model.base, "config.json", revision=model.revision)
-        if isinstance(cached, str):
-            candidates.append(Path(cached))
-    except Exception:  # not a valid hub id: nothing cached to read
-        pass
+        candidates = [cache_dir() / "models" / model.base / "config.json"]
+    else:
+        candidates = [resolve_path(model.base, base_dir) / "config.json"]
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model.base, "config.json", revision=model.revision)
+            if isinstance(cached, str):
+                candidates.append(Path(cached))
+        except Exception:  # not a valid hub id: nothing cached to read
+            pass
     for config in candidates:
         if config.is_file():
             try:
-                return json.loads(config.read_text()).get("model_type")
+                loaded = json.loads(config.read_text())
             except (OSError, ValueError):
                 return None
+            return loaded if isinstance(loaded, dict) else None
     return None
+
+
+def base_model_type(model: ModelSection, base_dir: Path) -> str | None:
+    """The base model's ``model_type`` when it can be read without a download; None when it can't."""
+    if model.base in BUILTIN_BASES:
+        return BUILTIN_BASES[model.base].model_type
+    config = base_model_config(model, base_dir)
+    return None if config is None else config.get("model_type")
 
 
 def _cuda_available() -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qtune import data as qdata
-from qtune import models, rundir, tracking
+from qtune import memory_plan, models, rundir, tracking
 from qtune.cpu import fit_threads
 from qtune.errors import NonFiniteLossError, QtuneError, stage
 from qtune.paths import atomic_dir, fsync_tree, write_text_atomic
@@ -213,6 +213,7 @@ def _train(loaded: LoadedRecipe, resume: bool, overwrite: bool) -> Path:
         problem = unsupported_export_message(json.loads((checkpoint / "config.json").read_text()).get("model_type"))
         if problem:
             raise QtuneError(f"export: {problem}")
+    memory_plan.log_stage(loaded, "train")
     tokenizer = models.load_tokenizer(checkpoint, recipe.model.trust_remote_code)
     prepared = qdata.prepare_data(recipe.data, tokenizer, loaded.base_dir, recipe.training.seed)
     if state.is_main_process:

@@ -1,5 +1,7 @@
-"""Running exported GPTQ and AWQ checkpoints: packed 4-bit weights through qtune's W4A16 kernels on CUDA,
-or every layer dequantized once on CPU (the same numbers, computed the simple way)."""
+"""Running exported GPTQ and AWQ checkpoints with their 4-bit weights kept packed: every quantized linear
+becomes a ``QuantLinearW4A16`` (Triton kernels on CUDA, the torch reference on CPU), and nothing is
+dequantized ahead of use. On CPU the remaining half-precision tensors (embeddings, norms, head) are
+used in float32 (``models.compute_in_float32``), as the quantized linears are."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import torch
 from torch import nn
 
 from qtune.checkpoint_files import check_checkpoint
-from qtune.formats.awq import load_dequantized_awq_model
-from qtune.formats.gptq import load_dequantized_gptq_model, read_quantization_config, read_tensors
+from qtune.formats.gptq import read_quantization_config
+from qtune.shards import CheckpointReader
+
+PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
 def is_w4a16_checkpoint(path: Path) -> bool:
@@ -26,29 +30,41 @@ def kernel_layout(quant: dict) -> str:
     return "gptq_v2" if (quant.get("checkpoint_format") or quant.get("format")) == "gptq_v2" else "gptq"
 
 
-def load_w4a16_model(path: Path, use_kernels: bool | None = None, backend: str = "auto") -> nn.Module:
-    """An HF causal LM for a GPTQ/AWQ checkpoint written by qtune (or by GPTQModel/AutoAWQ in the same layouts).
+def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | str | None = None) -> nn.Module:
+    """An HF causal LM for a GPTQ/AWQ checkpoint written by qtune (or by GPTQModel/AutoAWQ in the same
+    layouts), its quantized linears packed, on ``device`` (default: CUDA when there is one)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    With ``use_kernels`` (default: on CUDA) every quantized linear becomes a ``QuantLinearW4A16`` that keeps
-    the packed weights; otherwise the model holds the dequantized weights in float32.
-    """
+    from qtune.blockwise import rebuild_computed_buffers
+    from qtune.kernels.w4a16 import QuantLinearW4A16
+    from qtune.models import compute_in_float32
+
     path = Path(path)
     check_checkpoint(path)
     quant = read_quantization_config(path)
-    loader = load_dequantized_awq_model if quant["quant_method"] == "awq" else load_dequantized_gptq_model
-    use_kernels = torch.cuda.is_available() if use_kernels is None else use_kernels
-    if not use_kernels:
-        return loader(path, torch.float32)
-    from qtune.kernels.w4a16 import QuantLinearW4A16
-
-    model = loader(path, torch.float16)
-    tensors = read_tensors(path)
     layout, group_size = kernel_layout(quant), int(quant["group_size"])
-    prefixes = [key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    reader = CheckpointReader(path)
+    prefixes = [key.removesuffix(".qweight") for key in reader.keys() if key.endswith(".qweight")]
     for prefix in prefixes:
+        tensors = {f"{prefix}.{s}": reader.get(f"{prefix}.{s}").to(device) for s in PACKED_SUFFIXES if f"{prefix}.{s}" in reader}
         parent_name, _, child = prefix.rpartition(".")
-        parent = model.get_submodule(parent_name)
         size = None if group_size == -1 else group_size
-        setattr(parent, child, QuantLinearW4A16.from_state_dict(tensors, prefix, layout, size, backend))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+        setattr(model.get_submodule(parent_name), child, QuantLinearW4A16.from_state_dict(tensors, prefix, layout, size, backend))
+    packed = {f"{prefix}.{s}" for prefix in prefixes for s in PACKED_SUFFIXES}
+    state = {key: reader.get(key).to(device) for key in reader.keys() if key not in packed}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [key for key in missing if key not in packed and not (tied and key == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    rebuild_computed_buffers(model, device)
+    if device.type == "cpu":
+        compute_in_float32(model)
+    return model.eval()

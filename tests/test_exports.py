@@ -113,14 +113,20 @@ def test_exported_gptq_and_awq_are_scored_by_qtune_eval(run_dir: Path):
 
 
 def test_w4a16_kernel_path_matches_the_dequantized_model(run_dir: Path, tmp_path: Path):
+    """The packed model that eval loads computes what the checkpoint's dequantized weights compute; it
+    rounds each dequantized weight to fp16 as the GPU kernels do, hence the tolerance."""
     import torch
 
+    from qtune.kernels.w4a16 import QuantLinearW4A16
     from qtune.w4a16_models import load_w4a16_model
 
     out = tmp_path / "gptq"
     export(run_dir, ExportTarget(format="gptq", group_size=64, samples=8, seq_len=128), out)
-    dense = load_w4a16_model(out, use_kernels=False)
-    packed = load_w4a16_model(out, use_kernels=True, backend="torch").float()
+    dense = load_dequantized_gptq_model(out)
+    packed = load_w4a16_model(out, backend="torch")
+    assert sum(isinstance(m, QuantLinearW4A16) for m in packed.modules()) == 7 * 2
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 and p.shape[0] > 1000 and p.shape[1] == 256
+                   for n, p in packed.named_parameters() if "layers" in n), "a quantized linear was dequantized"
     ids = torch.randint(0, 1000, (2, 16))
     with torch.no_grad():
         assert torch.allclose(dense(ids).logits, packed(ids).logits, atol=2e-2, rtol=2e-2)
@@ -172,3 +178,73 @@ def test_an_export_repeated_on_one_machine_is_the_same_bytes(run_dir: Path, tmp_
     assert files
     for relative in files:
         assert (first / relative).read_bytes() == (second / relative).read_bytes(), relative
+
+
+@pytest.mark.parametrize("target", [
+    {"format": "gptq", "group_size": 32, "sym": False, "samples": 8, "seq_len": 128},
+    {"format": "gptq", "group_size": 64, "act_order": True, "samples": 8, "seq_len": 128},
+    {"format": "awq", "group_size": 32, "rounding": "gptq", "samples": 8, "seq_len": 128},
+    {"format": "awq", "group_size": 64, "samples": 8, "seq_len": 128},
+], ids=lambda t: f"{t['format']}-g{t['group_size']}{'-act' if t.get('act_order') else ''}{'-' + t['rounding'] if 'rounding' in t else ''}")
+def test_block_by_block_export_equals_the_whole_model_quantizer(run_dir: Path, tmp_path: Path, target: dict):
+    """The export reads one block at a time from the merged checkpoint; the whole-model quantizer on the
+    same calibration set gives the very same codes, scales, zeros and unquantized tensors."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qtune import layerwise
+    from qtune.calibration import calibration_set
+    from qtune.formats.awq import pack_awq_layer
+    from qtune.formats.gptq import collect_tensors, pack_gptq_layer
+    from qtune.models import load_tokenizer
+
+    settings = ExportTarget(**target)
+    out = export(run_dir, settings, tmp_path / "streamed")
+    loaded = load_recipe(run_dir / "recipe.resolved.yaml")
+    merged = run_dir / "merged"
+    calibration = calibration_set(load_tokenizer(merged), loaded.recipe.data, loaded.base_dir, None, settings.samples,
+                                  settings.seq_len, settings.seed)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids, mask = calibration.input_ids, calibration.attention_mask
+    if settings.format == "gptq":
+        result = layerwise.quantize_model_gptq(model, ids, mask, bits=4, group_size=settings.group_size, sym=settings.sym,
+                                               act_order=settings.act_order, damp=settings.damp)
+        expected = collect_tensors(model, result.quantized_layers,
+                                   lambda n, q: pack_gptq_layer(q, "gptq" if settings.sym else "gptq_v2", n), torch.float16)
+    else:
+        result = layerwise.quantize_model_awq(model, ids, mask, bits=4, group_size=settings.group_size,
+                                              rounding=settings.rounding, damp=settings.damp)
+        expected = collect_tensors(model, result.quantized_layers, lambda n, q: pack_awq_layer(q, n), torch.float16)
+    with safe_open(out / "model.safetensors", framework="pt") as handle:
+        written = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert written.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert written[key].dtype == tensor.dtype and torch.equal(written[key], tensor), key
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float16" and config["quantization_config"]["quant_method"] == settings.format
+    if settings.format == "gptq":
+        assert config["quantization_config"]["desc_act"] is settings.act_order
+
+
+def test_streamed_imatrix_equals_the_whole_model_imatrix(run_dir: Path):
+    """The GGUF export's importance matrix, gathered one block at a time, has the very sums the whole model gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.blockwise import StreamedModel
+    from qtune.calibration import calibration_set
+    from qtune.imatrix import collect_imatrix, collect_imatrix_streamed
+    from qtune.models import load_tokenizer
+
+    export(run_dir, ExportTarget(format="gguf", quant="Q8_0"), run_dir / "exports" / "merge-first.gguf", overwrite=True)
+    loaded = load_recipe(run_dir / "recipe.resolved.yaml")
+    merged = run_dir / "merged"
+    calibration = calibration_set(load_tokenizer(merged), loaded.recipe.data, loaded.base_dir, None, 6, 96, 0)
+    rows = [row[mask.bool()].unsqueeze(0) for row, mask in zip(calibration.input_ids, calibration.attention_mask)]
+    whole = collect_imatrix(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(), rows)
+    streamed = collect_imatrix_streamed(StreamedModel(merged, "cpu", torch.float32), rows)
+    assert whole.sums.keys() == streamed.sums.keys() and len(whole.sums) == 14
+    for name in whole.sums:
+        assert torch.equal(whole.sums[name], streamed.sums[name]), name
+        assert whole.counts[name] == streamed.counts[name]

@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from safetensors import safe_open
 from support import tiny_llama_dir, tiny_recipe, write_recipe
 
-from qtune import merge
+from qtune import merge, models
+from qtune.data import prepare_data
+from qtune.evaluate import divergence
 from qtune.pipeline import evaluate_run, merge_run
 from qtune.recipe import load_recipe
+from qtune.shards import CheckpointReader
 from qtune.train import train
 
 
@@ -26,6 +30,101 @@ def merged_run(tmp_path_factory) -> Path:
     run_dir = train(load_recipe(recipe))
     merge_run(run_dir)
     return run_dir
+
+
+def _whole_model_merge(run_dir: Path, base_name: str, dtype: torch.dtype):
+    """The merge computed the plain way, for comparison: whole fp32 base, every 4-bit weight dequantized
+    from the loaded adapter model itself, the deltas added, rounded to the output dtype."""
+    import bitsandbytes as bnb
+    from bitsandbytes.nn import Linear4bit
+
+    loaded = load_recipe(run_dir / "recipe.resolved.yaml")
+    recipe = loaded.recipe
+    checkpoint = models.resolve_base(recipe.model)
+    adapter_model = models.load_adapter_model(checkpoint, run_dir / "adapter", recipe.model, recipe.quantization)
+    full = models.load_full_precision(checkpoint, recipe.model, torch.float32).eval()
+    state = {k: v.detach().clone() for k, v in full.state_dict().items()}
+    if base_name == "dequantized":
+        for name, module in adapter_model.named_modules():
+            if isinstance(module, Linear4bit):
+                key = name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".weight"
+                state[key] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    state.update(merge.apply_deltas(state, merge.lora_deltas(adapter_model)))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    full.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return state, adapter_model, full, loaded
+
+
+def test_streamed_merge_equals_the_whole_model_merge(merged_run: Path):
+    """Streaming changes nothing: every merged tensor is bit-identical to the whole-model merge on the
+    chosen base, and the KL the streaming merge measured block by block is the whole-model KL."""
+    report = json.loads((merged_run / "merge_report.json").read_text())
+    dtype = getattr(torch, report["dtype"])
+    for base_name in ("dequantized", "original"):
+        state, adapter_model, full, loaded = _whole_model_merge(merged_run, base_name, dtype)
+        if base_name == report["chosen"]:
+            written = CheckpointReader(merged_run / "merged")
+            assert set(written.keys()) == set(state) - {"lm_head.weight"}  # tied head, not stored
+            for name in written.keys():
+                assert torch.equal(written.get(name), state[name]), name
+        recipe = loaded.recipe
+        tokenizer = models.load_tokenizer(models.resolve_base(recipe.model))
+        rows = prepare_data(recipe.data, tokenizer, loaded.base_dir, recipe.training.seed).validation
+        whole = divergence(models.for_inference(adapter_model), full, rows, tokenizer.pad_token_id)
+        assert report["kl"][base_name] == pytest.approx(whole.mean_kl, rel=1e-3, abs=1e-9)
+        assert report["top1"][base_name] == pytest.approx(whole.top1_agreement, abs=1 / whole.tokens)
+        assert report["tokens"] == whole.tokens
+
+
+def test_nf4_rebuilt_from_the_checkpoint_is_what_training_saw(merged_run: Path):
+    """dequant(NF4(W)) rebuilt from W is bit-identical to the weights the loaded 4-bit model computes with."""
+    import bitsandbytes as bnb
+    from bitsandbytes.nn import Linear4bit
+
+    loaded = load_recipe(merged_run / "recipe.resolved.yaml")
+    recipe = loaded.recipe
+    checkpoint = models.resolve_base(recipe.model)
+    adapter_model = models.load_adapter_model(checkpoint, merged_run / "adapter", recipe.model, recipe.quantization)
+    specs = merge.nf4_specs(adapter_model)
+    reader = CheckpointReader(checkpoint)
+    compared = 0
+    for name, module in adapter_model.named_modules():
+        if isinstance(module, Linear4bit):
+            key = name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".weight"
+            seen = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            rebuilt = merge.nf4_roundtrip(reader.get(key), specs[key])
+            assert rebuilt.dtype == seen.dtype and torch.equal(rebuilt, seen), key
+            compared += 1
+    assert compared == 7 * 2  # every linear of both decoder blocks
+
+
+def test_sharded_merge_loads_in_transformers(tmp_path: Path, merged_run: Path):
+    """A small max_shard_size gives several shards and transformers' index; transformers loads the same
+    tensors from them as from the single-file merge."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = load_recipe(merged_run / "recipe.resolved.yaml").recipe.model_dump(mode="json")
+    recipe["output"].update(dir=str(tmp_path / "run"), max_shard_size="300KB")
+    run_dir = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(merged_run, run_dir, ignore=shutil.ignore_patterns("merged", "merge_report.json", "eval", "exports"))
+    write_recipe(run_dir / "recipe.resolved.yaml", recipe)
+    merge_run(run_dir)
+    files = sorted(p.name for p in (run_dir / "merged").glob("*.safetensors"))
+    index = json.loads((run_dir / "merged" / "model.safetensors.index.json").read_text())
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for f in files for t in _tensors(run_dir / "merged" / f))
+    sharded = AutoModelForCausalLM.from_pretrained(run_dir / "merged").state_dict()
+    single = AutoModelForCausalLM.from_pretrained(merged_run / "merged").state_dict()
+    assert sharded.keys() == single.keys()
+    assert all(torch.equal(sharded[k], single[k]) for k in single)
+
+
+def _tensors(path: Path) -> list[torch.Tensor]:
+    with safe_open(path, framework="pt") as handle:
+        return [handle.get_tensor(k) for k in handle.keys()]
 
 
 def test_merge_measures_both_bases_and_keeps_the_closer(merged_run: Path):
@@ -62,19 +161,32 @@ def test_merged_model_matches_the_adapter_model_on_eval(merged_run: Path):
     assert (merged_run / "eval" / "merged.json").is_file()
 
 
+def test_lora_delta_is_peft_own_delta(merged_run: Path):
+    """The dense update formed from the kept LoRA factors equals peft's get_delta_weight bit for bit."""
+    from peft.tuners.lora import LoraLayer
+
+    recipe = load_recipe(merged_run / "recipe.resolved.yaml").recipe
+    adapter_model = models.load_adapter_model(models.resolve_base(recipe.model), merged_run / "adapter", recipe.model,
+                                              recipe.quantization)
+    deltas = merge.lora_deltas(adapter_model)
+    layers = {n.removeprefix("base_model.model."): m for n, m in adapter_model.named_modules() if isinstance(m, LoraLayer)}
+    assert deltas.keys() == layers.keys() and len(deltas) == 14
+    for name, lora in deltas.items():
+        assert torch.equal(lora.delta(), layers[name].get_delta_weight("default").float()), name
+
+
 def test_apply_deltas_dora_formula():
     weight = torch.randn(6, 4)
-    delta = torch.randn(6, 4) * 0.1
-    magnitude = torch.rand(6) + 0.5
-    merged = merge.apply_deltas({"m.weight": weight}, {"m": merge.LoraDelta(delta, magnitude)})["m.weight"]
+    lora = merge.LoraDelta(torch.randn(2, 4), torch.randn(6, 2) * 0.1, 0.5, torch.rand(6) + 0.5)
+    magnitude, delta = lora.magnitude, lora.delta()
+    merged = merge.apply_deltas({"m.weight": weight}, {"m": lora})["m.weight"]
     combined = weight + delta
     assert torch.allclose(merged, magnitude[:, None] * combined / combined.norm(dim=1, keepdim=True))
     assert torch.allclose(merged.norm(dim=1), magnitude)
 
 
 def test_choose_dtype_prefers_fp16_when_it_fits():
-    small = {"w": torch.ones(3)}
-    assert merge.choose_dtype("auto", torch.float32, small) == torch.float16
-    assert merge.choose_dtype("auto", torch.float32, {"w": torch.tensor([1e6])}) == torch.bfloat16
-    assert merge.choose_dtype("auto", torch.bfloat16, small) == torch.bfloat16
-    assert merge.choose_dtype("float32", torch.bfloat16, small) == torch.float32
+    assert merge.choose_dtype("auto", torch.float32, lambda: 1.0) == torch.float16
+    assert merge.choose_dtype("auto", torch.float32, lambda: 1e6) == torch.bfloat16
+    assert merge.choose_dtype("auto", torch.bfloat16, lambda: 1.0) == torch.bfloat16
+    assert merge.choose_dtype("float32", torch.bfloat16, lambda: 1.0) == torch.float32

@@ -639,8 +639,11 @@ def test_cli_validate_good_recipe_exits_0(tmp_recipe, data_file, capsys, restore
     path = tmp_recipe(MINIMAL)
     assert main(["validate", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() == f"qtune: {path} is valid"
+    assert out.strip().splitlines()[-1] == f"qtune: {path} is valid"
+    assert "qtune: memory plan" in out and "does not fit" not in out
     assert "error" not in err
+    assert main(["validate", str(path), "--no-memory-plan"]) == 0
+    assert capsys.readouterr().out.strip() == f"qtune: {path} is valid"
 
 
 def test_cli_validate_print_and_set(tmp_recipe, data_file, capsys, restore_qtune_logger):

@@ -73,6 +73,16 @@ def pack_awq_layer(quantized: QuantizedWeight, layer: str = "layer") -> dict[str
     }
 
 
+def awq_packed_shapes(out_features: int, in_features: int, group_size: int, layer: str = "layer") -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """What ``pack_awq_layer`` makes of an [out, in] linear: suffix -> (dtype, shape)."""
+    groups = in_features // check_awq_group_size(in_features, group_size, layer)
+    return {
+        "qweight": (torch.int32, (in_features, out_features // 8)),
+        "qzeros": (torch.int32, (groups, out_features // 8)),
+        "scales": (torch.float16, (groups, out_features)),
+    }
+
+
 def unpack_awq_layer(tensors: Mapping[str, Tensor], group_size: int) -> QuantizedWeight:
     codes = unpack_awq_columns(tensors["qweight"]).t().to(torch.uint8).contiguous()  # [N, K]
     k = codes.shape[1]

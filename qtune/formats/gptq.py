@@ -157,10 +157,12 @@ def collect_tensors(
     quantized_layers: Mapping[str, QuantizedWeight],
     pack_layer: Callable[[str, QuantizedWeight], dict[str, Tensor]],
     dtype: torch.dtype | None,
+    prefix: str = "",
 ) -> dict[str, Tensor]:
-    """The model's state dict with each quantized linear's weight replaced by its packed tensors."""
-    modules = dict(model.named_modules())
-    state = model.state_dict()
+    """The state dict of ``model`` (a whole model, or one block whose names start with ``prefix``) with
+    each quantized linear's weight replaced by its packed tensors; other floating tensors in ``dtype``."""
+    modules = {prefix + name: module for name, module in model.named_modules()}
+    state = {prefix + key: value for key, value in model.state_dict().items()}
     out: dict[str, Tensor] = {}
     for name, quantized in quantized_layers.items():
         module = modules.get(name)
@@ -187,6 +189,27 @@ def collect_tensors(
             tensor = tensor.to(dtype)
         out[key] = tensor.cpu().contiguous()
     return out
+
+
+def gptq_packed_shapes(out_features: int, in_features: int, bits: int, group_size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """What ``pack_gptq_layer`` makes of an [out, in] linear: suffix -> (dtype, shape)."""
+    groups = 1 if group_size == -1 else -(-in_features // group_size)
+    return {
+        "qweight": (torch.int32, (in_features * bits // 32, out_features)),
+        "qzeros": (torch.int32, (groups, out_features * bits // 32)),
+        "scales": (torch.float16, (groups, out_features)),
+        "g_idx": (torch.int32, (in_features,)),
+    }
+
+
+def quantized_config(checkpoint: str | os.PathLike[str], quantization_config: dict[str, Any], dtype: torch.dtype):
+    """The checkpoint's config with a quantization_config, and its stored tensors' dtype."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    config.quantization_config = quantization_config
+    config.dtype = dtype
+    return config
 
 
 def write_model_files(

@@ -1,0 +1,48 @@
+"""Bounded memory: two random Llamas of one width, differing only in depth, through every stage of a run,
+each stage in its own process (scripts/bench_memory.py). Memory may grow with the batch of hidden states
+and one block, not with depth: whole-model float32 code would grow by at least one float32 layer per layer.
+
+Targets (issue 12), as a fraction of one decoder layer's float32 size per extra layer: merge and every
+export at most 0.15 (the 4-bit adapter model the merge measures against is about 0.13 of it), evaluation
+at most 0.6 (it holds the merged model in half precision). Both the anonymous memory and the resident
+high-water mark (which also counts the memory-mapped checkpoint pages) are held to them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_memory  # noqa: E402
+
+SHAPE = bench_memory.Shape(hidden=1024, intermediate=4096, heads=8, kv_heads=4)
+DEPTHS = (2, 8)
+STREAMED = ("merge", "export:gptq", "export:awq", "export:gguf-q4km")
+TARGETS = {**{stage: 0.15 for stage in STREAMED}, "eval": 0.6}
+
+
+@pytest.fixture(scope="module")
+def growth(tmp_path_factory) -> dict[str, dict]:
+    results = bench_memory.measure(tmp_path_factory.mktemp("depth"), SHAPE, list(DEPTHS), ["train", *TARGETS])
+    return {row["stage"]: row for row in bench_memory.growth_table(results, SHAPE)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(TARGETS))
+def test_peak_memory_barely_grows_with_depth(growth: dict[str, dict], stage: str):
+    row = growth[stage]
+    fp32_layer_mb = 4 * SHAPE.layer_params / 2**20
+    low, high = DEPTHS
+    hwm_growth = (row[f"hwm_mb_{high}"] - row[f"hwm_mb_{low}"]) / (high - low) / fp32_layer_mb
+    print(f"{stage}: anon {row['growth_vs_fp32_layer']:.3f}, hwm {hwm_growth:.3f} of a {fp32_layer_mb:.0f} MB fp32 layer per layer")
+    assert row["growth_vs_fp32_layer"] <= TARGETS[stage], row
+    assert hwm_growth <= TARGETS[stage], row
+
+
+@pytest.mark.slow
+def test_training_memory_is_reported(growth: dict[str, dict]):
+    """Training is not held to a target here (see docs/benchmarks.md); it must stay under a float32 copy."""
+    assert growth["train"]["growth_vs_fp32_layer"] < 1.0, growth["train"]

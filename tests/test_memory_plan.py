@@ -1,0 +1,64 @@
+"""The memory plan: computed from the model's config and the recipe, printed by validate, and run refuses
+to start when a stage will not fit, naming the stage and a setting with which it fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import qtune_cli
+
+from qtune import memory_plan
+from qtune.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA31_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+GiB = 2**30
+
+
+def _plan(recipe: str, config: dict, gpu: int | None, host: int) -> memory_plan.MemoryPlan:
+    return memory_plan.recipe_plan(load_recipe(REPO / "recipes" / recipe), config, gpu, host)
+
+
+def test_the_shape_counts_llama_8b_parameters():
+    shape = memory_plan.ModelShape.from_config(LLAMA31_8B)
+    assert shape.params == pytest.approx(8.03e9, rel=0.01)  # Llama-3.1-8B's published size
+
+
+def test_the_8b_recipe_fits_one_24gb_gpu_with_32gb_of_host_memory():
+    result = _plan("llama3.1-8b-alpaca.yaml", LLAMA31_8B, 24 * GiB, 32 * GiB)
+    assert not result.too_big(), result.table()
+    train = next(s for s in result.stages if s.stage == "train")
+    assert 5 * GiB < train.device_bytes < 24 * GiB  # the 4-bit base alone is about 5.5 GB
+
+
+def test_a_stage_that_does_not_fit_names_a_setting_with_which_it_fits():
+    result = _plan("llama3.1-8b-alpaca.yaml", LLAMA31_8B, 10 * GiB, 32 * GiB)
+    train = next(s for s in result.stages if s.stage == "train")
+    assert train in result.too_big()
+    setting = train.knob.removeprefix("with ").removesuffix(" it fits")
+    assert setting.startswith(("training.micro_batch_size", "data.max_length"))
+    assert any(p.startswith("train needs about") and setting in p for p in result.problems())
+
+
+def test_smaller_settings_plan_less():
+    recipe = load_recipe(REPO / "recipes" / "llama3.1-8b-alpaca.yaml").recipe
+    shape = memory_plan.ModelShape.from_config(LLAMA31_8B)
+    full = memory_plan.plan(recipe, shape, 24 * GiB, 32 * GiB)
+    half = memory_plan.plan(memory_plan._with(recipe, "data", max_length=1024), shape, 24 * GiB, 32 * GiB)
+    assert half.stages[0].device_bytes < full.stages[0].device_bytes
+
+
+def test_validate_prints_the_plan_and_run_refuses_before_training(tmp_path: Path):
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    shown = qtune_cli("validate", recipe, "--gpu-memory", "0", "--host-memory", "64GB")
+    assert shown.returncode == 0, shown.stderr
+    assert "memory plan" in shown.stdout and "merge" in shown.stdout and "does not fit" not in shown.stdout
+    refused = qtune_cli("run", recipe, "--gpu-memory", "0", "--host-memory", "2GB", "--set", f"output.dir={tmp_path / 'run'}")
+    assert refused.returncode != 0
+    assert "will not finish on this machine" in refused.stderr and "train needs about" in refused.stderr
+    assert "--ignore-memory-plan" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "run").exists(), "nothing may start when the plan says no"
+    bad = qtune_cli("validate", recipe, "--host-memory", "lots")
+    assert bad.returncode != 0 and "--host-memory" in bad.stderr and "Traceback" not in bad.stderr
