@@ -6,8 +6,9 @@ Issue 12's targets, as a fraction of one decoder layer's float32 size per extra 
 export at most 0.15, evaluation at most 0.6 (it holds the merged model in half precision). The exports
 meet theirs and are held to it. The merge (measured 0.12-0.26: it keeps the 4-bit adapter model while it
 takes the reference outputs) and evaluation (high-water mark 0.62-0.75: the bf16 model's mapped pages
-plus the KV cache) do not yet; they are held to bounds just above what was measured, which whole-model
-float32 code (1.0 or more) still breaks, and docs/benchmarks.md states the misses. Both the anonymous
+plus the KV cache) do not yet: the merge is held to 0.4 and evaluation's high-water mark to 0.95 (its
+anonymous memory to the 0.6 target), bounds above what was measured that whole-model float32 code
+(1.0 or more) still breaks; docs/benchmarks.md states the misses. Both the anonymous
 memory and the resident high-water mark (which also counts memory-mapped checkpoint pages) are checked.
 Training runs (two steps, to make the adapter) but is not held to a bound: see docs/benchmarks.md.
 """
@@ -26,7 +27,8 @@ SHAPE = bench_memory.Shape(hidden=1024, intermediate=4096, heads=8, kv_heads=4)
 DEPTHS = (2, 8)
 STREAMED = ("merge", "export:gptq", "export:awq", "export:gguf-q4km")
 TARGETS = {**{stage: 0.15 for stage in STREAMED}, "eval": 0.6}  # issue 12
-BOUNDS = {**TARGETS, "merge": 0.4, "eval": 0.85}  # what this test holds (see the docstring)
+BOUNDS = {**TARGETS, "merge": 0.4}  # what this test holds (see the docstring)
+HWM_BOUNDS = {**BOUNDS, "eval": 0.95}  # eval's mapped bf16 pages (0.5) plus KV cache and noise: 0.40-0.75 measured
 
 
 @pytest.fixture(scope="module")
@@ -44,4 +46,4 @@ def test_peak_memory_barely_grows_with_depth(growth: dict[str, dict], stage: str
     hwm_growth = (row[f"hwm_mb_{high}"] - row[f"hwm_mb_{low}"]) / (high - low) / fp32_layer_mb
     print(f"{stage}: anon {row['growth_vs_fp32_layer']:.3f}, hwm {hwm_growth:.3f} of a {fp32_layer_mb:.0f} MB fp32 layer per layer")
     assert row["growth_vs_fp32_layer"] <= BOUNDS[stage], row
-    assert hwm_growth <= BOUNDS[stage], row
+    assert hwm_growth <= HWM_BOUNDS[stage], row
