@@ -77,15 +77,19 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 20
 
 
-@functools.cache
-def map_large_allocations() -> None:
-    """Serve every allocation of 1 MiB or more with its own memory map, which goes back to the system the
-    moment it is freed. glibc's default raises this threshold up to 32 MB as large blocks are freed,
-    after which tensors come from its heap, fragment there and stay resident; block-by-block work frees
-    and allocates block-sized tensors all the time."""
+HEAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
+    """Serve every allocation of ``threshold`` bytes or more with its own memory map, which goes back to
+    the system the moment it is freed. glibc's default raises this threshold up to 32 MB as large blocks
+    are freed, after which tensors come from its heap, fragment there and stay resident; block-by-block
+    work frees and allocates block-sized tensors all the time. Generation, which allocates many
+    mid-sized tensors per token, is slowed by it: ``map_large_allocations(HEAP_THRESHOLD)`` after the
+    streamed pass restores glibc's usual behaviour for the rest of the process."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def return_freed_memory() -> None:

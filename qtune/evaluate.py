@@ -245,12 +245,14 @@ def model_reference(model, rows: Sequence[dict], pad_token_id: int, batch_size: 
 def streamed_reference(checkpoint, rows: Sequence[dict], pad_token_id: int, device: torch.device | str,
                        batch_size: int = 8) -> ReferenceOutputs:
     """A checkpoint's reference outputs in float32, computed one decoder block at a time (see blockwise)."""
-    from qtune.blockwise import StreamedModel
+    from qtune.blockwise import HEAP_THRESHOLD, StreamedModel, map_large_allocations
 
     streamed = StreamedModel(checkpoint, device, torch.float32)
     kept = list(batches(rows, pad_token_id, batch_size))
     hidden = [h.cpu() for h in streamed.final_hidden(kept)]  # host memory: the GPU is for the artifacts
-    return ReferenceOutputs(streamed.output_head(), hidden, kept)
+    head = streamed.output_head()
+    map_large_allocations(HEAP_THRESHOLD)  # the artifacts generate next (see map_large_allocations)
+    return ReferenceOutputs(head, hidden, kept)
 
 
 def divergence_sum(reference: ReferenceOutputs, candidate_logits) -> Divergence:
