@@ -141,7 +141,7 @@ def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Pa
         model = load_gguf_model(path, n_ctx)
         return Artifact(model, path.stat().st_size, model.runtime, gguf_tensor_bytes(path))
     if is_w4a16_checkpoint(path):
-        runtime = "qtune W4A16 kernels" if torch.cuda.is_available() else "qtune W4A16, torch reference (CPU)"
+        runtime = "qtune W4A16 kernels" if torch.cuda.is_available() else "qtune, dequantized to fp16 (CPU)"
         return Artifact(load_w4a16_model(path), _files_size(path), runtime)
     raise QtuneError(f"unknown artifact '{name}'; this run has: {', '.join(available_artifacts(run_dir))}")
 

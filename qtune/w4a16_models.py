@@ -1,7 +1,7 @@
-"""Running exported GPTQ and AWQ checkpoints with their 4-bit weights kept packed: every quantized linear
-becomes a ``QuantLinearW4A16`` (Triton kernels on CUDA, the torch reference on CPU), and nothing is
-dequantized ahead of use. On CPU the remaining half-precision tensors (embeddings, norms, head) are
-used in float32 (``models.compute_in_float32``), as the quantized linears are."""
+"""Running exported GPTQ and AWQ checkpoints: every quantized linear becomes a ``QuantLinearW4A16`` that
+keeps the packed weights (Triton kernels on CUDA). On CPU, where unpacking per token is slow, each is
+dequantized once to fp16 (rounded as the GPU kernels round) and the model computes in float32
+(``models.compute_in_float32``): half precision's memory, never a float32 copy."""
 
 from __future__ import annotations
 
@@ -66,5 +66,18 @@ def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | s
         model.lm_head.weight = model.model.embed_tokens.weight
     rebuild_computed_buffers(model, device)
     if device.type == "cpu":
+        if backend == "auto":  # per-token unpacking is slow on CPU: dequantize once, to fp16 as the GPU kernels round
+            for prefix in prefixes:
+                _to_dense(model, prefix)
         compute_in_float32(model)
     return model.eval()
+
+
+def _to_dense(model: nn.Module, prefix: str) -> None:
+    packed = model.get_submodule(prefix)
+    dense = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None, device="meta")
+    dense.weight = nn.Parameter(packed.dequantize().contiguous(), requires_grad=False)
+    if packed.bias is not None:
+        dense.bias = nn.Parameter(packed.bias, requires_grad=False)
+    parent_name, _, child = prefix.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, dense)
