@@ -242,17 +242,28 @@ def model_reference(model, rows: Sequence[dict], pad_token_id: int, batch_size: 
 
 
 @torch.no_grad()
+def streamed_outputs(streamed, rows: Sequence[dict], pad_token_id: int, source=None, batch_size: int = 8,
+                     on_host: bool = False) -> ReferenceOutputs:
+    """A ``blockwise.StreamedModel``'s reference outputs in its dtype, one decoder block at a time, its
+    tensors from ``source`` (default: its checkpoint); ``on_host`` keeps the head's inputs in host memory."""
+    kept = list(batches(rows, pad_token_id, batch_size))
+    hidden = streamed.final_hidden(kept, source)
+    if on_host:
+        hidden = [h.cpu() for h in hidden]
+    return ReferenceOutputs(streamed.output_head(source), hidden, kept)
+
+
+@torch.no_grad()
 def streamed_reference(checkpoint, rows: Sequence[dict], pad_token_id: int, device: torch.device | str,
                        batch_size: int = 8) -> ReferenceOutputs:
     """A checkpoint's reference outputs in float32, computed one decoder block at a time (see blockwise)."""
     from qtune.blockwise import HEAP_THRESHOLD, StreamedModel, map_large_allocations
 
-    streamed = StreamedModel(checkpoint, device, torch.float32)
-    kept = list(batches(rows, pad_token_id, batch_size))
-    hidden = [h.cpu() for h in streamed.final_hidden(kept)]  # host memory: the GPU is for the artifacts
-    head = streamed.output_head()
+    # host memory for the head's inputs: the GPU is for the artifacts
+    reference = streamed_outputs(StreamedModel(checkpoint, device, torch.float32), rows, pad_token_id,
+                                 batch_size=batch_size, on_host=True)
     map_large_allocations(HEAP_THRESHOLD)  # the artifacts generate next (see map_large_allocations)
-    return ReferenceOutputs(head, hidden, kept)
+    return reference
 
 
 def divergence_sum(reference: ReferenceOutputs, candidate_logits) -> Divergence:

@@ -55,7 +55,9 @@ class _Batch:
     layer_kwargs: list[dict[str, Any]]  # per decoder layer: keyword arguments of its call
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module, require_linears: bool = True) -> nn.ModuleList:
+    """The model's decoder blocks; with ``require_linears``, checked to hold every quantized linear as a
+    plain nn.Linear (not yet wrapped by LoRA or a quantized layer)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
@@ -64,7 +66,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         )
     present = dict(layers[0].named_modules())
     missing = [name for name in LINEAR_NAMES if not isinstance(present.get(name), nn.Linear)]
-    if missing:
+    if missing and require_linears:
         raise ValueError(f"decoder layer {type(layers[0]).__name__} lacks nn.Linear modules {missing}")
     return layers
 
@@ -116,7 +118,7 @@ def capture_block_inputs(
     mask = _check_calibration(input_ids, attention_mask)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, require_linears=False)
     inner = model.model
     originals = list(layers)
     moved: list[tuple[nn.Module, torch.device]] = []

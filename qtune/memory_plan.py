@@ -140,15 +140,15 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
     add("train", train, largest_tensor_fp32, "lower training.micro_batch_size or data.max_length, or turn on "
         "training.gradient_checkpointing")
 
-    # merge: the 4-bit adapter model and its forward on 8 held-out rows, keeping its head's inputs for at
-    # most MEASURE_TOKENS tokens; then, with it freed, one candidate at a time: one fp32 block twice (loaded
-    # and its NF4 round trip), the candidate's hidden states, a fp32 head and a logits chunk
+    # merge: the adapter model first, one fp32 block at a time (loaded and its NF4 round trip) with the
+    # LoRA factors, keeping its head's fp32 inputs for at most MEASURE_TOKENS tokens and its fp32 head;
+    # then one candidate at a time the same way: its hidden states, its head and a logits chunk
     held_out = min(validation_rows * seq, MEASURE_TOKENS)
     scored = validation_rows * seq
-    adapter_model = base_4bit + compute * non_quantized + 4 * lora_params
-    adapter_forward = 8 * seq * 10 * h * compute
+    reference = held_out * h * 4 + 4 * v * h
+    reference_pass = 2 * block_fp32 + 4 * lora_params + reference
     candidate = 2 * block_fp32 + held_out * h * 4 + 4 * v * h + LOGIT_CHUNK * v * 4 * 5
-    merge = max(adapter_model + adapter_forward + held_out * h * compute, candidate + held_out * h * compute + compute * v * h)
+    merge = max(reference_pass, candidate + reference)
     add("merge", merge, 2 * largest_tensor_fp32, "use fewer validation rows or a shorter data.max_length")
 
     for target in recipe.export:

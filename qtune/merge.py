@@ -8,8 +8,13 @@ KL on the validation split) and the closer one is kept, with the numbers recorde
 The merge streams: the base checkpoint is read one tensor at a time, dequant(NF4(W)) is rebuilt from W
 with the very bitsandbytes calls that loading for training made, and the candidates are measured by
 running them one decoder block at a time (``blockwise.StreamedModel``) on the validation rows. The
-adapter model runs once first and only its head's inputs are kept (``evaluate.model_reference``), so
-no stage holds a whole model in float32, or the adapter model and a candidate at once.
+adapter model runs the same way first: peft's own LoRA layers, injected into a skeleton on the meta
+device, over the rebuilt NF4 weights, one block at a time; only its head's inputs are kept. No stage
+holds a whole model, 4-bit or float32, so the merge's memory does not grow with depth.
+
+Everything is computed in float32 on every device, so the KL a merge reports means the same on a CPU
+and on a GPU: it is the merged checkpoint's rounding to half precision, measured against the
+adapter model's exact arithmetic (training itself computed in the compute dtype, bf16 on most GPUs).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qtune.blockwise import StreamedModel, release
+from qtune.blockwise import StreamedModel, TensorSource, release, skeleton
 from qtune.checkpoint_files import copy_generation_config
 from qtune.evaluate import Divergence, ReferenceOutputs, divergence_sum
+from qtune.models import bnb_config, compute_dtype, device_map
+from qtune.recipe import ModelSection, QuantizationSection
 from qtune.shards import CheckpointReader, ShardedWriter
 
 log = logging.getLogger(__name__)
@@ -93,6 +100,8 @@ def lora_deltas(peft_model) -> dict[str, LoraDelta]:
         if not isinstance(module, LoraLayer):
             continue
         adapter = module.active_adapters[0]
+        if adapter in getattr(module, "lora_embedding_A", {}):
+            raise ValueError(f"{name}: LoRA on an embedding is not supported by the merge; adapt linear layers only")
         if adapter not in module.lora_A:
             continue
         if getattr(module, "fan_in_fan_out", False):
@@ -132,6 +141,25 @@ def nf4_specs(model) -> dict[str, NF4Spec]:
     return specs
 
 
+def planned_nf4_specs(checkpoint: Path, model: ModelSection, quant: QuantizationSection,
+                      device: torch.device) -> dict[str, NF4Spec]:
+    """``nf4_specs`` of the model that loading for training builds, without loading a weight: transformers'
+    own bitsandbytes quantizer converts a meta skeleton, which says which linears became 4-bit and how;
+    each was cast to the load dtype (the compute dtype) and quantized on ``device``."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers.quantizers import AutoHfQuantizer
+
+    if not quant.load_in_4bit:
+        return {}
+    dtype = compute_dtype(quant)
+    planned = skeleton(checkpoint, model.trust_remote_code, model.attn_implementation)
+    AutoHfQuantizer.from_config(bnb_config(quant), pre_quantized=False).preprocess_model(
+        planned, dtype=dtype, device_map=device_map())
+    return {f"{name}.weight": NF4Spec(m.weight.quant_type, m.weight.blocksize, m.weight.compress_statistics,
+                                      m.weight.quant_storage, dtype, torch.device(device))
+            for name, m in planned.named_modules() if isinstance(m, Linear4bit)}
+
+
 def nf4_roundtrip(weight: Tensor, spec: NF4Spec) -> Tensor:
     """dequant(NF4(W)) exactly as the training forward saw it: the same cast, the same Params4bit
     quantization on the same device (as transformers' loader does it), the same dequantize."""
@@ -155,6 +183,65 @@ def apply_delta(weight: Tensor, lora: LoraDelta) -> Tensor:
 def apply_deltas(weights: dict[str, Tensor], deltas: dict[str, LoraDelta]) -> dict[str, Tensor]:
     """``apply_delta`` for every adapted module of a state dict."""
     return {f"{name}.weight": apply_delta(weights[f"{name}.weight"], lora) for name, lora in deltas.items()}
+
+
+@dataclass
+class StreamedAdapter:
+    """The adapter model as a ``StreamedModel``: peft's LoRA layers injected into the meta skeleton, their
+    factors kept aside (they are small) and given back each time a block loads."""
+
+    streamed: StreamedModel
+    lora: dict[str, Tensor]  # the skeleton's LoRA tensors by state-dict name
+    deltas: dict[str, LoraDelta]
+
+    def source(self, specs: dict[str, NF4Spec]) -> TensorSource:
+        """State-dict name -> tensor for the adapter model: LoRA factors as saved, base weights rebuilt
+        as dequant(NF4(W)) where training quantized them."""
+        streamed = self.streamed
+
+        def tensor(name: str) -> Tensor:
+            if name in self.lora:
+                return self.lora[name]
+            stored = streamed.head_source_name(name.replace(".base_layer.", "."))
+            weight = streamed.reader.get(stored)
+            plain = name.replace(".base_layer.", ".")
+            return nf4_roundtrip(weight, specs[plain]) if plain in specs else weight
+
+        return tensor
+
+
+def _saved_lora_name(model_key: str, adapter: str) -> tuple[str, ...]:
+    """Where peft's adapter file keeps a LoRA tensor of the injected model (the adapter name dropped,
+    peft's prefix added; DoRA's magnitude is saved without its ``.weight``)."""
+    head, _, leaf = model_key.rpartition(".")
+    key = f"{head.removesuffix('.' + adapter)}.{leaf}" if head.endswith("." + adapter) else head if leaf == adapter else model_key
+    return f"base_model.model.{key}", f"base_model.model.{key.removesuffix('.weight')}"
+
+
+def streamed_adapter(checkpoint: Path, adapter_dir: Path, device: torch.device | str, model: ModelSection) -> StreamedAdapter:
+    """The trained adapter on a meta skeleton of the base (no base weight is loaded)."""
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import load_file
+
+    streamed = StreamedModel(checkpoint, device, torch.float32, model.trust_remote_code, model.attn_implementation)
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(f"the adapter in {adapter_dir} saves whole modules (modules_to_save); the merge takes LoRA layers only")
+    peft_model = PeftModel(streamed.model, config, low_cpu_mem_usage=True).eval()  # LoRA layers on the meta device
+    saved = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    lora = {}
+    for name in streamed.model.state_dict(keep_vars=True):
+        if any(f".{part}." in f".{name}." for part in ("lora_A", "lora_B", "lora_magnitude_vector")):
+            found = [key for key in _saved_lora_name(name, peft_model.active_adapter) if key in saved]
+            if not found:
+                raise ValueError(f"{adapter_dir}/adapter_model.safetensors lacks {name}, which its adapter config implies")
+            lora[name] = saved.pop(found[0])
+    if saved:
+        raise ValueError(f"{adapter_dir}/adapter_model.safetensors holds tensors its adapter config does not explain, e.g. {next(iter(saved))}")
+    streamed.model.load_state_dict(lora, strict=False, assign=True)  # the factors alone, for lora_deltas
+    deltas = lora_deltas(peft_model)
+    release(streamed.model)
+    return StreamedAdapter(streamed, lora, deltas)
 
 
 def candidate_source(base_name: str, reader: CheckpointReader, specs: dict[str, NF4Spec],

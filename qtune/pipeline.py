@@ -6,7 +6,6 @@ interrupted ``qtune run`` picks up where it stopped.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -19,7 +18,7 @@ from qtune import data as qdata
 from qtune import memory_plan, merge, models, rundir
 from qtune.blockwise import StreamedModel
 from qtune.errors import QtuneError, stage
-from qtune.evaluate import divergence_from, model_reference, perplexity, streamed_reference, task_accuracy
+from qtune.evaluate import divergence_from, perplexity, streamed_outputs, streamed_reference, task_accuracy
 from qtune.gguf_model import gguf_tensor_bytes, load_gguf_model
 from qtune.paths import atomic_dir, write_text_atomic
 from qtune.recipe import LoadedRecipe, parse_size
@@ -67,15 +66,17 @@ def _merge_run(run_dir: Path) -> Path:
     if not rows:
         raise QtuneError("merging needs held-out rows to compare the merge bases; give the recipe a validation split")
 
-    adapter_model = models.load_adapter_model(checkpoint, adapter_dir, recipe.model, recipe.quantization)
-    deltas = merge.lora_deltas(adapter_model)
-    if not deltas:
+    device = models.device()
+    specs = merge.planned_nf4_specs(checkpoint, recipe.model, recipe.quantization, device)
+    try:
+        adapter = merge.streamed_adapter(checkpoint, adapter_dir, device, recipe.model)
+    except ValueError as exc:
+        raise QtuneError(str(exc)) from None
+    if not adapter.deltas:
         raise QtuneError(f"the adapter in {adapter_dir} has no LoRA layers to merge")
-    specs = merge.nf4_specs(adapter_model)
-    reference = model_reference(adapter_model, rows, tokenizer.pad_token_id)
-    device = next(adapter_model.parameters()).device
-    del adapter_model  # only its head and the head's inputs are kept
-    gc.collect()
+    reference = streamed_outputs(adapter.streamed, rows, tokenizer.pad_token_id, adapter.source(specs))
+    deltas = adapter.deltas
+    del adapter
 
     streamed = StreamedModel(checkpoint, device, torch.float32, recipe.model.trust_remote_code, recipe.model.attn_implementation)
     dtype = merge.choose_dtype(recipe.output.merge_dtype, merge.config_dtype(checkpoint), lambda: merge.checkpoint_absmax(streamed.reader))

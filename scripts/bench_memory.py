@@ -247,6 +247,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=None, help="config vocabulary (default: the built-in tokenizer's)")
     parser.add_argument("--untied", action="store_true", help="a separate output head, as Llama-3.1-8B has")
     parser.add_argument("--plan-for", choices=sorted(PLAN_MACHINES), help="also print the plan for this real model on its target machine")
+    parser.add_argument("--extrapolate-to", type=int, nargs="+", default=[], metavar="LAYERS",
+                        help="also extrapolate each stage's host peak per layer to these depths (32: Llama-3.1-8B, 80: 70B)")
     parser.add_argument("--stage", nargs=2, metavar=("STAGE", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
@@ -266,8 +268,24 @@ def main() -> None:
         plan_mb = round(plan.get(row["stage"], (0, float("nan")))[1] * 1024)
         print(f"| {row['stage']} | {row[f'anon_mb_{low}']} | {row[f'anon_mb_{high}']} | {row[f'hwm_mb_{low}']} | "
               f"{row[f'hwm_mb_{high}']} | {plan_mb} | {row['growth_per_layer_mb']} | {row['growth_vs_fp32_layer']} | {row[f'seconds_{high}']} |")
+    if args.extrapolate_to:
+        _print_extrapolation(growth_table(results, shape), low, high, args.extrapolate_to)
     if args.plan_for:
         _print_scaled_plan(recipe, args.plan_for)
+
+
+def _print_extrapolation(rows: list[dict], low: int, high: int, depths: list[int]) -> None:
+    """Peak at ``high`` layers plus each further layer's measured growth (anon and hwm apart), in GB."""
+    print(f"\nextrapolated per layer from depths {low} and {high} (GB; CPU run, so everything is host memory):")
+    print("| stage | " + " | ".join(f"anon @{d} | hwm @{d}" for d in depths) + " |")
+    print("|---|" + "---|---|" * len(depths))
+    for row in rows:
+        cells = []
+        for depth in depths:
+            for kind in ("anon", "hwm"):
+                per_layer = (row[f"{kind}_mb_{high}"] - row[f"{kind}_mb_{low}"]) / (high - low)
+                cells.append(f"{(row[f'{kind}_mb_{high}'] + max(per_layer, 0.0) * (depth - high)) / 1024:.1f}")
+        print(f"| {row['stage']} | " + " | ".join(cells) + " |")
 
 
 def _print_scaled_plan(recipe: Path, which: str) -> None:

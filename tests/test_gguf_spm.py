@@ -12,16 +12,15 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from support import convert_with_llama_cpp
 
 from qtune.errors import QtuneError
 from qtune.formats.gguf import _read_sentencepiece_model, check_chat_roundtrip, export_gguf, read_gguf_header, tokenizer_metadata
@@ -220,23 +219,9 @@ def test_spm_added_tokens_and_refusals(tmp_path, hf_tokenizer_dir, spm_model):
         tokenizer_metadata(ckpt, len(tok))
 
 
-def _llama_cpp_source() -> Path | None:
-    """llama.cpp's sources (for convert_hf_to_gguf.py): $LLAMA_CPP_SRC or the sdist unpacked under .cache/sdist."""
-    repo = Path(__file__).resolve().parent.parent
-    env = os.environ.get("LLAMA_CPP_SRC")
-    candidates = [Path(env)] if env else sorted(repo.glob(".cache/sdist/llama_cpp_python-*/vendor/llama.cpp"))
-    return next((c for c in candidates if (c / "convert_hf_to_gguf.py").is_file()), None)
-
-
 def test_spm_tokenizer_keys_equal_convert_hf_to_gguf(exported, checkpoints, tmp_path):
     """With tokenizer.model, the tokenizer keys are llama.cpp's converter's (_set_vocab_sentencepiece)."""
-    source = _llama_cpp_source()
-    if source is None:
-        pytest.skip("llama.cpp sources not found: unpack the llama-cpp-python sdist into .cache/sdist or set LLAMA_CPP_SRC")
-    theirs = tmp_path / "convert.gguf"
-    subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(checkpoints["llama"]), "--vocab-only",
-                    "--outfile", str(theirs)], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(source / "gguf-py"), "OMP_NUM_THREADS": "1"})
+    theirs = convert_with_llama_cpp(checkpoints["llama"], tmp_path / "convert.gguf", "--vocab-only")
     ours, ref = read_gguf_header(exported["llama"])[0], read_gguf_header(theirs)[0]
     ours = {k: v for k, v in ours.items() if k.startswith("tokenizer.")}
     ref = {k: v for k, v in ref.items() if k.startswith("tokenizer.")}

@@ -86,6 +86,7 @@ def test_nf4_rebuilt_from_the_checkpoint_is_what_training_saw(merged_run: Path):
     checkpoint = models.resolve_base(recipe.model)
     adapter_model = models.load_adapter_model(checkpoint, merged_run / "adapter", recipe.model, recipe.quantization)
     specs = merge.nf4_specs(adapter_model)
+    assert merge.planned_nf4_specs(checkpoint, recipe.model, recipe.quantization, models.device()) == specs
     reader = CheckpointReader(checkpoint)
     compared = 0
     for name, module in adapter_model.named_modules():
@@ -98,28 +99,134 @@ def test_nf4_rebuilt_from_the_checkpoint_is_what_training_saw(merged_run: Path):
     assert compared == 7 * 2  # every linear of both decoder blocks
 
 
-def test_sharded_merge_loads_in_transformers(tmp_path: Path, merged_run: Path):
-    """A small max_shard_size gives several shards and transformers' index; transformers loads the same
-    tensors from them as from the single-file merge."""
-    from transformers import AutoModelForCausalLM
+def _assert_streamed_adapter_is_the_adapter_model(run_dir: Path) -> None:
+    from qtune.evaluate import model_reference, streamed_outputs
 
-    recipe = load_recipe(merged_run / "recipe.resolved.yaml").recipe.model_dump(mode="json")
-    recipe["output"].update(dir=str(tmp_path / "run"), max_shard_size="300KB")
-    run_dir = tmp_path / "run"
+    loaded = load_recipe(run_dir / "recipe.resolved.yaml")
+    recipe = loaded.recipe
+    checkpoint = models.resolve_base(recipe.model)
+    tokenizer = models.load_tokenizer(checkpoint)
+    rows = prepare_data(recipe.data, tokenizer, loaded.base_dir, recipe.training.seed).validation
+    adapter_model = models.for_inference(
+        models.load_adapter_model(checkpoint, run_dir / "adapter", recipe.model, recipe.quantization))
+    whole = model_reference(adapter_model, rows, tokenizer.pad_token_id)
+    specs = merge.planned_nf4_specs(checkpoint, recipe.model, recipe.quantization, models.device())
+    adapter = merge.streamed_adapter(checkpoint, run_dir / "adapter", models.device(), recipe.model)
+    streamed = streamed_outputs(adapter.streamed, rows, tokenizer.pad_token_id, adapter.source(specs))
+    expected_deltas = merge.lora_deltas(adapter_model)
+    assert set(adapter.deltas) == set(expected_deltas)
+    for name, delta in adapter.deltas.items():
+        assert torch.equal(delta.delta(), expected_deltas[name].delta()), name
+    assert all(t.is_meta for t in adapter.streamed.layers.parameters())  # no block stays loaded (the head does)
+    positions = torch.arange(8)
+    for index in range(len(whole.batches)):
+        torch.testing.assert_close(streamed.logits(index, positions), whole.logits(index, positions), atol=1e-4, rtol=1e-4)
+    untrained = merge.StreamedAdapter(adapter.streamed, {k: torch.zeros_like(v) for k, v in adapter.lora.items()}, {})
+    if any("magnitude" in k for k in adapter.lora):  # DoRA: zero magnitudes would zero every output
+        untrained.lora.update({k: v for k, v in adapter.lora.items() if "magnitude" in k or "lora_A" in k})
+    without = streamed_outputs(untrained.streamed, rows, tokenizer.pad_token_id, untrained.source(specs))
+    assert not torch.allclose(without.logits(0, positions), whole.logits(0, positions), atol=1e-3)  # the LoRA counts
+
+
+def test_streamed_adapter_model_is_the_adapter_model(merged_run: Path):
+    """The adapter model the merge measures against, run block by block from the checkpoint with peft's
+    LoRA layers on a meta skeleton, gives the logits of the adapter model loaded whole in 4 bits."""
+    _assert_streamed_adapter_is_the_adapter_model(merged_run)
+
+
+def test_dora_rslora_merge_of_a_sharded_untied_base(tmp_path: Path):
+    """DoRA with rsLoRA scaling, on a base in many shards with its own output head: the streamed adapter
+    model is peft's, the merge into it passes its gate, and the head is merged and stored."""
+    base = tiny_llama_dir(tmp_path / "llama", hidden=128, tied=False, max_shard_size="1MB")
+    assert len(list(base.glob("*.safetensors"))) > 3
+    recipe = tiny_recipe(base, tmp_path / "run", training={"max_steps": 2, "learning_rate": 5e-3},
+                         lora={"use_dora": True, "use_rslora": True})
+    run_dir = train(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    _assert_streamed_adapter_is_the_adapter_model(run_dir)
+    merge_run(run_dir)
+    report = json.loads((run_dir / "merge_report.json").read_text())
+    assert report["passes"] and abs(report["kl"][report["chosen"]]) <= merge.KL_GATE
+    merged = CheckpointReader(run_dir / "merged")
+    assert torch.equal(merged.get("lm_head.weight"), CheckpointReader(base).get("lm_head.weight").to(merged.dtype("lm_head.weight")))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory, merged_run: Path) -> Path:
+    """The same merge written with a small max_shard_size: several shards and transformers' index."""
     import shutil
 
+    run_dir = tmp_path_factory.mktemp("sharded") / "run"
+    recipe = load_recipe(merged_run / "recipe.resolved.yaml").recipe.model_dump(mode="json")
+    recipe["output"].update(dir=str(run_dir), max_shard_size="300KB")
     shutil.copytree(merged_run, run_dir, ignore=shutil.ignore_patterns("merged", "merge_report.json", "eval", "exports"))
     write_recipe(run_dir / "recipe.resolved.yaml", recipe)
     merge_run(run_dir)
-    files = sorted(p.name for p in (run_dir / "merged").glob("*.safetensors"))
-    index = json.loads((run_dir / "merged" / "model.safetensors.index.json").read_text())
+    return run_dir
+
+
+def test_sharded_merge_loads_in_transformers(sharded_run: Path, merged_run: Path):
+    """transformers loads the same tensors from the shards as from the single-file merge."""
+    from transformers import AutoModelForCausalLM
+
+    files = sorted(p.name for p in (sharded_run / "merged").glob("*.safetensors"))
+    index = json.loads((sharded_run / "merged" / "model.safetensors.index.json").read_text())
     assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
     assert index["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for f in files for t in _tensors(run_dir / "merged" / f))
-    sharded = AutoModelForCausalLM.from_pretrained(run_dir / "merged").state_dict()
+        t.numel() * t.element_size() for f in files for t in _tensors(sharded_run / "merged" / f))
+    sharded = AutoModelForCausalLM.from_pretrained(sharded_run / "merged").state_dict()
     single = AutoModelForCausalLM.from_pretrained(merged_run / "merged").state_dict()
     assert sharded.keys() == single.keys()
     assert all(torch.equal(sharded[k], single[k]) for k in single)
+
+
+@pytest.mark.slow
+def test_sharded_merge_converts_with_llama_cpp(sharded_run: Path, merged_run: Path, tmp_path: Path):
+    """llama.cpp's own convert_hf_to_gguf.py reads the sharded merge unchanged: its GGUF (read by gguf-py)
+    holds the very tensors it makes from the single-file merge."""
+    import gguf
+    from support import convert_with_llama_cpp
+
+    def tensors(checkpoint: Path, name: str) -> dict[str, bytes]:
+        (tmp_path / name).mkdir()
+        reader = gguf.GGUFReader(convert_with_llama_cpp(checkpoint, tmp_path / name / "model.gguf", "--outtype", "f32"))
+        return {t.name: bytes(t.data.tobytes()) for t in reader.tensors}
+
+    sharded, single = tensors(sharded_run / "merged", "sharded"), tensors(merged_run / "merged", "single")
+    assert len(sharded) == 2 + 9 * 2 and sharded == single  # embeddings, output norm, 9 tensors per block
+
+
+def vllm_python() -> Path | None:
+    python = Path(__file__).resolve().parents[1] / ".cache" / "vllm-venv" / "bin" / "python"
+    return python if python.is_file() else None
+
+
+@pytest.mark.slow
+def test_sharded_merge_answers_the_same_in_vllm(sharded_run: Path, tmp_path: Path):
+    """vLLM (its CPU build, in its own venv) loads the sharded merge unchanged and its greedy answers, in
+    float32, are transformers' greedy answers on the same token ids, on every held-out prompt."""
+    python = vllm_python()
+    if python is None:
+        pytest.skip("vLLM's venv is missing: bash scripts/setup.sh --test builds .cache/vllm-venv")
+    loaded = load_recipe(sharded_run / "recipe.resolved.yaml")
+    recipe = loaded.recipe
+    tokenizer = models.load_tokenizer(sharded_run / "merged")
+    prompts = prepare_data(recipe.data, tokenizer, loaded.base_dir, recipe.training.seed).eval_prompts[:8]
+    ids = [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in prompts]
+    model = models.load_for_eval(sharded_run / "merged", recipe.model)
+    expected = []
+    for row in ids:
+        out = model.generate(torch.tensor([row]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                             pad_token_id=tokenizer.pad_token_id)
+        expected.append(out[0, len(row):].tolist())
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"prompts": ids, "max_tokens": 8, "dtype": "float32", "ignore_eos": True}))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "vllm_answers.py"
+    answers = tmp_path / "answers.json"
+    done = subprocess.run([str(python), str(script), str(sharded_run / "merged"), str(request), str(answers)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = json.loads(answers.read_text())["answers"]
+    assert answers == expected
 
 
 def _tensors(path: Path) -> list[torch.Tensor]:
