@@ -12,14 +12,13 @@ merge measures its candidates without building either as a whole model.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from qtune.host_memory import map_large_allocations, return_freed_memory
 from qtune.layerwise import _Batch, _first_output, capture_block_inputs, decoder_layers
 from qtune.shards import CheckpointReader
 
@@ -63,41 +62,6 @@ def release(module: nn.Module) -> None:
     """Free a module's tensors (they become meta tensors again) and hand the memory back to the system."""
     module.to("meta")
     return_freed_memory()
-
-
-@functools.cache
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to trim
-        return None
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 1 << 20
-
-
-HEAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
-
-
-def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
-    """Serve every allocation of ``threshold`` bytes or more with its own memory map, which goes back to
-    the system the moment it is freed. glibc's default raises this threshold up to 32 MB as large blocks
-    are freed, after which tensors come from its heap, fragment there and stay resident; block-by-block
-    work frees and allocates block-sized tensors all the time. Generation, which allocates many
-    mid-sized tensors per token, is slowed by it: ``map_large_allocations(HEAP_THRESHOLD)`` after the
-    streamed pass restores glibc's usual behaviour for the rest of the process."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, threshold)
-
-
-def return_freed_memory() -> None:
-    """glibc keeps freed blocks below 32 MB (one weight matrix, typically) in its heap for reuse, where
-    they fragment and stay resident: without this, memory grows with each block processed."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 class StreamedModel:

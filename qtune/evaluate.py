@@ -257,7 +257,8 @@ def streamed_outputs(streamed, rows: Sequence[dict], pad_token_id: int, source=N
 def streamed_reference(checkpoint, rows: Sequence[dict], pad_token_id: int, device: torch.device | str,
                        batch_size: int = 8) -> ReferenceOutputs:
     """A checkpoint's reference outputs in float32, computed one decoder block at a time (see blockwise)."""
-    from qtune.blockwise import HEAP_THRESHOLD, StreamedModel, map_large_allocations
+    from qtune.blockwise import StreamedModel
+    from qtune.host_memory import HEAP_THRESHOLD, map_large_allocations
 
     # host memory for the head's inputs: the GPU is for the artifacts
     reference = streamed_outputs(StreamedModel(checkpoint, device, torch.float32), rows, pad_token_id,

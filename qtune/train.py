@@ -18,6 +18,7 @@ from qtune import data as qdata
 from qtune import memory_plan, models, rundir, tracking
 from qtune.cpu import fit_threads
 from qtune.errors import NonFiniteLossError, QtuneError, stage
+from qtune.host_memory import map_large_allocations
 from qtune.paths import atomic_dir, fsync_tree, write_text_atomic
 from qtune.recipe import LoadedRecipe, Recipe, TrainingSection, unsupported_export_message
 
@@ -220,6 +221,8 @@ def _train(loaded: LoadedRecipe, resume: bool, overwrite: bool) -> Path:
         write_text_atomic(run_dir / "data_report.json", json.dumps({k: v.as_dict() for k, v in prepared.reports.items()}, indent=2))
     log.info("data: %s", {k: v.as_dict() for k, v in prepared.reports.items()})
 
+    if models.device().type == "cpu":  # each step dequantizes every weight; see host_memory
+        map_large_allocations()
     base = models.load_base(checkpoint, recipe.model, recipe.quantization)
     model = models.attach_lora(base, recipe.lora, recipe.training.gradient_checkpointing)
     use_fused_kernels(model, recipe)

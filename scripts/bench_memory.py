@@ -193,8 +193,13 @@ def run_stage(stage: str, recipe: Path) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def measure(work: Path, shape: Shape, depths: list[int], stages: list[str], dtype: str = "bfloat16") -> dict[int, dict[str, dict]]:
-    """depth -> stage -> {peak_anon_mb, hwm_mb, seconds}, each stage in a fresh process."""
+def measure(work: Path, shape: Shape, depths: list[int], stages: list[str], dtype: str = "bfloat16",
+            resume: bool = False) -> dict[int, dict[str, dict]]:
+    """depth -> stage -> {peak_anon_mb, hwm_mb, seconds}, each stage in a fresh process.
+
+    Each stage's result is saved as it finishes (``layers-N/results.json``); with ``resume`` the stages
+    found there are not run again, so a long run at a large width survives an interruption.
+    """
     exports = [s.removeprefix("export:") for s in stages if s.startswith("export:")]
     results: dict[int, dict[str, dict]] = {}
     for depth in depths:
@@ -202,10 +207,13 @@ def measure(work: Path, shape: Shape, depths: list[int], stages: list[str], dtyp
         folder.mkdir(parents=True, exist_ok=True)
         base = build_base(folder / "base", shape, depth, dtype)
         recipe = write_recipe(folder, base, exports)
-        results[depth] = {}
+        saved = folder / "results.json"
+        results[depth] = json.loads(saved.read_text()) if resume and saved.is_file() else {}
         trained = (folder / "run" / "adapter").is_dir()
         for stage in ("train", *[s for s in stages if s != "train"]):
             if stage == "train" and trained and "train" not in stages:
+                continue
+            if stage in results[depth]:
                 continue
             env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
             done = subprocess.run([sys.executable, __file__, "--stage", stage, str(recipe)], capture_output=True, text=True,
@@ -215,6 +223,10 @@ def measure(work: Path, shape: Shape, depths: list[int], stages: list[str], dtyp
             result = json.loads(done.stdout.strip().splitlines()[-1])
             if stage in stages:
                 results[depth][stage] = result
+                partial = saved.with_suffix(".json.partial")
+                partial.write_text(json.dumps(results[depth], indent=1))
+                partial.replace(saved)
+        results[depth] = {stage: results[depth][stage] for stage in stages}
     return results
 
 
@@ -249,13 +261,14 @@ def main() -> None:
     parser.add_argument("--plan-for", choices=sorted(PLAN_MACHINES), help="also print the plan for this real model on its target machine")
     parser.add_argument("--extrapolate-to", type=int, nargs="+", default=[], metavar="LAYERS",
                         help="also extrapolate each stage's host peak per layer to these depths (32: Llama-3.1-8B, 80: 70B)")
+    parser.add_argument("--resume", action="store_true", help="keep the stage results a previous run saved under --work")
     parser.add_argument("--stage", nargs=2, metavar=("STAGE", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
         print(json.dumps(run_stage(args.stage[0], Path(args.stage[1]))))
         return
     shape = Shape(args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab, not args.untied)
-    results = measure(args.work, shape, args.layers, args.stages, args.dtype)
+    results = measure(args.work, shape, args.layers, args.stages, args.dtype, args.resume)
     low, high = sorted(args.layers)
     recipe = args.work / f"layers-{high}" / "recipe.yaml"
     config = json.loads((args.work / f"layers-{high}" / "base" / "config.json").read_text())

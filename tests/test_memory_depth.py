@@ -9,7 +9,10 @@ Evaluation's anonymous memory is held to its 0.6 target; its high-water mark (0.
 bf16 model's mapped pages plus a KV cache that, at this small width, is large next to a layer) is held
 to 0.95, a bound that whole-model float32 code (1.0 or more) still breaks; docs/benchmarks.md states it. Both the anonymous
 memory and the resident high-water mark (which also counts memory-mapped checkpoint pages) are checked.
-Training runs (two steps, to make the adapter) but is not held to a bound: see docs/benchmarks.md.
+Training (two steps) has no target in the issue; it holds the base in NF4 (0.14 of float32) plus
+per-layer LoRA factors, their gradients and Adam's moments, and is held to 0.5 (0.36-0.40 measured) and
+its high-water mark, which adds the checkpoint's mapped bf16 pages, to 0.8 (0.50-0.55). Before CPU
+training mapped its large allocations (qtune.host_memory) it grew by 0.6-2.0 from heap fragmentation.
 """
 
 from __future__ import annotations
@@ -26,18 +29,18 @@ SHAPE = bench_memory.Shape(hidden=1024, intermediate=4096, heads=8, kv_heads=4)
 DEPTHS = (2, 8)
 STREAMED = ("merge", "export:gptq", "export:awq", "export:gguf-q4km")
 TARGETS = {**{stage: 0.15 for stage in STREAMED}, "eval": 0.6}  # issue 12
-BOUNDS = TARGETS
-HWM_BOUNDS = {**BOUNDS, "eval": 0.95}  # eval's mapped bf16 pages (0.5) plus KV cache and noise: 0.40-0.75 measured
+BOUNDS = {**TARGETS, "train": 0.5}
+HWM_BOUNDS = {**BOUNDS, "eval": 0.95, "train": 0.8}  # eval's mapped bf16 pages (0.5) plus KV cache and noise: 0.40-0.75 measured
 
 
 @pytest.fixture(scope="module")
 def growth(tmp_path_factory) -> dict[str, dict]:
-    results = bench_memory.measure(tmp_path_factory.mktemp("depth"), SHAPE, list(DEPTHS), ["train", *TARGETS])
+    results = bench_memory.measure(tmp_path_factory.mktemp("depth"), SHAPE, list(DEPTHS), list(BOUNDS))
     return {row["stage"]: row for row in bench_memory.growth_table(results, SHAPE)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", list(TARGETS))
+@pytest.mark.parametrize("stage", list(BOUNDS))
 def test_peak_memory_barely_grows_with_depth(growth: dict[str, dict], stage: str):
     row = growth[stage]
     fp32_layer_mb = 4 * SHAPE.layer_params / 2**20
