@@ -33,7 +33,13 @@ class TaskResult:
 
 
 def _device(model) -> torch.device:
-    return getattr(model, "device", None) or next(model.parameters()).device
+    """Where a model's inputs go. A model accelerate offloads keeps its offloaded weights on the meta
+    device; its hooks run each module on the GPU of its device map, or on the CPU when it has none."""
+    placed = [d for d in getattr(model, "hf_device_map", {}).values() if d not in ("cpu", "disk")]
+    if placed:
+        return torch.device("cuda", placed[0]) if isinstance(placed[0], int) else torch.device(placed[0])
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

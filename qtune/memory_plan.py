@@ -67,6 +67,22 @@ class StagePlan:
     device_bytes: int  # on the GPU (0 on a CPU-only machine: everything is host memory)
     host_bytes: int
     knob: str = ""  # the recipe setting that shrinks this stage most
+    offload: Offload | None = None  # where the merged model's weights go when they do not fit (eval only)
+
+
+@dataclass(frozen=True)
+class Offload:
+    """How much of a model's weights (in the dtype they are loaded in) each place holds, for accelerate's
+    ``device_map="auto"`` and ``max_memory``; what neither holds goes to an offload folder on disk."""
+    device_bytes: int  # on the GPU (0 on a CPU-only machine)
+    host_bytes: int
+    disk_bytes: int
+
+    def max_memory(self, gpu_index: int | None) -> dict:
+        budget = {"cpu": self.host_bytes}
+        if gpu_index is not None:
+            budget = {gpu_index: self.device_bytes, **budget}
+        return budget
 
 
 @dataclass
@@ -79,6 +95,10 @@ class MemoryPlan:
     def too_big(self) -> list[StagePlan]:
         return [s for s in self.stages if s.host_bytes > self.host_bytes
                 or (self.gpu_bytes is not None and s.device_bytes > self.gpu_bytes)]
+
+    def eval_offload(self) -> Offload | None:
+        """Where evaluation puts the merged model's weights, when they do not all fit on its device."""
+        return next((s.offload for s in self.stages if s.stage.startswith("eval merged")), None)
 
     def problems(self) -> list[str]:
         out = []
@@ -182,12 +202,47 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
     else:
         add("eval merged / exports", scoring + scored * h * 4, 0, "lower evaluation.batch_size")
     notes = []
+    offload = _eval_offload(stages[-1], shape, gpu_bytes, host_bytes)
+    if offload is not None:
+        entry = stages[-1]
+        entry.offload = offload
+        if cuda:
+            entry.device_bytes = int(max(reference_pass, scoring - 2 * shape.params + offload.device_bytes) + BASELINE_CUDA)
+        entry.host_bytes += offload.host_bytes - (0 if cuda else 2 * shape.params)
+        where = f"{offload.host_bytes / GB:.1f} GiB to host memory" if cuda else ""
+        disk = f"{offload.disk_bytes / GB:.1f} GiB to disk" if offload.disk_bytes else ""
+        notes.append("eval: the merged model does not fit " + ("on the GPU" if cuda else "in host memory")
+                     + "; accelerate offloads its weights (" + ", ".join(x for x in (where, disk) if x)
+                     + ("; in float32 on CPU, so the numbers are those of a float32 load" if not cuda else "")
+                     + "), which is slower but computes the same")
     if not cuda:
         dense = 4 * L * shape.block_linear_params
         add("eval base / adapter (CPU)", base_4bit + dense + LOGIT_CHUNK * v * 4 * 5, 0,
             "score base and adapter on a GPU, where they stay in 4-bit")
         notes.append("on CPU the NF4 base and adapter are scored with each weight dequantized once (float32)")
     return MemoryPlan(stages, gpu_bytes, host_bytes, notes)
+
+
+OFFLOAD_MARGIN = 0.05  # of each memory, kept free when weights are offloaded
+
+
+def _eval_offload(entry: StagePlan, shape: ModelShape, gpu_bytes: int | None, host_bytes: int) -> Offload | None:
+    """Where the merged model's weights go when evaluation does not fit with them all on its device:
+    the device keeps what its other tensors leave, host memory the next part, disk the rest. On CPU the
+    offloaded model is loaded in float32 (accelerate's hooks cannot feed the half-precision weights
+    through ``compute_in_float32``), so the weights count 4 bytes each there. None when it fits."""
+    half = 2 * shape.params
+    if gpu_bytes is not None:
+        if entry.device_bytes <= gpu_bytes:
+            return None
+        on_device = max(0, int(gpu_bytes * (1 - OFFLOAD_MARGIN)) - (entry.device_bytes - half))
+        on_host = min(half - on_device, max(0, int(host_bytes * (1 - OFFLOAD_MARGIN)) - entry.host_bytes))
+        return Offload(on_device, on_host, half - on_device - on_host)
+    if entry.host_bytes <= host_bytes:
+        return None
+    full = 2 * half
+    on_host = min(full, max(0, int(host_bytes * (1 - OFFLOAD_MARGIN)) - (entry.host_bytes - half)))
+    return Offload(0, on_host, full - on_host)
 
 
 def _with(recipe, section: str, **values):

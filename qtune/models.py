@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from qtune.checkpoint_files import check_checkpoint
 from qtune.errors import QtuneError, first_line
 from qtune.paths import atomic_dir, cache_dir
 from qtune.recipe import BUILTIN_BASES, LoraSection, ModelSection, QuantizationSection
+
+if TYPE_CHECKING:
+    from qtune.memory_plan import Offload
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +213,31 @@ def compute_in_float32(model) -> torch.nn.Module:
     return model
 
 
-def load_for_eval(checkpoint: Path, model: ModelSection):
+def load_for_eval(checkpoint: Path, model: ModelSection, offload: Offload | None = None,
+                  offload_folder: Path | None = None):
     """A (merged) checkpoint for scoring, in its stored half precision; on CPU computing in float32
-    (``compute_in_float32``), so the numbers are those of a float32 load at half its memory."""
+    (``compute_in_float32``), so the numbers are those of a float32 load at half its memory.
+
+    With ``offload`` (from the memory plan, when the weights do not fit), accelerate places them:
+    ``offload.max_memory`` on the GPU and in host memory, the rest in ``offload_folder`` on disk, each
+    module's weights brought to the device when it runs. On CPU such a model is loaded in float32, the
+    numbers of the float32 load that ``compute_in_float32`` reproduces (its parametrizations and
+    accelerate's hooks cannot be combined)."""
     from transformers import AutoModelForCausalLM
 
     check_checkpoint(checkpoint)
+    placement = {"dtype": "auto", "device_map": device_map()}
+    if offload is not None:
+        if offload_folder is None:
+            raise ValueError("offloading needs an offload_folder")
+        gpu = device().index if device().type == "cuda" else None
+        placement = {"dtype": "auto" if gpu is not None else torch.float32, "device_map": "auto",
+                     "max_memory": offload.max_memory(gpu), "offload_folder": str(offload_folder)}
     loaded = AutoModelForCausalLM.from_pretrained(
         checkpoint, trust_remote_code=model.trust_remote_code, attn_implementation=model.attn_implementation,
-        dtype="auto", device_map=device_map(),
+        **placement,
     )
-    if next(loaded.parameters()).device.type == "cpu":
+    if offload is None and next(loaded.parameters()).device.type == "cpu":
         compute_in_float32(loaded)
     return loaded.eval()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,10 @@ def _nf4_bytes(model) -> int:
     return int(model.get_memory_footprint())
 
 
-def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Path, n_ctx: int = 2048) -> Artifact:
+def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Path, n_ctx: int = 2048,
+                  offload_folder: Path | None = None) -> Artifact:
+    """An artifact of the run, loaded to score. The merged model's weights are offloaded by accelerate
+    (to ``offload_folder``, or a folder in the run directory) when the memory plan says they do not fit."""
     recipe = loaded.recipe
     if name == "base":
         model = models.load_base(checkpoint, recipe.model, recipe.quantization)
@@ -136,7 +140,13 @@ def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Pa
         return Artifact(models.for_inference(model), size, "transformers + bitsandbytes + peft")
     if name == "merged":
         merged = run_dir / rundir.MERGED_DIR
-        return Artifact(models.load_for_eval(merged, recipe.model), _files_size(merged), "transformers")
+        plan = memory_plan.for_recipe(loaded)
+        offload = plan.eval_offload() if plan else None
+        if offload is None:
+            return Artifact(models.load_for_eval(merged, recipe.model), _files_size(merged), "transformers")
+        log.info("the merged model does not fit; accelerate offloads it (%s)", next(n for n in plan.notes if n.startswith("eval:")))
+        model = models.load_for_eval(merged, recipe.model, offload, offload_folder or run_dir / OFFLOAD_DIR)
+        return Artifact(model, _files_size(merged), "transformers + accelerate offload")
     path = run_dir / "exports" / name
     if path.suffix == ".gguf" and path.is_file():
         model = load_gguf_model(path, n_ctx)
@@ -188,7 +198,18 @@ def evaluate_run(run_dir: Path, artifacts: list[str] | None = None) -> dict[str,
         return _evaluate_run(run_dir, artifacts)
 
 
+OFFLOAD_DIR = ".eval-offload"  # accelerate's offloaded weights while an artifact is scored; removed after
+
+
 def _evaluate_run(run_dir: Path, artifacts: list[str] | None) -> dict[str, dict]:
+    shutil.rmtree(run_dir / OFFLOAD_DIR, ignore_errors=True)  # a killed evaluation's leftovers
+    try:
+        return _evaluate_artifacts(run_dir, artifacts)
+    finally:
+        shutil.rmtree(run_dir / OFFLOAD_DIR, ignore_errors=True)
+
+
+def _evaluate_artifacts(run_dir: Path, artifacts: list[str] | None) -> dict[str, dict]:
     loaded, checkpoint, tokenizer, prepared = _context(run_dir)
     memory_plan.log_stage(loaded, "eval")
     present = available_artifacts(run_dir)

@@ -62,3 +62,40 @@ def test_validate_prints_the_plan_and_run_refuses_before_training(tmp_path: Path
     assert not (tmp_path / "run").exists(), "nothing may start when the plan says no"
     bad = qtune_cli("validate", recipe, "--host-memory", "lots")
     assert bad.returncode != 0 and "--host-memory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+LLAMA31_70B = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64}
+
+
+def test_a_70b_model_exports_on_one_80gb_gpu_with_64gb_of_host_memory():
+    result = _plan("llama3.1-8b-alpaca.yaml", LLAMA31_70B, 80 * GiB, 64 * GiB)
+    exports = [s for s in result.stages if s.stage.startswith("export ")]
+    assert {s.stage.split()[1].split("-")[0] for s in exports} >= {"model", "gptq", "awq"}  # GGUF, GPTQ and AWQ
+    assert not [s for s in exports if s in result.too_big()], result.table()
+
+
+def _eval(result: memory_plan.MemoryPlan) -> memory_plan.StagePlan:
+    return next(s for s in result.stages if s.stage.startswith("eval merged"))
+
+
+def test_evaluation_offloads_the_weights_that_do_not_fit():
+    params = memory_plan.ModelShape.from_config(LLAMA31_8B).params
+    assert _plan("llama3.1-8b-alpaca.yaml", LLAMA31_8B, 24 * GiB, 32 * GiB).eval_offload() is None
+
+    small_gpu = _plan("llama3.1-8b-alpaca.yaml", LLAMA31_8B, 16 * GiB, 32 * GiB)
+    offload = small_gpu.eval_offload()
+    assert offload is not None and 0 < offload.device_bytes and 0 < offload.host_bytes and offload.disk_bytes == 0
+    assert offload.device_bytes + offload.host_bytes == 2 * params  # half precision on a GPU
+    assert _eval(small_gpu) not in small_gpu.too_big() and _eval(small_gpu).device_bytes <= 16 * GiB
+    assert offload.max_memory(0) == {0: offload.device_bytes, "cpu": offload.host_bytes}
+    assert any(n.startswith("eval: the merged model does not fit on the GPU") for n in small_gpu.notes)
+
+    big = _plan("llama3.1-8b-alpaca.yaml", LLAMA31_70B, 80 * GiB, 64 * GiB)
+    offload = big.eval_offload()
+    assert offload.disk_bytes > 0 and _eval(big) not in big.too_big(), big.table()
+    assert offload.device_bytes + offload.host_bytes + offload.disk_bytes == 2 * memory_plan.ModelShape.from_config(LLAMA31_70B).params
+
+    cpu = _plan("quickstart.yaml", LLAMA31_8B, None, 16 * GiB)
+    offload = cpu.eval_offload()
+    assert offload is not None and offload.device_bytes == 0 and offload.max_memory(None) == {"cpu": offload.host_bytes}
+    assert offload.host_bytes + offload.disk_bytes == 4 * params and _eval(cpu) not in cpu.too_big()  # float32 on CPU

@@ -297,3 +297,59 @@ def test_choose_dtype_prefers_fp16_when_it_fits():
     assert merge.choose_dtype("auto", torch.float32, lambda: 1e6) == torch.bfloat16
     assert merge.choose_dtype("auto", torch.bfloat16, lambda: 1.0) == torch.bfloat16
     assert merge.choose_dtype("float32", torch.bfloat16, lambda: 1.0) == torch.float32
+
+
+def test_offloaded_merged_model_scores_the_same(merged_run: Path, monkeypatch):
+    """When the plan says the merged model does not fit, accelerate offloads it (on CPU to disk, loaded in
+    float32) and evaluation gives the same numbers as the model held whole."""
+    from qtune import memory_plan, pipeline
+
+    whole = evaluate_run(merged_run, ["merged"])["merged"]
+    loaded = load_recipe(merged_run / "recipe.resolved.yaml")
+    config = json.loads((models.resolve_base(loaded.recipe.model) / "config.json").read_text())
+    roomy = memory_plan.recipe_plan(loaded, config, None, 1 << 40)
+    assert roomy.eval_offload() is None
+    host = next(s for s in roomy.stages if s.stage.startswith("eval merged")).host_bytes - 1
+    offload = memory_plan.recipe_plan(loaded, config, None, host).eval_offload()
+    assert offload == memory_plan.Offload(0, 0, 4 * memory_plan.ModelShape.from_config(config).params)  # the margin exceeds a tiny model
+
+    seen, real_load = {}, models.load_for_eval
+
+    def load_for_eval(checkpoint, model, offload=None, offload_folder=None):
+        loaded_model = real_load(checkpoint, model, offload, offload_folder)
+        seen["placement"] = set(getattr(loaded_model, "hf_device_map", {}).values())
+        return loaded_model
+
+    monkeypatch.setattr(memory_plan, "machine_memory", lambda: (None, host))
+    monkeypatch.setattr(pipeline.models, "load_for_eval", load_for_eval)
+    offloaded = evaluate_run(merged_run, ["merged"])["merged"]
+    assert seen["placement"] == {"disk"}
+    assert offloaded["runtime"] == "transformers + accelerate offload"
+    assert not (merged_run / pipeline.OFFLOAD_DIR).exists()
+    assert offloaded["correct"] == whole["correct"] and offloaded["total"] == whole["total"]
+    assert offloaded["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+
+
+def test_partly_offloaded_model_computes_what_the_whole_model_does(tmp_path: Path):
+    """Half of the float32 weights in host memory, the rest on disk: the same logits and the same greedy
+    answer as the half-precision model computing in float32. (A small vocabulary, so that no single
+    module outweighs the rest: accelerate keeps room for the largest one beside what it places.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtune import memory_plan
+    from qtune.recipe import ModelSection
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    whole = models.load_for_eval(tmp_path / "model", ModelSection(base=str(tmp_path / "model")))
+    weights = 4 * sum(p.numel() for p in whole.parameters())
+    offload = memory_plan.Offload(0, weights // 2, weights - weights // 2)
+    split = models.load_for_eval(tmp_path / "model", ModelSection(base=str(tmp_path / "model")), offload, tmp_path / "offload")
+    assert set(split.hf_device_map.values()) == {"cpu", "disk"}
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(split(input_ids=ids).logits, whole(input_ids=ids).logits, atol=1e-5, rtol=0)
+        assert torch.equal(split.generate(ids[:1, :8], max_new_tokens=6, do_sample=False),
+                           whole.generate(ids[:1, :8], max_new_tokens=6, do_sample=False))
