@@ -171,6 +171,11 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
     merge = max(reference_pass, candidate + reference)
     add("merge", merge, 2 * largest_tensor_fp32, "use fewer validation rows or a shorter data.max_length")
 
+    # GPTQ's solve (also AWQ's GPTQ rounding) holds six matrices of its largest Hessian at once (the
+    # accumulated one, its permuted copy, the identity, the Cholesky factor, the inverse and its factor)
+    # and three float32 copies of the weight (its working copy, the per-weight losses, the result)
+    largest_linear = max(a * b for a, b in shape.linear_shapes)
+    hessian_solve = 4 * max(3 * h * h, shape.intermediate ** 2) * 6 + 3 * 4 * largest_linear
     for target in recipe.export:
         if target.format == "gguf-lora":
             continue
@@ -181,12 +186,11 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
             device = max(capture, block_fp32 + 2 * carried) if target.imatrix and target.quant not in ("F32", "F16", "BF16", "Q8_0") else 0
             host = 3 * largest_tensor_fp32
         elif target.format == "gptq":  # one group's Hessians (q/k/v share H x H inputs; down has I x I) and its solve
-            hessians = 4 * max(3 * h * h, shape.intermediate ** 2) * 3
-            device, host = max(capture, block_fp32 + 2 * carried + hessians), largest_tensor_fp32
+            device, host = max(capture, block_fp32 + 2 * carried + hessian_solve), largest_tensor_fp32
         else:  # awq: the inputs of q, o, gate (H wide) and down (I wide), the four inspected outputs, one
             # input gathered for clipping, and GPTQ rounding's Hessian
             features = cal * 4 * (3 * h + shape.intermediate) + cal * 4 * 4 * h + cal * 4 * shape.intermediate
-            device = max(capture, block_fp32 + 2 * carried + features + 4 * shape.intermediate ** 2 * 3)
+            device = max(capture, block_fp32 + 2 * carried + features + hessian_solve)
             host = largest_tensor_fp32
         add(f"export {target.default_name()}", device, host, "lower the export's samples or seq_len")
 
