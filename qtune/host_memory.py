@@ -32,8 +32,8 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
     are freed, after which tensors come from its heap, fragment there and stay resident; block-by-block
     work frees and allocates block-sized tensors all the time, and training on CPU dequantizes every
     weight in each forward and backward. Generation, which allocates many mid-sized tensors per token,
-    is slowed by it: ``map_large_allocations(HEAP_THRESHOLD)`` after the
-    streamed pass restores glibc's usual behaviour for the rest of the process."""
+    is slowed by it: ``map_large_allocations(HEAP_THRESHOLD)`` after the streamed pass restores glibc's
+    usual behaviour for the rest of the process."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, threshold)

@@ -136,7 +136,8 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
     seq, batch = recipe.data.max_length, recipe.training.micro_batch_size
     lora_r = recipe.lora.r
     block_fp32 = 4 * (shape.block_linear_params + 2 * h)
-    largest_tensor_fp32 = 4 * max(v * h, max(a * b for a, b in shape.linear_shapes))
+    largest_linear = max(a * b for a, b in shape.linear_shapes)
+    largest_tensor_fp32 = 4 * max(v * h, largest_linear)
     lora_params = L * sum(lora_r * (a + b) for a, b in shape.linear_shapes)
     non_quantized = shape.embedding_params + L * 2 * h + h
     base_4bit = _nf4_bytes(L * shape.block_linear_params)
@@ -174,7 +175,6 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
     # GPTQ's solve (also AWQ's GPTQ rounding) holds six matrices of its largest Hessian at once (the
     # accumulated one, its permuted copy, the identity, the Cholesky factor, the inverse and its factor)
     # and three float32 copies of the weight (its working copy, the per-weight losses, the result)
-    largest_linear = max(a * b for a, b in shape.linear_shapes)
     hessian_solve = 4 * max(3 * h * h, shape.intermediate ** 2) * 6 + 3 * 4 * largest_linear
     for target in recipe.export:
         if target.format == "gguf-lora":
@@ -350,8 +350,9 @@ def stage_line(memory_plan: MemoryPlan | None, stage: str) -> str | None:
     return None
 
 
-def log_stage(loaded, stage: str) -> None:
-    """Log a stage's planned peak at its start, and a warning when the plan says it will not fit."""
+def log_stage(loaded, stage: str) -> MemoryPlan | None:
+    """Log a stage's planned peak at its start, and a warning when the plan says it will not fit; returns
+    the plan (None when the model's config cannot be read)."""
     import logging
 
     log = logging.getLogger("qtune.memory_plan")
@@ -362,3 +363,4 @@ def log_stage(loaded, stage: str) -> None:
     for problem in memory_plan.problems() if memory_plan else []:
         if problem.startswith(stage):
             log.warning(problem)
+    return memory_plan

@@ -125,9 +125,9 @@ def _nf4_bytes(model) -> int:
 
 
 def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Path, n_ctx: int = 2048,
-                  offload_folder: Path | None = None) -> Artifact:
-    """An artifact of the run, loaded to score. The merged model's weights are offloaded by accelerate
-    (to ``offload_folder``, or a folder in the run directory) when the memory plan says they do not fit."""
+                  offload: memory_plan.Offload | None = None) -> Artifact:
+    """An artifact of the run, loaded to score. With ``offload`` (the memory plan's, when the merged
+    model's weights do not fit) accelerate places the merged model's weights, the rest in OFFLOAD_DIR."""
     recipe = loaded.recipe
     if name == "base":
         model = models.load_base(checkpoint, recipe.model, recipe.quantization)
@@ -140,12 +140,11 @@ def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Pa
         return Artifact(models.for_inference(model), size, "transformers + bitsandbytes + peft")
     if name == "merged":
         merged = run_dir / rundir.MERGED_DIR
-        plan = memory_plan.for_recipe(loaded)
-        offload = plan.eval_offload() if plan else None
         if offload is None:
             return Artifact(models.load_for_eval(merged, recipe.model), _files_size(merged), "transformers")
-        log.info("the merged model does not fit; accelerate offloads it (%s)", next(n for n in plan.notes if n.startswith("eval:")))
-        model = models.load_for_eval(merged, recipe.model, offload, offload_folder or run_dir / OFFLOAD_DIR)
+        log.info("the merged model does not fit on its device; accelerate offloads %.1f GiB of its weights to host "
+                 "memory and %.1f GiB to disk", offload.host_bytes / 2**30, offload.disk_bytes / 2**30)
+        model = models.load_for_eval(merged, recipe.model, offload, run_dir / OFFLOAD_DIR)
         return Artifact(model, _files_size(merged), "transformers + accelerate offload")
     path = run_dir / "exports" / name
     if path.suffix == ".gguf" and path.is_file():
@@ -211,7 +210,8 @@ def _evaluate_run(run_dir: Path, artifacts: list[str] | None) -> dict[str, dict]
 
 def _evaluate_artifacts(run_dir: Path, artifacts: list[str] | None) -> dict[str, dict]:
     loaded, checkpoint, tokenizer, prepared = _context(run_dir)
-    memory_plan.log_stage(loaded, "eval")
+    plan = memory_plan.log_stage(loaded, "eval")
+    offload = plan.eval_offload() if plan else None
     present = available_artifacts(run_dir)
     wanted = artifacts or present
     missing = [a for a in wanted if a not in present]
@@ -238,7 +238,7 @@ def _evaluate_artifacts(run_dir: Path, artifacts: list[str] | None) -> dict[str,
         step, started = "load", time.perf_counter()
         try:
             with stage(f"eval {name}", run_dir):
-                artifact = load_artifact(name, run_dir, loaded, checkpoint, n_ctx)
+                artifact = load_artifact(name, run_dir, loaded, checkpoint, n_ctx, offload)
                 step = "score"
                 result = _score(name, artifact, reference, tokenizer, prepared, prompts, cfg, scorer)
         except Exception as exc:  # reported in the artifact's row; the other artifacts are still scored
