@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Sequence
 from math import prod
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -104,7 +105,7 @@ def _shape_like_bitsandbytes(flat: torch.Tensor, packed: torch.Tensor, shape: Se
     return out.t() if packed.shape[0] == 1 else out
 
 
-def dequantize_nf4_reference(packed: torch.Tensor, quant_state: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def dequantize_nf4_reference(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pure torch, bit-identical to bitsandbytes.functional.dequantize_4bit for NF4.
 
     dtype defaults to quant_state.dtype; passing another one is the same as dequantizing a state
@@ -160,9 +161,7 @@ if HAS_TRITON:
         block_mask = block < n_blocks
         if NESTED:
             q = tl.load(absmax_ptr + block, mask=block_mask, other=0).to(tl.int32)
-            scale = tl.load(nested_code_ptr + q) * tl.load(
-                nested_absmax_ptr + block // nested_blocksize, mask=block_mask, other=0.0
-            )
+            scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // nested_blocksize, mask=block_mask, other=0.0)
             scale = scale + tl.load(offset_ptr)  # no FMA: see NF4_COMPILE_OPTIONS
         else:
             scale = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
@@ -188,10 +187,10 @@ def _blocks_per_program(blocksize: int) -> int:
 def dequantize_nf4_triton(
     packed: torch.Tensor,
     quant_state: Any,
-    dtype: Optional[torch.dtype] = None,
-    out: Optional[torch.Tensor] = None,
-    blocks_per_program: Optional[int] = None,
-    num_warps: Optional[int] = None,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    blocks_per_program: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """The fused Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
@@ -247,7 +246,7 @@ def _bitsandbytes_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def _dequantize_with_bitsandbytes(packed: torch.Tensor, quant_state: Any, dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _dequantize_with_bitsandbytes(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | None) -> torch.Tensor:
     import bitsandbytes.functional as bnb_functional
 
     _check_quant_state(packed, quant_state)
@@ -265,9 +264,7 @@ def _dequantize_with_bitsandbytes(packed: torch.Tensor, quant_state: Any, dtype:
     return out
 
 
-def dequantize_nf4(
-    packed: torch.Tensor, quant_state: Any, dtype: Optional[torch.dtype] = None, backend: str = "auto"
-) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
     """Dequantize a bitsandbytes NF4 weight, bit-identical to bitsandbytes.functional.dequantize_4bit.
 
     backend: "auto" (Triton on CUDA when triton is installed; elsewhere bitsandbytes' own op when it

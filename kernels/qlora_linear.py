@@ -15,7 +15,7 @@ Dtypes follow bitsandbytes' Linear4bit + peft's LoRA Linear4bit exactly:
 from __future__ import annotations
 
 import types
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,9 @@ class _NF4StateView:
     def __init__(
         self,
         absmax: torch.Tensor,
-        nested_absmax: Optional[torch.Tensor],
-        nested_code: Optional[torch.Tensor],
-        offset: Optional[torch.Tensor],
+        nested_absmax: torch.Tensor | None,
+        nested_code: torch.Tensor | None,
+        offset: torch.Tensor | None,
         blocksize: int,
         nested_blocksize: int,
         shape: tuple[int, int],
@@ -45,11 +45,7 @@ class _NF4StateView:
         self.absmax, self.offset, self.blocksize = absmax, offset, blocksize
         self.shape, self.dtype = torch.Size(shape), dtype
         self.nested = nested_absmax is not None
-        self.state2 = (
-            types.SimpleNamespace(absmax=nested_absmax, code=nested_code, blocksize=nested_blocksize)
-            if self.nested
-            else None
-        )
+        self.state2 = types.SimpleNamespace(absmax=nested_absmax, code=nested_code, blocksize=nested_blocksize) if self.nested else None
 
 
 def nf4_weight_args(packed: torch.Tensor, quant_state: Any) -> tuple:
@@ -70,9 +66,9 @@ def nf4_weight_args(packed: torch.Tensor, quant_state: Any) -> tuple:
 def dequantize_nf4_op(
     packed: torch.Tensor,
     absmax: torch.Tensor,
-    nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor],
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
     blocksize: int,
     nested_blocksize: int,
     out_features: int,
@@ -80,9 +76,7 @@ def dequantize_nf4_op(
     dtype: torch.dtype,
     backend: str,
 ) -> torch.Tensor:
-    state = _NF4StateView(
-        absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, (out_features, in_features), dtype
-    )
+    state = _NF4StateView(absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, (out_features, in_features), dtype)
     return dequantize_nf4(packed, state, dtype, backend).reshape(out_features, in_features)
 
 
@@ -135,16 +129,16 @@ def qlora_linear_op(
     x_lora: torch.Tensor,
     packed: torch.Tensor,
     absmax: torch.Tensor,
-    nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor],
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
     blocksize: int,
     nested_blocksize: int,
     out_features: int,
     in_features: int,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     scaling: float,
     compute_dtype: torch.dtype,
     backend: str,
@@ -205,8 +199,8 @@ def qlora_linear(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
-    bias: Optional[torch.Tensor] = None,
-    compute_dtype: Optional[torch.dtype] = None,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """y = linear(x, dequant(W), bias) + scaling * linear(linear(x_lora, A), B), as the torch custom op.
@@ -260,8 +254,8 @@ def qlora_linear_reference(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
-    bias: Optional[torch.Tensor] = None,
-    compute_dtype: Optional[torch.dtype] = None,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Plain autograd through the torch dequant reference and F.linear (the gradient oracle)."""
     compute_dtype = compute_dtype or x.dtype

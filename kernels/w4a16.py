@@ -13,7 +13,6 @@ reference checkpoints' torch kernels do), then y = x @ W (+ bias) with fp32 accu
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -41,9 +40,7 @@ def _shapes(qweight: torch.Tensor, scales: torch.Tensor, layout: str) -> tuple[i
     return qweight.shape[0] * 8, qweight.shape[1]
 
 
-def group_index(
-    in_features: int, n_groups: int, layout: str, g_idx: Optional[torch.Tensor], group_size: Optional[int]
-) -> torch.Tensor:
+def group_index(in_features: int, n_groups: int, layout: str, g_idx: torch.Tensor | None, group_size: int | None) -> torch.Tensor:
     """int32 [K]: the group of each input channel."""
     if g_idx is not None:
         if layout == "awq":
@@ -59,9 +56,7 @@ def group_index(
     return torch.div(torch.arange(in_features, dtype=torch.int32), group_size, rounding_mode="floor")
 
 
-def unpack_w4a16_reference(
-    qweight: torch.Tensor, qzeros: torch.Tensor, layout: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_w4a16_reference(qweight: torch.Tensor, qzeros: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [K, N] int32 in 0..15, zeros [G, N] int32 as used in the dequant, v1's +1 applied)."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
     if layout == "awq":
@@ -80,9 +75,9 @@ def dequantize_w4a16_reference(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
     scales: torch.Tensor,
-    g_idx: Optional[torch.Tensor],
+    g_idx: torch.Tensor | None,
     layout: str,
-    group_size: Optional[int] = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """W [K, N] in scales' dtype: scales[g] * (q - zero[g]), one rounding."""
     in_features, _ = _shapes(qweight, scales, layout)
@@ -97,10 +92,10 @@ def w4a16_matmul_reference(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
     scales: torch.Tensor,
-    g_idx: Optional[torch.Tensor],
+    g_idx: torch.Tensor | None,
     layout: str,
-    group_size: Optional[int] = None,
-    bias: Optional[torch.Tensor] = None,
+    group_size: int | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [..., K] @ dequant(W) [K, N] (+ bias), computed in fp32 and returned in x.dtype."""
     weight = dequantize_w4a16_reference(qweight, qzeros, scales, g_idx, layout, group_size).to(x.dtype)
@@ -208,7 +203,7 @@ def default_blocks(m: int) -> tuple[int, int, int]:
     return 128, 128, 64
 
 
-def trivial_group_size(g_idx: torch.Tensor) -> Optional[int]:
+def trivial_group_size(g_idx: torch.Tensor) -> int | None:
     """The group size if g_idx is k // group_size (no act-order), else None. Reads g_idx on the host."""
     g = g_idx.cpu().long()
     boundaries = (g[1:] != g[:-1]).nonzero()
@@ -221,14 +216,14 @@ def w4a16_matmul_triton(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
     scales: torch.Tensor,
-    g_idx: Optional[torch.Tensor],
+    g_idx: torch.Tensor | None,
     layout: str,
-    group_size: Optional[int] = None,
-    bias: Optional[torch.Tensor] = None,
-    blocks: Optional[tuple[int, int, int]] = None,
-    out: Optional[torch.Tensor] = None,
-    num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
+    group_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    blocks: tuple[int, int, int] | None = None,
+    out: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1). x is [..., K] fp16 or bf16.
 
@@ -277,10 +272,10 @@ def w4a16_matmul(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
     scales: torch.Tensor,
-    g_idx: Optional[torch.Tensor],
+    g_idx: torch.Tensor | None,
     layout: str,
-    group_size: Optional[int] = None,
-    bias: Optional[torch.Tensor] = None,
+    group_size: int | None = None,
+    bias: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """y = x @ dequant(W) (+ bias) for a GPTQ ("gptq" v1, "gptq_v2") or AWQ ("awq") packed weight.
@@ -305,9 +300,9 @@ class QuantLinearW4A16(torch.nn.Module):
         qzeros: torch.Tensor,
         scales: torch.Tensor,
         layout: str,
-        g_idx: Optional[torch.Tensor] = None,
-        group_size: Optional[int] = None,
-        bias: Optional[torch.Tensor] = None,
+        g_idx: torch.Tensor | None = None,
+        group_size: int | None = None,
+        bias: torch.Tensor | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -328,21 +323,19 @@ class QuantLinearW4A16(torch.nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: dict[str, torch.Tensor], prefix: str, layout: str, group_size: Optional[int] = None, backend: str = "auto"
-    ) -> "QuantLinearW4A16":
+        cls, state_dict: dict[str, torch.Tensor], prefix: str, layout: str, group_size: int | None = None, backend: str = "auto"
+    ) -> QuantLinearW4A16:
         """Build from checkpoint tensors `<prefix>.qweight`, `.qzeros`, `.scales`, optional `.g_idx`, `.bias`."""
         get = lambda name: state_dict.get(f"{prefix}.{name}")  # noqa: E731
         g_idx = get("g_idx") if layout != "awq" else None
         return cls(get("qweight"), get("qzeros"), get("scales"), layout, g_idx, group_size, get("bias"), backend)
 
-    def _kernel_g_idx(self) -> Optional[torch.Tensor]:
+    def _kernel_g_idx(self) -> torch.Tensor | None:
         return self.g_idx if self.kernel_uses_g_idx else None
 
     def dequantize(self) -> torch.Tensor:
         """The nn.Linear weight [out, in] in the scales' dtype."""
-        return dequantize_w4a16_reference(
-            self.qweight, self.qzeros, self.scales, self._kernel_g_idx(), self.layout, self.group_size
-        ).t()
+        return dequantize_w4a16_reference(self.qweight, self.qzeros, self.scales, self._kernel_g_idx(), self.layout, self.group_size).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w4a16_matmul(

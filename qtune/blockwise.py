@@ -67,8 +67,14 @@ def release(module: nn.Module) -> None:
 class StreamedModel:
     """A causal LM whose weights stay in its checkpoint until a block runs (see the module docstring)."""
 
-    def __init__(self, checkpoint: Path, device: torch.device | str, dtype: torch.dtype = torch.float32,
-                 trust_remote_code: bool = False, attn_implementation: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+    ) -> None:
         map_large_allocations()
         self.checkpoint = Path(checkpoint)
         self.reader = CheckpointReader(self.checkpoint)

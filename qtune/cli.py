@@ -20,11 +20,19 @@ from qtune.secrets import RedactingFilter, redact
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="path to the recipe YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set training.learning_rate=1e-4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set training.learning_rate=1e-4 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qtune.recipe import ExportTarget
+
     parser = argparse.ArgumentParser(prog="qtune", description="QLoRA fine-tuning from one YAML recipe to deployable files.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,43 +53,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="score the run's artifacts (base, adapter, merged, exports) on the held-out data")
     p.add_argument("run_dir", help="a run directory written by qtune train")
-    p.add_argument("--artifact", action="append",
-                   help="what to score: base, adapter, merged, or the name of a GGUF file or GPTQ/AWQ directory under "
-                        "RUN_DIR/exports (repeatable; default: everything the run has)")
+    p.add_argument(
+        "--artifact",
+        action="append",
+        help="what to score: base, adapter, merged, or the name of a GGUF file or GPTQ/AWQ directory under "
+        "RUN_DIR/exports (repeatable; default: everything the run has)",
+    )
 
     p = commands.add_parser("report", help="write report.md and report.html from the run's evaluations, and log them to W&B")
     p.add_argument("run_dir", help="a run directory written by qtune train")
     p.add_argument("--no-tracking", action="store_true", help="write the files only; log nothing to W&B")
 
-    p = commands.add_parser("export", help="re-quantize a run's merged model (or any HF checkpoint) to GGUF, GPTQ or AWQ, "
-                                           "or write a run's adapter as a GGUF LoRA")
+    p = commands.add_parser(
+        "export", help="re-quantize a run's merged model (or any HF checkpoint) to GGUF, GPTQ or AWQ, or write a run's adapter as a GGUF LoRA"
+    )
     p.add_argument("source", help="a run directory (its merged model is used) or an HF checkpoint directory")
-    p.add_argument("--format", required=True, choices=["gguf", "gptq", "awq", "gguf-lora"],
-                   help="gguf-lora: the run's LoRA adapter alone, for llama.cpp --lora or Ollama's ADAPTER")
-    p.add_argument("--quant", help="GGUF type or mix, e.g. Q4_K_M, Q5_K_M, Q8_0, F16 (default Q4_K_M; gguf-lora: F16)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["gguf", "gptq", "awq", "gguf-lora"],
+        help="gguf-lora: the run's LoRA adapter alone, for llama.cpp --lora or Ollama's ADAPTER",
+    )
+    default = {name: field.default for name, field in ExportTarget.model_fields.items()}  # the one place they are set
+    p.add_argument("--quant", help=f"GGUF type or mix, e.g. Q4_K_M, Q5_K_M, Q8_0, F16 (default {default['quant']}; gguf-lora: F16)")
     p.add_argument("--output", help="output file (GGUF) or directory (GPTQ/AWQ); default: RUN_DIR/exports/<name>")
-    p.add_argument("--bits", type=int, default=4, help="GPTQ: 2, 3, 4 or 8; AWQ: 4 (default 4)")
-    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 for one group per row (default 128)")
+    p.add_argument("--bits", type=int, help=f"GPTQ: 2, 3, 4 or 8; AWQ: 4 (default {default['bits']})")
+    p.add_argument("--group-size", type=int, help=f"32, 64, 128, or -1 for one group per row (default {default['group_size']})")
     p.add_argument("--asym", action="store_true", help="GPTQ: asymmetric grid (written as checkpoint_format gptq_v2)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size (desc_act)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, as a fraction of the mean Hessian diagonal (default 0.01)")
-    p.add_argument("--awq-rounding", choices=["rtn", "gptq"], default="rtn",
-                   help="AWQ: round the scaled weights to nearest (the published method, default) or with GPTQ's error compensation")
-    p.add_argument("--no-group-aware", action="store_true",
-                   help="GPTQ: solve groups in natural order (default: most salient group first, same checkpoint layout)")
+    p.add_argument("--damp", type=float, help=f"GPTQ: damping, as a fraction of the mean Hessian diagonal (default {default['damp']})")
+    p.add_argument(
+        "--awq-rounding",
+        choices=["rtn", "gptq"],
+        help=f"AWQ: round the scaled weights to nearest (rtn, the published method) or with GPTQ's error compensation (default {default['rounding']})",
+    )
+    p.add_argument(
+        "--no-group-aware", action="store_true", help="GPTQ: solve groups in natural order (default: most salient group first, same checkpoint layout)"
+    )
     p.add_argument("--calibration", help="calibration text (.txt), jsonl file, saved dataset or datasets id; default: the run's training data")
-    p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="which calibration draw (default 0); the draw is stratified by the records' category")
+    p.add_argument("--samples", type=int, help=f"calibration samples (default {default['samples']})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per calibration sample (default {default['seq_len']})")
+    p.add_argument("--seed", type=int, help=f"which calibration draw (default {default['seed']}); the draw is stratified by the records' category")
     p.add_argument("--no-imatrix", action="store_true", help="GGUF: quantize without an importance matrix (then byte-identical to llama.cpp)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
-    p = commands.add_parser("run", help="train, merge, export, evaluate every artifact and report, in one command "
-                                        "(exit 1 when an artifact fails its gates)")
+    p = commands.add_parser("run", help="train, merge, export, evaluate every artifact and report, in one command (exit 1 when an artifact fails its gates)")
     _recipe_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace whatever the output directory holds")
-    p.add_argument("--ignore-memory-plan", action="store_true",
-                   help="start even when the memory plan says a stage will not fit this machine")
+    p.add_argument("--ignore-memory-plan", action="store_true", help="start even when the memory plan says a stage will not fit this machine")
     _machine_args(p)
     return parser
 
@@ -168,29 +187,31 @@ def _dispatch(args: argparse.Namespace) -> int:
         if remote:
             print(f"qtune: note: {', '.join(remote)} come(s) from the hub; their records are checked when training loads them")
         if loaded.recipe.export and base_model_type(loaded.recipe.model, loaded.base_dir) is None:
-            print(f"qtune: note: {loaded.recipe.model.base}'s architecture is not known before its download; "
-                  "train checks that it can be exported before training starts")
+            print(
+                f"qtune: note: {loaded.recipe.model.base}'s architecture is not known before its download; "
+                "train checks that it can be exported before training starts"
+            )
         if not args.no_memory_plan:  # to stderr under --print, so the resolved recipe alone can be piped to a file
             _print_memory_plan(loaded, args, sys.stderr if args.print_resolved else sys.stdout)
         print(f"qtune: {args.recipe} is valid")
         return 0
     if args.command == "train":
-        from qtune.train import train
+        from qtune.training import train
 
-        run_dir = train(load_recipe(args.recipe, args.overrides), resume=args.resume, overwrite=args.overwrite)
-        print(f"qtune: adapter saved in {run_dir / 'adapter'}")
+        trained = train(load_recipe(args.recipe, args.overrides), resume=args.resume, overwrite=args.overwrite)
+        print(f"qtune: adapter saved in {trained.adapter_dir}")
         return 0
     if args.command == "merge":
-        from qtune import pipeline
+        from qtune.merge import merge_run
 
-        result = pipeline.merge_run(Path(args.run_dir))
-        print(f"qtune: merged model saved in {result}")
+        merged = merge_run(Path(args.run_dir))
+        print(f"qtune: merged model saved in {merged.folder}")
         return 0
     if args.command == "eval":
-        from qtune import pipeline
+        from qtune.evaluate import evaluate_run
 
-        results = pipeline.evaluate_run(Path(args.run_dir), args.artifact)
-        failed = [name for name, r in results.items() if r["status"] != "ok"]
+        results = evaluate_run(Path(args.run_dir), args.artifact)
+        failed = [name for name, r in results.items() if not r.ok]
         if failed:
             print(f"qtune: error: could not evaluate {', '.join(failed)} (reasons in {Path(args.run_dir) / 'eval'})", file=sys.stderr)
             return 1
@@ -207,28 +228,49 @@ def _dispatch(args: argparse.Namespace) -> int:
         from qtune.exports import export
         from qtune.recipe import ExportTarget
 
-        try:
-            quant = {"quant": args.quant} if args.quant else {}
+        given = {
+            "quant": args.quant,
+            "bits": args.bits,
+            "group_size": args.group_size,
+            "damp": args.damp,
+            "rounding": args.awq_rounding,
+            "calibration": _from_cwd(args.calibration),
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "seed": args.seed,
+        }
+        try:  # what is not given takes ExportTarget's default
             target = ExportTarget(
-                format=args.format, **quant, bits=args.bits, group_size=args.group_size, sym=not args.asym,
-                act_order=args.act_order, group_aware=not args.no_group_aware, damp=args.damp,
-                rounding=args.awq_rounding, calibration=_from_cwd(args.calibration), samples=args.samples,
-                seq_len=args.seq_len, seed=args.seed, imatrix=not args.no_imatrix,
+                format=args.format,
+                sym=not args.asym,
+                act_order=args.act_order,
+                group_aware=not args.no_group_aware,
+                imatrix=not args.no_imatrix,
+                **{key: value for key, value in given.items() if value is not None},
             )
         except ValidationError as exc:
             raise QtuneError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())) from None
-        out = export(Path(args.source), target, Path(args.output) if args.output else None, overwrite=args.overwrite)
-        print(f"qtune: {args.format} export written to {out}")
+        exported = export(Path(args.source), target, Path(args.output) if args.output else None, overwrite=args.overwrite)
+        print(f"qtune: {args.format} export written to {exported.path}")
         return 0
     if args.command == "run":
         loaded = load_recipe(args.recipe, args.overrides)
         plan = _print_memory_plan(loaded, args)
         if plan is not None and plan.too_big() and not args.ignore_memory_plan:
-            raise QtuneError("the memory plan says this run will not finish on this machine: " + "; ".join(plan.problems())
-                             + ". Change that setting, or pass --ignore-memory-plan to start anyway")
+            raise QtuneError(
+                "the memory plan says this run will not finish on this machine: "
+                + "; ".join(plan.problems())
+                + ". Change that setting, or pass --ignore-memory-plan to start anyway"
+            )
         from qtune import pipeline
 
-        return pipeline.run(loaded, overwrite=args.overwrite)
+        report = pipeline.run(loaded, overwrite=args.overwrite)
+        print(report.summary())
+        failing = [row.artifact for row in report.rows if row.passed is False]
+        if failing:
+            print(f"qtune: {len(failing)} artifact(s) failed their gates: {', '.join(failing)} (see {report.run_dir / 'report.md'})", file=sys.stderr)
+            return 1
+        return 0
     raise AssertionError(args.command)
 
 
@@ -244,8 +286,7 @@ def _print_memory_plan(loaded, args: argparse.Namespace, stream=None):
     plan = memory_plan.for_recipe(loaded, gpu, host)
     stream = stream or sys.stdout
     if plan is None:
-        print(f"qtune: note: {loaded.recipe.model.base}'s config is not on this machine yet; its memory plan is made when "
-              "training has it", file=stream)
+        print(f"qtune: note: {loaded.recipe.model.base}'s config is not on this machine yet; its memory plan is made when training has it", file=stream)
     else:
         print("qtune: " + plan.table().replace("\n", "\nqtune: "), file=stream)
         for problem in plan.problems():

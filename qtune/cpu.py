@@ -2,10 +2,10 @@
 
 torch sizes its OpenMP pool by the cores it sees, ignoring a container's CPU quota and whatever else
 runs on the machine. On cores that other processes share, every parallel region waits for its slowest
-thread, and a thread that lost its core for a scheduler slice stalls all the others: measured on 2
-cores beside one busy process, GPTQ and AWQ ran 3.2x slower than alone, where a fair share of the
-cores predicts 2x (scripts/bench_threads.py, docs/benchmarks.md). Letting idle threads sleep
-(OMP_WAIT_POLICY=PASSIVE) fixes the shared case but costs 45-60% when the machine is idle.
+thread, and a thread that lost its core for a scheduler slice stalls all the others: beside one busy
+process GPTQ and AWQ ran far slower than a fair share of the cores predicts. Letting idle threads sleep
+(OMP_WAIT_POLICY=PASSIVE) fixes the shared case but costs much more when the machine is idle
+(scripts/bench_threads.py; the numbers are in docs/benchmarks.md, "Cores shared with other processes").
 
 So qtune keeps OpenMP's defaults and changes the thread count instead: ``configure_threads`` (at
 start-up, before torch) sizes the pools by the CPUs this process may use, and ``fit_threads`` (called

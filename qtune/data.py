@@ -28,6 +28,7 @@ ALPACA_PROMPT = (
 
 # ---------------------------------------------------------------- loading
 
+
 class Records(list):
     """Records (plain dicts) that also know where each one came from, e.g. ``train.jsonl line 12``, so a
     problem found later can point at the line to fix."""
@@ -65,7 +66,7 @@ def _read_json(path: Path) -> list[dict]:
     if isinstance(payload, dict) and isinstance(payload.get("data"), list):
         payload = payload["data"]
     if not isinstance(payload, list) or not all(isinstance(r, dict) for r in payload):
-        raise QtuneError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+        raise QtuneError(f'{path}: expected a JSON list of objects (or {{"data": [...]}})')
     return _numbered(payload, path.name, "item")
 
 
@@ -80,7 +81,9 @@ def _read_csv(path: Path) -> Records:
             reader = csv.DictReader(handle)
             for row in reader:
                 if None in row:  # DictReader files the extra cells of a long row under the key None
-                    raise QtuneError(f"{path}, line {reader.line_num}: {len(row) - 1 + len(row[None])} cells, but the header names {len(reader.fieldnames or [])} columns")
+                    raise QtuneError(
+                        f"{path}, line {reader.line_num}: {len(row) - 1 + len(row[None])} cells, but the header names {len(reader.fieldnames or [])} columns"
+                    )
                 rows.append(dict(row))
                 origins.append(f"{path.name} line {reader.line_num}")
     except csv.Error as exc:
@@ -143,12 +146,12 @@ def _load_hub_dataset(source: DataSource, base_dir: Path) -> Records:
         return _numbered(datasets.load_dataset(name, source.subset, split=source.split).to_list(), source.describe(), "row")
     except Exception as exc:  # offline, missing, or a bad split: all reported the same way
         raise QtuneError(
-            f"cannot load dataset '{source.hub}' (split {source.split}) from the local cache or the hub: "
-            f"{type(exc).__name__}: {first_line(exc)}"
+            f"cannot load dataset '{source.hub}' (split {source.split}) from the local cache or the hub: {type(exc).__name__}: {first_line(exc)}"
         ) from None
 
 
 # ---------------------------------------------------------------- formats
+
 
 @dataclass
 class Segment:
@@ -231,12 +234,12 @@ class Formatter:
                     "the tokenizer's chat template does not render conversations prefix-consistently, so assistant "
                     "turns cannot be located for completion-only loss; set data.completion_only_loss: false"
                 )
-            segments.append(Segment(prefix[len(so_far):], not self.completion_only))
-            segments.append(Segment(upto[len(prefix):], True))
+            segments.append(Segment(prefix[len(so_far) :], not self.completion_only))
+            segments.append(Segment(upto[len(prefix) :], True))
             so_far, prompt = upto, prefix
         full = render(messages, tokenize=False)
         if full.startswith(so_far) and len(full) > len(so_far):
-            segments.append(Segment(full[len(so_far):], not self.completion_only))
+            segments.append(Segment(full[len(so_far) :], not self.completion_only))
         return Rendered(segments, prompt=prompt, reference=str(messages[assistant_turns[-1]]["content"]))
 
     def _completion(self, record: dict) -> Rendered:
@@ -260,6 +263,7 @@ class Formatter:
 
 
 # ---------------------------------------------------------------- tokenization
+
 
 @dataclass
 class DataReport:
@@ -369,10 +373,7 @@ def check_records(records: Sequence[dict], cfg: DataSection, where: str) -> None
 
     if missing:
         shown = listing(missing, lambda i, absent: f"record {i + 1} lacks {', '.join(repr(m) for m in absent)}")
-        raise QtuneError(
-            f"{where}: {len(missing)} record(s) miss fields that format '{cfg.format}' needs: {shown}. "
-            f"Map your column names with data.fields"
-        )
+        raise QtuneError(f"{where}: {len(missing)} record(s) miss fields that format '{cfg.format}' needs: {shown}. Map your column names with data.fields")
     if malformed:
         shown = listing(malformed, lambda i, problem: f"record {i + 1}: {problem}")
         raise QtuneError(f"{where}: {len(malformed)} record(s) hold values format '{cfg.format}' cannot use: {shown}")
@@ -421,12 +422,14 @@ def pack_examples(examples: Sequence[Example], max_length: int, pad_token_id: in
         if not ids:
             return
         pad = max_length - len(ids)
-        rows.append({
-            "input_ids": ids + [pad_token_id] * pad,
-            "labels": labels + [IGNORE_INDEX] * pad,
-            "position_ids": positions + list(range(pad)),
-            "num_real_tokens": len(ids),
-        })
+        rows.append(
+            {
+                "input_ids": ids + [pad_token_id] * pad,
+                "labels": labels + [IGNORE_INDEX] * pad,
+                "position_ids": positions + list(range(pad)),
+                "num_real_tokens": len(ids),
+            }
+        )
         ids.clear(), labels.clear(), positions.clear()
 
     for example in examples:
@@ -524,7 +527,9 @@ def prepare_data(cfg: DataSection, tokenizer, base_dir: Path, seed: int) -> Prep
         if report.truncated or report.dropped_overlong:
             log.warning(
                 "%s: %d example(s) longer than max_length=%d were %s",
-                name, report.truncated or report.dropped_overlong, cfg.max_length,
+                name,
+                report.truncated or report.dropped_overlong,
+                cfg.max_length,
                 "truncated" if report.truncated else "dropped",
             )
     pad = tokenizer.pad_token_id

@@ -21,7 +21,7 @@ INTERRUPTED_EXIT = 130
 # What to change when a stage runs out of memory, by stage.
 MEMORY_ADVICE = {
     "train": "lower training.micro_batch_size (raise gradient_accumulation_steps to keep the batch), "
-             "set training.gradient_checkpointing: true, or lower data.max_length",
+    "set training.gradient_checkpointing: true, or lower data.max_length",
     "merge": "the merge holds the whole model in float32; run qtune merge on a machine with more memory",
     "export": "lower the export's samples or seq_len (calibration activations are held for one block at a time)",
     "eval": "lower evaluation.batch_size, or evaluation.max_samples",
@@ -90,13 +90,14 @@ def explain(exc: BaseException) -> QtuneError | None:
     if is_disk_full(exc):
         name = getattr(exc, "filename", None)
         target = f" writing {name}" if name else ""
-        return QtuneError(f"the disk is full{during}{target}. Nothing was left half-written under a final name and "
-                          "earlier outputs are intact: free some space and run the same command again")
+        return QtuneError(
+            f"the disk is full{during}{target}. Nothing was left half-written under a final name and "
+            "earlier outputs are intact: free some space and run the same command again"
+        )
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename:
         return QtuneError(f"cannot write or read {exc.filename}{during}: {exc.strerror}")
     if type(exc).__name__ == "SafetensorError":
-        return QtuneError(f"a safetensors file is damaged or truncated{during}: {exc}; rebuild it (delete it and run the "
-                          "stage that writes it again)")
+        return QtuneError(f"a safetensors file is damaged or truncated{during}: {exc}; rebuild it (delete it and run the stage that writes it again)")
     return None
 
 

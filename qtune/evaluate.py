@@ -1,300 +1,320 @@
-"""Scoring a model on the held-out data: the task metric (with a per-slice breakdown), perplexity, and
-per-token KL divergence and top-1 agreement against a reference model."""
+"""The eval stage: load each artifact of a run (the NF4 base, the adapter model, the merged model and
+every export), score it on the held-out data (qtune.metrics) and write one EvalResult per artifact to
+run_dir/eval/<artifact>.json."""
 
 from __future__ import annotations
 
-import math
+import json
+import logging
+import shutil
 import time
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from qtune.cpu import fit_threads
-from qtune.data import IGNORE_INDEX, Collator
-from qtune.scorers import Scorer
-from qtune.scorers import exact_match as exact_match_scorer
+from qtune import data as qdata
+from qtune import memory_plan, models, rundir
+from qtune.context import load_context
+from qtune.errors import QtuneError, stage
+from qtune.formats.gguf.reader import read_gguf_header
+from qtune.gguf_model import gguf_tensor_bytes, load_gguf_model
+from qtune.metrics import divergence_from, perplexity, streamed_reference, task_accuracy
+from qtune.paths import write_text_atomic
+from qtune.recipe import GateSection, LoadedRecipe
+from qtune.scorers import resolve_scorer
+from qtune.w4a16_models import is_w4a16_checkpoint, load_w4a16_model
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_DIR = ".eval-offload"  # accelerate's offloaded weights while an artifact is scored; removed after
+_FAILURE_FIELDS = ("stage", "error")
 
 
 @dataclass
-class TaskResult:
-    accuracy: float
-    correct: int
-    total: int
+class EvalResult:
+    """One artifact's scores (``status: ok``), or why it has none (``status: failed``, with the stage
+    that failed and the error)."""
+
+    artifact: str
+    status: str = "ok"
+    metric: str | None = None
+    task_metric: float | None = None
+    correct: int | None = None
+    total: int | None = None
+    perplexity: float | None = None
+    kl_vs_merged: float | None = None
+    top1_vs_merged: float | None = None
     by_category: dict[str, float] = field(default_factory=dict)
     by_length: dict[str, float] = field(default_factory=dict)
+    generation_tokens_per_second: float | None = None
     samples: list[dict] = field(default_factory=list)
-    tokens_per_second: float = 0.0
+    size_bytes: int | None = None
+    bits_per_weight: float | None = None
+    runtime: str | None = None
+    eval_seconds: float | None = None
+    stage: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def failed(cls, name: str, stage: str, exc: BaseException) -> EvalResult:
+        return cls(name, status="failed", stage=stage, error=f"{type(exc).__name__}: {exc}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        if not self.ok:
+            return {"artifact": self.artifact, "status": self.status, "stage": self.stage, "error": self.error}
+        return {k: v for k, v in asdict(self).items() if k not in _FAILURE_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write(self, run_dir: Path) -> None:
+        write_text_atomic(result_path(run_dir, self.artifact), json.dumps(self.as_dict(), indent=2))
 
 
-def _device(model) -> torch.device:
-    """Where a model's inputs go. A model accelerate offloads keeps its offloaded weights on the meta
-    device; its hooks run each module on the GPU of its device map, or on the CPU when it has none."""
-    placed = [d for d in getattr(model, "hf_device_map", {}).values() if d not in ("cpu", "disk")]
-    if placed:
-        return torch.device("cuda", placed[0]) if isinstance(placed[0], int) else torch.device(placed[0])
-    device = getattr(model, "device", None) or next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return sorted(ids)
-
-
-def _length_bucket(n_tokens: int) -> str:
-    upper = 16
-    while n_tokens > upper:
-        upper *= 2
-    return f"<={upper} tokens"
-
-
-@torch.no_grad()
-def task_accuracy(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int, batch_size: int = 16,
-                  scorer: Scorer = exact_match_scorer) -> TaskResult:
-    """Greedy generation for each prompt, judged against its reference by ``scorer`` (default: equal
-    after trimming whitespace).
-
-    The generation budget is the longest reference plus a margin (capped by ``max_new_tokens``): an
-    answer that runs past it cannot equal any reference, so for exact match the result is the same as
-    with a larger budget.
-    """
-    model.eval()
-    device = _device(model)
-    ref_lengths = [len(tokenizer(p["reference"], add_special_tokens=False)["input_ids"]) for p in prompts]
-    budget = min(max_new_tokens, max(ref_lengths, default=1) + 4)
-    stops = stop_token_ids(model, tokenizer)
-    not_text = torch.tensor(stops + [tokenizer.pad_token_id])
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    correct, generated_tokens, samples = 0, 0, []
-    by_cat, by_len = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
-    started = time.perf_counter()
-    try:
-        for start in range(0, len(prompts), batch_size):
-            fit_threads()
-            chunk = prompts[start : start + batch_size]
-            enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=budget, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            new = out[:, enc["input_ids"].shape[1]:]
-            for i, (p, tokens) in enumerate(zip(chunk, new)):
-                keep = tokens[~torch.isin(tokens, not_text.to(tokens.device))]
-                generated_tokens += int(keep.numel())
-                answer = tokenizer.decode(keep, skip_special_tokens=True).strip()
-                hit = bool(scorer(answer, p["reference"]))
-                correct += hit
-                for table, key in ((by_cat, p.get("category") or "all"), (by_len, _length_bucket(ref_lengths[start + i]))):
-                    table[key][0] += hit
-                    table[key][1] += 1
-                if len(samples) < 8 or not hit and len(samples) < 16:
-                    samples.append({"prompt": p["prompt"][-200:], "reference": p["reference"], "answer": answer, "correct": hit})
-    finally:
-        tokenizer.padding_side = side
-    elapsed = time.perf_counter() - started
-    total = len(prompts)
-    return TaskResult(
-        accuracy=correct / total if total else float("nan"),
-        correct=correct,
-        total=total,
-        by_category={k: v[0] / v[1] for k, v in sorted(by_cat.items())},
-        by_length={k: v[0] / v[1] for k, v in sorted(by_len.items())},
-        samples=samples,
-        tokens_per_second=round(generated_tokens / elapsed, 2) if elapsed else 0.0,
-    )
-
-
-def batches(rows: Sequence[dict], pad_token_id: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    collate = Collator(pad_token_id)
-    for start in range(0, len(rows), batch_size):
-        fit_threads()
-        batch = collate(list(rows[start : start + batch_size]))
-        batch.pop("num_real_tokens")
-        yield batch
-
-
-def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for a batch, left on its device."""
-    device = _device(model)
-    return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-
-
-def head_inputs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """What the model's head is applied to for a batch ([b, s, hidden], after the final norm), without
-    forming any logits; None for a model that only gives logits (llama.cpp)."""
-    decoder = getattr(model, "get_decoder", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if decoder is None or head is None:
+def gate_failures(result: EvalResult, gates: GateSection, metric: str, merged_metric: float | None, merge_report: dict | None) -> list[str] | None:
+    """Why ``result`` fails the recipe's gates (empty when it passes); None for the base model, which is
+    the starting point, not a deliverable. The merged model is gated by its merge's KL to the adapter
+    model, every other artifact by its KL and task metric against the merged model."""
+    if result.artifact == "base":
         return None
-    device = _device(model)
-    return decoder()(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+    if not result.ok:
+        return [f"failed to {result.stage}"]
+    reasons = []
+    if result.artifact == "merged":
+        if merge_report and not merge_report.get("passes", True):
+            chosen = merge_report["chosen"]
+            reasons.append(f"merge KL to the adapter model {merge_report['kl'][chosen]:.3g} > {merge_report.get('gate')}")
+        return reasons
+    kl, task = result.kl_vs_merged, result.task_metric
+    if gates.max_kl_vs_merged is not None:
+        if kl is None:
+            reasons.append("no KL against the merged model")
+        elif kl > gates.max_kl_vs_merged:
+            reasons.append(f"KL {kl:.4g} > {gates.max_kl_vs_merged}")
+    if gates.min_task_ratio is not None or gates.max_task_drop_points is not None:
+        if merged_metric is None:
+            reasons.append("no merged score to compare with")
+        else:
+            if gates.min_task_ratio is not None and task < gates.min_task_ratio * merged_metric - 1e-12:
+                reasons.append(f"{metric} {100 * task:.1f}% < {gates.min_task_ratio:.0%} of merged ({100 * merged_metric:.1f}%)")
+            drop = 100 * (merged_metric - task)
+            if gates.max_task_drop_points is not None and drop > gates.max_task_drop_points + 1e-9:
+                reasons.append(f"{metric} {drop:.1f} points below merged (> {gates.max_task_drop_points})")
+    return reasons
 
 
-def token_logits(model, batch: dict[str, torch.Tensor]):
-    """A batch's logits a chunk of tokens at a time where the model allows it: a callable of flat
-    [b*s] positions; otherwise (llama.cpp) the whole [b, s, vocab] tensor."""
-    hidden = head_inputs(model, batch)
-    if hidden is None:
-        return _logits(model, batch)
-    head, flat = model.get_output_embeddings(), hidden.flatten(0, 1)
-    return lambda positions: head(flat[positions.to(flat.device)])
+def result_path(run_dir: Path, name: str) -> Path:
+    return run_dir / rundir.EVAL_DIR / f"{name}.json"
 
 
-@torch.no_grad()
-def perplexity(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> float:
-    """exp(mean NLL) over the trainable (label) tokens of the rows."""
-    model.eval()
-    nll, count = 0.0, 0
-    for batch in batches(rows, pad_token_id, batch_size):
-        logits = token_logits(model, batch)
-        flat = logits.flatten(0, 1) if isinstance(logits, torch.Tensor) else None
-        for positions, targets in real_token_chunks(batch):
-            labelled = targets != IGNORE_INDEX
-            if not labelled.any():
-                continue
-            chunk = flat[positions.to(flat.device)] if flat is not None else logits(positions)
-            log_probs = F.log_softmax(chunk.float(), dim=-1)[labelled.to(chunk.device)]
-            nll += F.nll_loss(log_probs, targets[labelled].to(log_probs.device), reduction="sum").item()
-            count += int(labelled.sum())
-    return math.exp(nll / count) if count else float("nan")
+def read_results(run_dir: Path) -> dict[str, EvalResult]:
+    """Every evaluation on record in run_dir/eval (unreadable files are skipped)."""
+    results = {}
+    for path in sorted((run_dir / rundir.EVAL_DIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict):
+            results[path.name.removesuffix(".json")] = EvalResult.from_dict({"artifact": path.name.removesuffix(".json"), **data})
+    return results
 
 
-@dataclass
-class Divergence:
-    mean_kl: float
-    top1_agreement: float
-    tokens: int
-    perplexity: float = float("nan")  # the candidate's, over the label tokens: one forward pass serves both
-
-
-TOKEN_CHUNK = 512  # tokens whose full-vocabulary log-probabilities are held at once (256 MB each at 128k vocabulary)
-
-
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """For each position, the label of the next token (IGNORE_INDEX where there is none to predict)."""
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
+def scored(run_dir: Path) -> set[str]:
+    """Artifacts with a successful evaluation on record (failed ones are tried again)."""
+    return {name for name, result in read_results(run_dir).items() if result.ok}
 
 
 @dataclass
-class DivergenceSum:
-    """Running sums for ``Divergence``, fed the logits of the same tokens from a reference and a candidate."""
+class Artifact:
+    """An artifact ready to score: the model, what it takes on disk (or in memory, for NF4), what runs it."""
 
-    kl_sum: float = 0.0
-    agree: int = 0
-    count: int = 0
-    nll: float = 0.0
-    labelled: int = 0
-
-    def add(self, reference_logits: torch.Tensor, candidate_logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """[tokens, vocab] logits of real tokens from both models, and each token's next-token target."""
-        ref = F.log_softmax(reference_logits.float(), dim=-1)
-        cand = F.log_softmax(candidate_logits.float(), dim=-1)
-        self.kl_sum += F.kl_div(cand, ref, log_target=True, reduction="sum").item()
-        self.agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        self.count += ref.shape[0]
-        labelled = targets != IGNORE_INDEX
-        if labelled.any():
-            self.nll += F.nll_loss(cand[labelled], targets[labelled].to(cand.device), reduction="sum").item()
-            self.labelled += int(labelled.sum())
-
-    def result(self) -> Divergence:
-        return Divergence(mean_kl=self.kl_sum / self.count, top1_agreement=self.agree / self.count, tokens=self.count,
-                          perplexity=math.exp(self.nll / self.labelled) if self.labelled else float("nan"))
+    model: object
+    size_bytes: int
+    runtime: str
+    weight_bytes: int | None = None  # the tensors alone, when the file also holds a sizeable tokenizer (GGUF)
 
 
-def real_token_chunks(batch: dict[str, torch.Tensor], chunk: int = TOKEN_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(flat indices into the batch's [b*s] positions, next-token targets) of its real tokens, ``chunk`` at a time."""
-    positions = batch["attention_mask"].reshape(-1).nonzero().squeeze(1)
-    targets = next_token_targets(batch["labels"]).reshape(-1)[positions]
-    for start in range(0, positions.numel(), chunk):
-        yield positions[start : start + chunk], targets[start : start + chunk]
+def _files_size(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file())
 
 
-@dataclass
-class ReferenceOutputs:
-    """A reference model's output on held-out batches, kept as the head's inputs (one vector per token)
-    plus the head: full-vocabulary logits are formed a chunk of tokens at a time, when compared."""
-
-    head: torch.nn.Module
-    hidden: list[torch.Tensor]  # per batch: [b, s, hidden], what the head is applied to
-    batches: list[dict[str, torch.Tensor]]
-
-    def logits(self, batch_index: int, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.hidden[batch_index].flatten(0, 1)
-        return self.head(hidden[positions.to(hidden.device)].to(self.head.weight.device))
+def _nf4_bytes(model) -> int:
+    return int(model.get_memory_footprint())
 
 
-@torch.no_grad()
-def model_reference(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> ReferenceOutputs:
-    """A loaded model's reference outputs: its head's inputs for each batch (no logits are formed)."""
-    model.eval()
-    kept = list(batches(rows, pad_token_id, batch_size))
-    hidden = [head_inputs(model, batch) for batch in kept]
-    if any(h is None for h in hidden):
-        raise ValueError(f"{type(model).__name__} gives no head inputs to use as a reference")
-    return ReferenceOutputs(model.get_output_embeddings(), hidden, kept)
+def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Path, n_ctx: int = 2048, offload: memory_plan.Offload | None = None) -> Artifact:
+    """An artifact of the run, loaded to score. With ``offload`` (the memory plan's, when the merged
+    model's weights do not fit) accelerate places the merged model's weights, the rest in OFFLOAD_DIR."""
+    recipe = loaded.recipe
+    if name == "base":
+        model = models.load_base(checkpoint, recipe.model, recipe.quantization)
+        size = _nf4_bytes(model)
+        return Artifact(models.for_inference(model), size, "transformers + bitsandbytes")
+    if name == "adapter":
+        adapter_dir = run_dir / rundir.ADAPTER_DIR
+        model = models.load_adapter_model(checkpoint, adapter_dir, recipe.model, recipe.quantization)
+        size = _nf4_bytes(model.get_base_model()) + _files_size(adapter_dir)
+        return Artifact(models.for_inference(model), size, "transformers + bitsandbytes + peft")
+    if name == "merged":
+        merged = run_dir / rundir.MERGED_DIR
+        if offload is None:
+            return Artifact(models.load_for_eval(merged, recipe.model), _files_size(merged), "transformers")
+        log.info(
+            "the merged model does not fit on its device; accelerate offloads %.1f GiB of its weights to host memory and %.1f GiB to disk",
+            offload.host_bytes / 2**30,
+            offload.disk_bytes / 2**30,
+        )
+        model = models.load_for_eval(merged, recipe.model, offload, run_dir / OFFLOAD_DIR)
+        return Artifact(model, _files_size(merged), "transformers + accelerate offload")
+    path = run_dir / "exports" / name
+    if path.suffix == ".gguf" and path.is_file():
+        model = load_gguf_model(path, n_ctx)
+        return Artifact(model, path.stat().st_size, model.runtime, gguf_tensor_bytes(path))
+    if is_w4a16_checkpoint(path):
+        runtime = "qtune W4A16 kernels" if torch.cuda.is_available() else "qtune, dequantized to fp16 (CPU)"
+        return Artifact(load_w4a16_model(path), _files_size(path), runtime)
+    raise QtuneError(f"unknown artifact '{name}'; this run has: {', '.join(available_artifacts(run_dir))}")
 
 
-@torch.no_grad()
-def streamed_outputs(streamed, rows: Sequence[dict], pad_token_id: int, source=None, batch_size: int = 8,
-                     on_host: bool = False) -> ReferenceOutputs:
-    """A ``blockwise.StreamedModel``'s reference outputs in its dtype, one decoder block at a time, its
-    tensors from ``source`` (default: its checkpoint); ``on_host`` keeps the head's inputs in host memory."""
-    kept = list(batches(rows, pad_token_id, batch_size))
-    hidden = streamed.final_hidden(kept, source)
-    if on_host:
-        hidden = [h.cpu() for h in hidden]
-    return ReferenceOutputs(streamed.output_head(source), hidden, kept)
+def _is_adapter(path: Path) -> bool:
+    try:
+        return read_gguf_header(path)[0].get("general.type") == "adapter"
+    except QtuneError:
+        return False
 
 
-@torch.no_grad()
-def streamed_reference(checkpoint, rows: Sequence[dict], pad_token_id: int, device: torch.device | str,
-                       batch_size: int = 8) -> ReferenceOutputs:
-    """A checkpoint's reference outputs in float32, computed one decoder block at a time (see blockwise)."""
-    from qtune.blockwise import StreamedModel
-    from qtune.host_memory import HEAP_THRESHOLD, map_large_allocations
-
-    # host memory for the head's inputs: the GPU is for the artifacts
-    reference = streamed_outputs(StreamedModel(checkpoint, device, torch.float32), rows, pad_token_id,
-                                 batch_size=batch_size, on_host=True)
-    map_large_allocations(HEAP_THRESHOLD)  # the artifacts generate next (see map_large_allocations)
-    return reference
-
-
-def divergence_sum(reference: ReferenceOutputs, candidate_logits) -> Divergence:
-    """``candidate_logits(batch_index, batch)`` gives a candidate's [b, s, vocab] logits (or a callable
-    of the token positions); compared with the reference a chunk of tokens at a time."""
-    total = DivergenceSum()
-    for index, batch in enumerate(reference.batches):
-        logits = candidate_logits(index, batch)
-        flat = logits.flatten(0, 1) if isinstance(logits, torch.Tensor) else None
-        for positions, targets in real_token_chunks(batch):
-            cand = flat[positions.to(flat.device)] if flat is not None else logits(positions)
-            total.add(reference.logits(index, positions), cand, targets)
-    return total.result()
+def available_artifacts(run_dir: Path) -> list[str]:
+    present = ["base"]
+    if (run_dir / rundir.ADAPTER_DIR).is_dir():
+        present.append("adapter")
+    if (run_dir / rundir.MERGED_DIR).is_dir():
+        present.append("merged")
+    exports = run_dir / "exports"
+    if exports.is_dir():
+        present += sorted(
+            p.name for p in exports.iterdir() if (p.is_dir() and is_w4a16_checkpoint(p)) or (p.is_file() and p.suffix == ".gguf" and not _is_adapter(p))
+        )
+    return present
 
 
-@torch.no_grad()
-def divergence_from(reference: ReferenceOutputs, candidate) -> Divergence:
-    """Mean per-token KL(reference || candidate) in nats and top-1 agreement over every real token of the
-    reference's batches, and the candidate's perplexity on their label tokens."""
-    candidate.eval()
-    return divergence_sum(reference, lambda index, batch: token_logits(candidate, batch))
+def _context_length(prepared: qdata.PreparedData, prompts: list[dict], tokenizer, max_new_tokens: int) -> int:
+    longest_row = max((len(r["input_ids"]) for r in prepared.validation), default=0)
+    longest_prompt = max((len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+    needed = max(longest_row, longest_prompt + max_new_tokens, 64)
+    return -(-needed // 256) * 256
 
 
-@torch.no_grad()
-def divergence(reference, candidate, rows: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> Divergence:
-    """``divergence_from`` with a loaded reference model."""
-    return divergence_from(model_reference(reference, rows, pad_token_id, batch_size), candidate)
+def evaluate_run(run_dir: Path, artifacts: list[str] | None = None) -> dict[str, EvalResult]:
+    """Score artifacts of a run on its held-out data; results land in run_dir/eval/<artifact>.json.
+
+    An artifact that fails to load or to score gets a result with ``status: failed`` and the reason, and
+    the others are still scored.
+    """
+    run_dir = run_dir.resolve()
+    with stage("eval", run_dir):
+        rundir.remove_staging(run_dir)
+        return _evaluate_run(run_dir, artifacts)
+
+
+def _evaluate_run(run_dir: Path, artifacts: list[str] | None) -> dict[str, EvalResult]:
+    shutil.rmtree(run_dir / OFFLOAD_DIR, ignore_errors=True)  # a killed evaluation's leftovers
+    try:
+        return _evaluate_artifacts(run_dir, artifacts)
+    finally:
+        shutil.rmtree(run_dir / OFFLOAD_DIR, ignore_errors=True)
+
+
+def _evaluate_artifacts(run_dir: Path, artifacts: list[str] | None) -> dict[str, EvalResult]:
+    context = load_context(run_dir)
+    loaded, checkpoint, tokenizer, prepared = context.loaded, context.checkpoint, context.tokenizer, context.prepared
+    plan = memory_plan.log_stage(loaded, "eval")
+    offload = plan.eval_offload() if plan else None
+    present = available_artifacts(run_dir)
+    wanted = artifacts or present
+    missing = [a for a in wanted if a not in present]
+    if missing:
+        raise QtuneError(f"{run_dir} has no {', '.join(missing)} yet (it has: {', '.join(present)})")
+    if not prepared.eval_prompts:
+        raise QtuneError(
+            "evaluation needs held-out prompts with reference answers: give the recipe a validation split of alpaca, chat or prompt/completion data"
+        )
+    cfg = loaded.recipe.evaluation
+    try:
+        scorer = resolve_scorer(cfg.scorer)
+    except ValueError as exc:
+        raise QtuneError(str(exc)) from None
+    prompts = prepared.eval_prompts[: cfg.max_samples] if cfg.max_samples else prepared.eval_prompts
+    n_ctx = _context_length(prepared, prompts, tokenizer, cfg.max_new_tokens)
+    n_params = models.parameter_count(checkpoint)
+    results = {}
+    reference = None
+    if "merged" in present and any(name != "merged" for name in wanted) and prepared.validation:
+        try:  # float32, one block at a time: its head's inputs are what is kept (metrics.ReferenceOutputs)
+            reference = streamed_reference(run_dir / rundir.MERGED_DIR, prepared.validation, tokenizer.pad_token_id, models.device())
+        except Exception as exc:  # the merged row reports the failure; the rest is scored without KL
+            log.error("the merged model failed to load (%s); scoring without KL against it", exc)
+    for name in wanted:
+        step, started = "load", time.perf_counter()
+        try:
+            with stage(f"eval {name}", run_dir):
+                artifact = load_artifact(name, run_dir, loaded, checkpoint, n_ctx, offload)
+                step = "score"
+                result = _score(name, artifact, reference, tokenizer, prepared, prompts, cfg, scorer)
+        except Exception as exc:  # reported in the artifact's row; the other artifacts are still scored
+            log.error("%s failed to %s: %s", name, step, exc)
+            log.debug("traceback", exc_info=True)
+            result = EvalResult.failed(name, step, exc)
+        else:
+            result.size_bytes = artifact.size_bytes
+            result.bits_per_weight = round(8 * (artifact.weight_bytes or artifact.size_bytes) / n_params, 3)
+            result.runtime = artifact.runtime
+            result.eval_seconds = round(time.perf_counter() - started, 1)
+            log.info(
+                "%-24s %s %5.1f%% (%d/%d), perplexity %s, KL vs merged %s (%.0f s)",
+                name,
+                cfg.scorer,
+                100 * result.task_metric,
+                result.correct,
+                result.total,
+                _fmt(result.perplexity, ".3f"),
+                _fmt(result.kl_vs_merged, ".4f"),
+                result.eval_seconds,
+            )
+            del artifact
+        result.write(run_dir)
+        results[name] = result
+    return results
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _score(name: str, artifact: Artifact, reference, tokenizer, prepared: qdata.PreparedData, prompts: list[dict], cfg, scorer) -> EvalResult:
+    model = artifact.model
+    task = task_accuracy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, scorer)
+    versus_merged = divergence_from(reference, model) if reference is not None and name != "merged" else None
+    return EvalResult(
+        artifact=name,
+        metric=cfg.scorer,
+        task_metric=task.accuracy,
+        correct=task.correct,
+        total=task.total,
+        perplexity=(versus_merged.perplexity if versus_merged else perplexity(model, prepared.validation, tokenizer.pad_token_id))
+        if prepared.validation
+        else None,
+        kl_vs_merged=versus_merged.mean_kl if versus_merged else None,
+        top1_vs_merged=versus_merged.top1_agreement if versus_merged else None,
+        by_category=task.by_category,
+        by_length=task.by_length,
+        generation_tokens_per_second=task.tokens_per_second,
+        samples=task.samples,
+    )

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from qtune import rundir
+from qtune.architectures import Architecture
 from qtune.calibration import CalibrationSet, calibration_set
 from qtune.checkpoint_files import check_checkpoint, copy_generation_config
-from qtune.errors import QtuneError, is_disk_full, stage
 from qtune.cpu import fit_threads
+from qtune.errors import QtuneError, is_disk_full, stage
 from qtune.paths import atomic_dir, staging_prefix, write_text_atomic
 from qtune.recipe import DEFAULT_MAX_SHARD_SIZE, DataSection, ExportTarget, parse_size
 
@@ -45,13 +46,14 @@ def resolve_source(path: Path) -> ExportSource:
     path = Path(path).resolve()
     if (path / rundir.RECIPE_FILE).is_file():
         if not rundir.is_merged(path):
-            from qtune.pipeline import merge_run
+            from qtune.merge import merge_run
 
             merge_run(path)
         loaded = rundir.load_run_recipe(path)
         adapter = path / rundir.ADAPTER_DIR
-        return ExportSource(path / rundir.MERGED_DIR, loaded.recipe.data, loaded.base_dir, path / "exports",
-                            adapter if adapter.is_dir() else None, run_dir=path)
+        return ExportSource(
+            path / rundir.MERGED_DIR, loaded.recipe.data, loaded.base_dir, path / "exports", adapter if adapter.is_dir() else None, run_dir=path
+        )
     if (path / "config.json").is_file():
         return ExportSource(path, None, path, path.parent / f"{path.name}-exports")
     raise QtuneError(f"{path} is neither a qtune run directory nor a Hugging Face checkpoint (no config.json)")
@@ -62,14 +64,19 @@ def _device() -> torch.device:
 
 
 def _calibration(source: ExportSource, target: ExportTarget, tokenizer) -> CalibrationSet:
-    calibration = calibration_set(tokenizer, source.data, source.base_dir, target.calibration, target.samples, target.seq_len,
-                                  target.seed)
+    calibration = calibration_set(tokenizer, source.data, source.base_dir, target.calibration, target.samples, target.seq_len, target.seed)
     log.info("calibration: %d samples, %d tokens, from %s", calibration.input_ids.shape[0], calibration.tokens, calibration.description)
     return calibration
 
 
-def export(path: Path, target: ExportTarget, output: Path | None = None, overwrite: bool = False) -> Path:
-    """Write one export; returns its path. A report lands beside it as ``<name>.report.json``."""
+@dataclass
+class ExportResult:
+    path: Path
+    report: dict  # what lands beside it as <name>.report.json
+
+
+def export(path: Path, target: ExportTarget, output: Path | None = None, overwrite: bool = False) -> ExportResult:
+    """Write one export of a run directory or a checkpoint. Its report lands beside it as ``<name>.report.json``."""
     problems = target.problems()
     if problems:
         raise QtuneError("; ".join(f"{key}: {message}" for key, message in problems))
@@ -91,7 +98,7 @@ def report_path(output: Path) -> Path:
     return output.with_name(output.name + ".report.json")
 
 
-def _export(source: ExportSource, target: ExportTarget, output: Path, overwrite: bool) -> Path:
+def _export(source: ExportSource, target: ExportTarget, output: Path, overwrite: bool) -> ExportResult:
     if output.exists() and not overwrite:
         raise QtuneError(f"{output} already exists; pass --overwrite to replace it")
     from qtune.models import load_tokenizer
@@ -107,18 +114,25 @@ def _export(source: ExportSource, target: ExportTarget, output: Path, overwrite:
             report = _export_gptq_awq(source, target, tokenizer, output, overwrite)
     except Exception as exc:
         if is_disk_full(exc):  # an OSError from Python, a SafetensorError from Rust
-            raise QtuneError(f"the disk is full during export {output.name}: nothing was left under that name and earlier "
-                             "outputs are intact; free some space and run the same command again") from None
+            raise QtuneError(
+                f"the disk is full during export {output.name}: nothing was left under that name and earlier "
+                "outputs are intact; free some space and run the same command again"
+            ) from None
         if isinstance(exc, ValueError):  # the quantizers' own checks: shapes, group sizes, non-finite weights
             raise QtuneError(f"cannot export {target.format}: {exc}") from None
         if isinstance(exc, OSError):
             raise QtuneError(f"writing {output} failed ({exc.strerror or exc}); nothing was left under that name") from None
         raise
-    report.update(format=target.format, output=str(output), seconds=round(time.perf_counter() - started, 1),
-                  size_bytes=_size(output), settings=target.model_dump(mode="json"))
+    report.update(
+        format=target.format,
+        output=str(output),
+        seconds=round(time.perf_counter() - started, 1),
+        size_bytes=_size(output),
+        settings=target.model_dump(mode="json"),
+    )
     write_text_atomic(report_path(output), json.dumps(report, indent=2))
     log.info("%s written to %s (%.1f MB, %.0f s)", target.format, output, report["size_bytes"] / 1e6, report["seconds"])
-    return output
+    return ExportResult(output, report)
 
 
 def _size(path: Path) -> int:
@@ -126,26 +140,25 @@ def _size(path: Path) -> int:
 
 
 def _export_gguf_lora(source: ExportSource, target: ExportTarget, output: Path) -> dict:
-    from qtune.formats.gguf import export_gguf_lora
+    from qtune.formats.gguf.lora import export_gguf_lora
 
     if source.adapter is None:
         raise QtuneError(f"a GGUF LoRA export needs a qtune run directory with a trained adapter; {source.checkpoint} has none")
     report = export_gguf_lora(source.adapter, source.checkpoint, output, target.quant)
-    log.info("LoRA adapter: rank %d, alpha %g, %d tensors; apply it to a GGUF of the base model", report.rank,
-             report.alpha, report.tensors)
+    log.info("LoRA adapter: rank %d, alpha %g, %d tensors; apply it to a GGUF of the base model", report.rank, report.alpha, report.tensors)
     return {"rank": report.rank, "alpha": report.alpha, "tensors": report.tensors}
 
 
 def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: Path) -> dict:
-    from qtune.formats.gguf import check_chat_roundtrip, export_gguf
+    from qtune.formats.gguf.convert import export_gguf
+    from qtune.formats.gguf.vocab import check_chat_roundtrip
     from qtune.modelfile import write_modelfile
 
     importance, calibrated_on = None, None
-    weighted = target.imatrix and target.quant not in ("F32", "F16", "BF16", "Q8_0")
+    weighted = target.uses_imatrix
     if weighted and (source.data is not None or target.calibration is not None):
-        from qtune.imatrix import collect_imatrix_streamed
-
         from qtune.blockwise import StreamedModel
+        from qtune.imatrix import collect_imatrix_streamed
 
         calibration = _calibration(source, target, tokenizer)
         streamed = StreamedModel(source.checkpoint, _device(), torch.float32)
@@ -171,8 +184,11 @@ def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: 
         log.debug("fallback: %s", fallback)
     swaps = Counter(f"{f.wanted.name}→{f.used.name}" for f in report.fallbacks)
     if swaps:
-        log.info("%d tensor(s) have rows the wanted type cannot split, so they use another (%s); each is listed in "
-                 "the export's report", len(report.fallbacks), ", ".join(f"{n}× {s}" for s, n in swaps.most_common()))
+        log.info(
+            "%d tensor(s) have rows the wanted type cannot split, so they use another (%s); each is listed in the export's report",
+            len(report.fallbacks),
+            ", ".join(f"{n}× {s}" for s, n in swaps.most_common()),
+        )
     return {
         "quant": report.quant,
         "bits_per_weight": report.bits_per_weight,
@@ -191,30 +207,42 @@ def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, outp
     from qtune.blockwise import StreamedModel, release
     from qtune.formats.awq import awq_packed_shapes, awq_quantization_config, pack_awq_layer
     from qtune.formats.gptq import (
-        collect_tensors, gptq_packed_shapes, gptq_quantization_config, pack_gptq_layer, quantized_config,
+        collect_tensors,
+        gptq_packed_shapes,
+        gptq_quantization_config,
+        pack_gptq_layer,
+        quantized_config,
     )
     from qtune.shards import ShardedWriter
 
     calibration = _calibration(source, target, tokenizer)
     device = _device()
     streamed = StreamedModel(source.checkpoint, device, torch.float32)
+    arch = layerwise.model_architecture(streamed.model)
+    layerwise.decoder_layers(streamed.model, arch)
     saved_dtype = _checkpoint_dtype(source.checkpoint)
     if target.format == "gptq":
         checkpoint_format = "gptq" if target.sym else "gptq_v2"
-        settings = dict(bits=target.bits, group_size=target.group_size, sym=target.sym, act_order=target.act_order,
-                        damp=target.damp, group_aware=target.group_aware)
+        settings = dict(
+            bits=target.bits,
+            group_size=target.group_size,
+            sym=target.sym,
+            act_order=target.act_order,
+            damp=target.damp,
+            group_aware=target.group_aware,
+            arch=arch,
+        )
         quantize_block, shapes = layerwise.gptq_block, lambda n, k, name: gptq_packed_shapes(n, k, target.bits, target.group_size)
         pack = lambda name, q: pack_gptq_layer(q, checkpoint_format, name)  # noqa: E731
-        config = gptq_quantization_config(target.bits, target.group_size, target.sym, target.act_order, checkpoint_format,
-                                          target.damp, True)
+        config = gptq_quantization_config(target.bits, target.group_size, target.sym, target.act_order, checkpoint_format, target.damp, True)
     else:
         if target.bits != 4:
             raise ValueError(f"AWQ GEMM holds 4-bit weights only, got bits={target.bits}")
-        settings = dict(bits=target.bits, group_size=target.group_size, rounding=target.rounding, damp=target.damp)
+        settings = dict(bits=target.bits, group_size=target.group_size, rounding=target.rounding, damp=target.damp, arch=arch)
         quantize_block, shapes = layerwise.awq_block, lambda n, k, name: awq_packed_shapes(n, k, target.group_size, name)
         pack = lambda name, q: pack_awq_layer(q, name)  # noqa: E731
         config = awq_quantization_config(target.group_size, None)
-    entries = _quantized_plan(streamed, shapes, saved_dtype)
+    entries = _quantized_plan(streamed, arch, shapes, saved_dtype)
     ids = calibration.input_ids
     mask = torch.ones_like(ids, dtype=torch.bool) if calibration.attention_mask is None else calibration.attention_mask.bool()
     batches = streamed.embed([(ids[i : i + 8], mask[i : i + 8]) for i in range(0, ids.shape[0], 8)])
@@ -243,20 +271,18 @@ def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, outp
     return {"layers": layers, "calibration": calibration.description, "calibration_tokens": calibration.tokens, "stats": _jsonable(stats)}
 
 
-def _quantized_plan(streamed, shapes, saved_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def _quantized_plan(streamed, arch: Architecture, shapes, saved_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """Every tensor of the quantized checkpoint, with dtype and shape, before any is computed."""
-    from qtune import layerwise
-
     entries = []
     for name, placeholder in streamed.model.state_dict(keep_vars=True).items():
         if name == "lm_head.weight" and streamed.tied:
             continue
         module, _, leaf = name.rpartition(".")
         local = module.split(".", 3)[-1] if module.startswith("model.layers.") else None
-        if local in layerwise.LINEAR_NAMES and leaf == "weight":
+        if local in arch.linear_names and leaf == "weight":
             out_features, in_features = placeholder.shape
             entries += [(f"{module}.{suffix}", dtype, shape) for suffix, (dtype, shape) in shapes(out_features, in_features, module).items()]
-        elif local in layerwise.LINEAR_NAMES and leaf == "bias":
+        elif local in arch.linear_names and leaf == "bias":
             entries.append((name, torch.float16, tuple(placeholder.shape)))
         else:
             stored = streamed.reader.dtype(streamed.head_source_name(name))

@@ -1,4 +1,4 @@
-"""A GGUF file as a model that ``qtune.evaluate`` can score.
+"""A GGUF file as a model that ``qtune.metrics`` can score.
 
 With llama-cpp-python installed the file runs in llama.cpp itself, the runtime users deploy it on, in a
 child process so that a native crash there fails one artifact, not the run.
@@ -43,9 +43,9 @@ def load_gguf_model(path: Path, n_ctx: int, threads: int | None = None):
 
 def gguf_tensor_bytes(path: Path) -> int:
     """Bytes of tensor data in a GGUF file (its size without the metadata and tokenizer)."""
-    import gguf
+    from qtune.formats.gguf.reader import read_gguf_header
 
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    return sum(t.nbytes for t in read_gguf_header(path)[1])
 
 
 class LlamaCppCrash(RuntimeError):
@@ -54,7 +54,7 @@ class LlamaCppCrash(RuntimeError):
 
 _SIGNAL_HINTS = {
     signal.SIGILL: "an instruction this CPU does not run; rebuild llama-cpp-python for this machine "
-                   "(bash scripts/build_llama_cpp.sh builds it with portable flags)",
+    "(bash scripts/build_llama_cpp.sh builds it with portable flags)",
     signal.SIGSEGV: "a memory fault, often a damaged or truncated GGUF file",
     signal.SIGBUS: "a memory fault, often a GGUF file truncated while it was mapped",
     signal.SIGKILL: "killed, often by the out-of-memory killer",
@@ -73,11 +73,9 @@ class LlamaCppCausalLM:
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
         self.path = Path(path)
         self.n_ctx = n_ctx
-        self._proc = subprocess.Popen([sys.executable, "-m", "qtune.llama_worker"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE)
+        self._proc = subprocess.Popen([sys.executable, "-m", "qtune.llama_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._closer = weakref.finalize(self, _stop_worker, self._proc)
-        info, _ = self._request({"op": "load", "path": str(self.path), "n_ctx": n_ctx,
-                                 "threads": threads or torch.get_num_threads()})
+        info, _ = self._request({"op": "load", "path": str(self.path), "n_ctx": n_ctx, "threads": threads or torch.get_num_threads()})
         self.n_vocab = int(info["n_vocab"])
         self.generation_config = SimpleNamespace(eos_token_id=info["stops"])
 
@@ -117,8 +115,15 @@ class LlamaCppCausalLM:
             logits[row, keep] = torch.from_numpy(self._scores(ids[keep].tolist()).copy())
         return SimpleNamespace(logits=logits)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 eos_token_id: list[int] | int | None = None, pad_token_id: int = 0, **_unused) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: list[int] | int | None = None,
+        pad_token_id: int = 0,
+        **_unused,
+    ) -> torch.Tensor:
         """Greedy decoding (argmax of llama.cpp's logits), rows padded on the right with pad_token_id."""
         stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or self.generation_config.eos_token_id)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

@@ -21,19 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qtune.architectures import Architecture, architecture, supported
 from qtune.cpu import fit_threads
+from qtune.errors import QtuneError
+from qtune.quant import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZE
 from qtune.quant import awq as awq_math
 from qtune.quant.gptq import HessianAccumulator, gptq_quantize
 from qtune.quant.rtn import QuantizedWeight, check_bits, rtn_quantize
 
-# true_sequential order: each later group sees inputs produced by the already-quantized earlier ones
-SEQUENTIAL_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-LINEAR_NAMES = tuple(name for group in SEQUENTIAL_GROUPS for name in group)
 TOKENWISE_CHUNK = 8192  # tokens per matmul when AWQ evaluates token-wise modules
 
 
@@ -55,20 +50,27 @@ class _Batch:
     layer_kwargs: list[dict[str, Any]]  # per decoder layer: keyword arguments of its call
 
 
-def decoder_layers(model: nn.Module, require_linears: bool = True) -> nn.ModuleList:
-    """The model's decoder blocks; with ``require_linears``, checked to hold every quantized linear as a
-    plain nn.Linear (not yet wrapped by LoRA or a quantized layer)."""
+def decoder_layers(model: nn.Module, arch: Architecture | None = None) -> nn.ModuleList:
+    """The model's decoder blocks; with ``arch``, checked to hold every linear it quantizes as a plain
+    nn.Linear (not yet wrapped by LoRA or a quantized layer)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(
-            f"{type(model).__name__} has no model.layers; supported architectures are llama, mistral, qwen2"
-        )
-    present = dict(layers[0].named_modules())
-    missing = [name for name in LINEAR_NAMES if not isinstance(present.get(name), nn.Linear)]
-    if missing and require_linears:
-        raise ValueError(f"decoder layer {type(layers[0]).__name__} lacks nn.Linear modules {missing}")
+        raise ValueError(f"{type(model).__name__} has no model.layers; supported architectures are {supported()}")
+    if arch is not None:
+        present = dict(layers[0].named_modules())
+        missing = [name for name in arch.linear_names if not isinstance(present.get(name), nn.Linear)]
+        if missing:
+            raise ValueError(f"decoder layer {type(layers[0]).__name__} lacks nn.Linear modules {missing}")
     return layers
+
+
+def model_architecture(model: nn.Module) -> Architecture:
+    """The registry's entry for a transformers model (by its config's model_type)."""
+    try:
+        return architecture(getattr(getattr(model, "config", None), "model_type", None))
+    except QtuneError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -89,9 +91,7 @@ def _check_calibration(input_ids: Tensor, attention_mask: Tensor | None) -> Tens
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
-        )
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
     return attention_mask.to(torch.bool)
 
 
@@ -111,14 +111,12 @@ class _LayerCatcher(nn.Module):
         return hidden_states
 
 
-def capture_block_inputs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, batch_size: int, device: torch.device
-) -> list[_Batch]:
+def capture_block_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, batch_size: int, device: torch.device) -> list[_Batch]:
     """Run the embeddings only, catching each decoder layer's call (inputs + all kwargs)."""
     mask = _check_calibration(input_ids, attention_mask)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    layers = decoder_layers(model, require_linears=False)
+    layers = decoder_layers(model)
     inner = model.model
     originals = list(layers)
     moved: list[tuple[nn.Module, torch.device]] = []
@@ -164,9 +162,7 @@ def _run_block(layer: nn.Module, batches: list[_Batch], layer_index: int) -> Non
 
 
 @contextmanager
-def _input_hooks(
-    layer: nn.Module, names: tuple[str, ...], on_input: Callable[[str, Tensor], None], stop_after_all: bool
-) -> Iterator[None]:
+def _input_hooks(layer: nn.Module, names: tuple[str, ...], on_input: Callable[[str, Tensor], None], stop_after_all: bool) -> Iterator[None]:
     """Call ``on_input(name, x)`` for each named linear's input; optionally stop the block once all fired."""
     fired: set[str] = set()
 
@@ -233,11 +229,11 @@ def quantize_model_gptq(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
-    bits: int = 4,
-    group_size: int = 128,
+    bits: int = DEFAULT_BITS,
+    group_size: int = DEFAULT_GROUP_SIZE,
     sym: bool = True,
     act_order: bool = False,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     block_size: int = 128,
     group_aware: bool = True,
     true_sequential: bool = True,
@@ -248,27 +244,64 @@ def quantize_model_gptq(
     """GPTQ every q/k/v/o/gate/up/down linear of every decoder layer, in place."""
     with _eval_mode(model):
         return _quantize_model_gptq(
-            model, input_ids, attention_mask, bits, group_size, sym, act_order, damp, block_size, group_aware,
-            true_sequential, batch_size, device, progress,
+            model,
+            input_ids,
+            attention_mask,
+            bits,
+            group_size,
+            sym,
+            act_order,
+            damp,
+            block_size,
+            group_aware,
+            true_sequential,
+            batch_size,
+            device,
+            progress,
         )
 
 
 def _quantize_model_gptq(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, bits: int, group_size: int, sym: bool,
-    act_order: bool, damp: float, block_size: int, group_aware: bool, true_sequential: bool, batch_size: int,
-    device: torch.device | str | None, progress: Callable[[str], None] | None,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    act_order: bool,
+    damp: float,
+    block_size: int,
+    group_aware: bool,
+    true_sequential: bool,
+    batch_size: int,
+    device: torch.device | str | None,
+    progress: Callable[[str], None] | None,
 ) -> LayerwiseResult:
     check_bits(bits)
-    layers = decoder_layers(model)
+    decoder_layers(model)
+    arch = model_architecture(model)
+    layers = decoder_layers(model, arch)
     device_ = _resolve_device(model, device)
     batches = capture_block_inputs(model, input_ids, attention_mask, batch_size, device_)
     result = LayerwiseResult(quantized_layers={}, method="gptq")
     for index, layer in enumerate(layers):
         fit_threads()
         with _block_on(layer, device_):
-            block = gptq_block(layer, index, batches, device_, bits=bits, group_size=group_size, sym=sym,
-                               act_order=act_order, damp=damp, block_size=block_size, group_aware=group_aware,
-                               true_sequential=true_sequential)
+            block = gptq_block(
+                layer,
+                index,
+                batches,
+                device_,
+                arch=arch,
+                bits=bits,
+                group_size=group_size,
+                sym=sym,
+                act_order=act_order,
+                damp=damp,
+                block_size=block_size,
+                group_aware=group_aware,
+                true_sequential=true_sequential,
+            )
         result.quantized_layers.update(block.quantized_layers)
         result.stats.update(block.stats)
         if progress is not None:
@@ -277,12 +310,23 @@ def _quantize_model_gptq(
 
 
 def gptq_block(
-    layer: nn.Module, index: int, batches: list[_Batch], device: torch.device, *, bits: int, group_size: int,
-    sym: bool, act_order: bool, damp: float, block_size: int = 128, group_aware: bool = True,
+    layer: nn.Module,
+    index: int,
+    batches: list[_Batch],
+    device: torch.device,
+    *,
+    arch: Architecture,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    act_order: bool,
+    damp: float,
+    block_size: int = 128,
+    group_aware: bool = True,
     true_sequential: bool = True,
 ) -> LayerwiseResult:
     """GPTQ one decoder block (on ``device``) in place, then carry ``batches`` through the quantized block."""
-    groups = SEQUENTIAL_GROUPS if true_sequential else (LINEAR_NAMES,)
+    groups = arch.sequential_groups if true_sequential else (arch.linear_names,)
     result = LayerwiseResult(quantized_layers={}, method="gptq")
     with _eval_mode(layer):
         for names in groups:
@@ -305,8 +349,15 @@ def gptq_block(
                 full_name = f"model.layers.{index}.{name}"
                 try:
                     quantized = gptq_quantize(
-                        linear.weight.data, accumulators[name].hessian, bits, group_size, sym, act_order,
-                        damp, block_size, group_aware,
+                        linear.weight.data,
+                        accumulators[name].hessian,
+                        bits,
+                        group_size,
+                        sym,
+                        act_order,
+                        damp,
+                        block_size,
+                        group_aware,
                     )
                 except ValueError as exc:
                     raise ValueError(f"{full_name}: {exc}") from exc
@@ -352,14 +403,15 @@ def _scale_previous_op(previous: nn.Module, scales: Tensor) -> None:
         bias.data.copy_((bias.data.float() / scales).to(bias.dtype))
 
 
-def _awq_groups(layer: nn.Module) -> list[tuple[str, tuple[str, ...], str]]:
+def _balance_groups(layer: nn.Module, arch: Architecture) -> list[tuple[str, tuple[str, ...], str]]:
     """(previous op, balanced linears, inspected module) for one decoder layer."""
-    groups = [("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")]
-    v_proj, o_proj = layer.get_submodule("self_attn.v_proj"), layer.get_submodule("self_attn.o_proj")
-    if v_proj.weight.shape == o_proj.weight.shape:  # with GQA, v has fewer outputs than o has inputs
-        groups.append(("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
-    groups.append(("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
-    groups.append(("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
+    groups = []
+    for group in arch.balance_groups:
+        if group.same_shape_only:  # with GQA, v has fewer outputs than o has inputs
+            previous, first = layer.get_submodule(group.previous), layer.get_submodule(group.linears[0])
+            if previous.weight.shape != first.weight.shape:
+                continue
+        groups.append((group.previous, group.linears, group.inspected))
     return groups
 
 
@@ -368,13 +420,13 @@ def quantize_model_awq(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
-    bits: int = 4,
-    group_size: int = 128,
+    bits: int = DEFAULT_BITS,
+    group_size: int = DEFAULT_GROUP_SIZE,
     n_grid: int = 20,
     duo_scaling: bool = True,
     apply_clip: bool = True,
     rounding: str = "rtn",
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: Callable[[str], None] | None = None,
@@ -389,21 +441,44 @@ def quantize_model_awq(
         raise ValueError(f"rounding must be 'rtn' or 'gptq', got {rounding!r}")
     with _eval_mode(model):
         return _quantize_model_awq(
-            model, input_ids, attention_mask, bits, group_size, n_grid, duo_scaling, apply_clip, rounding, damp,
-            batch_size, device, progress,
+            model,
+            input_ids,
+            attention_mask,
+            bits,
+            group_size,
+            n_grid,
+            duo_scaling,
+            apply_clip,
+            rounding,
+            damp,
+            batch_size,
+            device,
+            progress,
         )
 
 
 def _quantize_model_awq(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, bits: int, group_size: int, n_grid: int,
-    duo_scaling: bool, apply_clip: bool, rounding: str, damp: float, batch_size: int, device: torch.device | str | None,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    bits: int,
+    group_size: int,
+    n_grid: int,
+    duo_scaling: bool,
+    apply_clip: bool,
+    rounding: str,
+    damp: float,
+    batch_size: int,
+    device: torch.device | str | None,
     progress: Callable[[str], None] | None,
 ) -> LayerwiseResult:
     check_bits(bits)  # any width for the math; the AWQ GEMM writer takes 4-bit only
-    layers = decoder_layers(model)
+    decoder_layers(model)
+    arch = model_architecture(model)
+    layers = decoder_layers(model, arch)
     device_ = _resolve_device(model, device)
     for index, layer in enumerate(layers):
-        for name in LINEAR_NAMES:
+        for name in arch.linear_names:
             linear = layer.get_submodule(name)
             awq_math.check_awq_group_size(linear.in_features, group_size, f"model.layers.{index}.{name}")
     batches = capture_block_inputs(model, input_ids, attention_mask, batch_size, device_)
@@ -411,8 +486,20 @@ def _quantize_model_awq(
     for index, layer in enumerate(layers):
         fit_threads()
         with _block_on(layer, device_):
-            block = awq_block(layer, index, batches, device_, bits=bits, group_size=group_size, n_grid=n_grid,
-                              duo_scaling=duo_scaling, apply_clip=apply_clip, rounding=rounding, damp=damp)
+            block = awq_block(
+                layer,
+                index,
+                batches,
+                device_,
+                arch=arch,
+                bits=bits,
+                group_size=group_size,
+                n_grid=n_grid,
+                duo_scaling=duo_scaling,
+                apply_clip=apply_clip,
+                rounding=rounding,
+                damp=damp,
+            )
         result.quantized_layers.update(block.quantized_layers)
         result.stats.update(block.stats)
         if progress is not None:
@@ -420,20 +507,23 @@ def _quantize_model_awq(
     return result
 
 
-_AWQ_INPUT_OF = {  # which captured activation feeds each linear
-    "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
-    "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
-    "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
-}
-_AWQ_CAPTURED = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
-
-
 def awq_block(
-    layer: nn.Module, index: int, batches: list[_Batch], device: torch.device, *, bits: int, group_size: int,
-    n_grid: int = 20, duo_scaling: bool = True, apply_clip: bool = True, rounding: str = "rtn", damp: float = 0.01,
+    layer: nn.Module,
+    index: int,
+    batches: list[_Batch],
+    device: torch.device,
+    *,
+    arch: Architecture,
+    bits: int,
+    group_size: int,
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+    apply_clip: bool = True,
+    rounding: str = "rtn",
+    damp: float = DEFAULT_DAMP,
 ) -> LayerwiseResult:
     """AWQ one decoder block (on ``device``) in place, then carry ``batches`` through the quantized block."""
-    input_of, captured_names = _AWQ_INPUT_OF, _AWQ_CAPTURED
+    captured_names = tuple(group[0] for group in arch.sequential_groups)
     result = LayerwiseResult(quantized_layers={}, method="awq")
     with _eval_mode(layer):
         features: dict[str, list[Tensor]] = {name: [] for name in captured_names}
@@ -441,18 +531,21 @@ def awq_block(
             _run_block_for_inputs(layer, batches, index)
         # only attention mixes tokens: every other inspected module sees the real tokens of all
         # batches as a few large chunks, with the padding dropped
-        chunk_masks: dict[str, list[Tensor | None]] = {"self_attn.q_proj": [b.token_mask for b in batches]}
-        for name in captured_names[1:]:
+        attention_input = next(arch.input_of(g.linears[0]) for g in arch.balance_groups if g.inspected == arch.attention)
+        chunk_masks: dict[str, list[Tensor | None]] = {attention_input: [b.token_mask for b in batches]}
+        for name in captured_names:
+            if name == attention_input:
+                continue
             valid = torch.cat([x[b.token_mask] for x, b in zip(features[name], batches)])
             features[name] = list(valid.split(TOKENWISE_CHUNK))
             chunk_masks[name] = [None] * len(features[name])
 
-        for previous_name, linear_names, inspected_name in _awq_groups(layer):
-            feature_key = input_of[linear_names[0]]
+        for previous_name, linear_names, inspected_name in _balance_groups(layer, arch):
+            feature_key = arch.input_of(linear_names[0])
             inputs, masks = features[feature_key], chunk_masks[feature_key]
             inspected = layer.get_submodule(inspected_name)
             linears = [layer.get_submodule(name) for name in linear_names]
-            is_attention = inspected_name == "self_attn"
+            is_attention = inspected_name == arch.attention
 
             def run_inspected(x: Tensor, chunk: int) -> Tensor:
                 if is_attention:
@@ -480,7 +573,12 @@ def awq_block(
 
             x_mean = awq_math.activation_mean(_real_tokens(inputs, masks))
             search = awq_math.search_scales(
-                x_mean, originals, evaluate, bits=bits, group_size=group_size, n_grid=n_grid,
+                x_mean,
+                originals,
+                evaluate,
+                bits=bits,
+                group_size=group_size,
+                n_grid=n_grid,
                 duo_scaling=duo_scaling,
             )
             scales = search.scales.to(device)
@@ -496,13 +594,13 @@ def awq_block(
                     "scaled_by": previous_name,
                 }
 
-        for name in LINEAR_NAMES:
+        for name in arch.linear_names:
             full_name = f"model.layers.{index}.{name}"
             linear = layer.get_submodule(name)
             weight = linear.weight.data.float()
-            key = input_of[name]
+            key = arch.input_of(name)
             x = _real_tokens(features[key], chunk_masks[key])
-            if apply_clip and name not in ("self_attn.q_proj", "self_attn.k_proj"):
+            if apply_clip and name not in arch.unclipped:
                 weight = awq_math.apply_clip(weight, awq_math.search_clip(weight, x, bits, group_size))
             if rounding == "gptq":
                 hessian = HessianAccumulator(weight.shape[1], weight.device)
@@ -512,10 +610,7 @@ def awq_block(
                 quantized = rtn_quantize(weight, bits, group_size, sym=False, convention="awq")
             _set_weight(linear, quantized.dequantize())
             result.quantized_layers[full_name] = quantized.to("cpu")
-            result.stats.setdefault(full_name, {})["clipped"] = apply_clip and name not in (
-                "self_attn.q_proj", "self_attn.k_proj",
-            )
+            result.stats.setdefault(full_name, {})["clipped"] = apply_clip and name not in arch.unclipped
         features.clear()
         _run_block(layer, batches, index)
     return result
-

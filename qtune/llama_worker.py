@@ -50,8 +50,7 @@ class _Runtime:
         import llama_cpp
 
         # The KV cache stays in F32 (type 0) so that only the file's weights are measured.
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                                   verbose=False, n_threads=threads, type_k=0, type_v=0)
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False, n_threads=threads, type_k=0, type_v=0)
         self.n_ctx = n_ctx
 
     def describe(self) -> dict[str, Any]:

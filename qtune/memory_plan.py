@@ -17,6 +17,7 @@ from pathlib import Path
 GB = 2**30
 BASELINE_HOST = 1.2 * GB  # python, torch, transformers, tokenizer and data, measured on the quickstart
 BASELINE_CUDA = 0.8 * GB  # CUDA context and allocator reserve
+MERGE_MEASURE_TOKENS = 32768  # held-out tokens the merge bases are compared on (their hidden states: 512 MB each at H=4096)
 OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8}
 
 
@@ -36,10 +37,16 @@ class ModelShape:
         text = config.get("text_config", config)
         heads = int(text["num_attention_heads"])
         hidden = int(text["hidden_size"])
-        return cls(hidden, int(text["intermediate_size"]), int(text["num_hidden_layers"]), heads,
-                   int(text.get("num_key_value_heads") or heads), int(text["vocab_size"]),
-                   bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-                   int(text.get("head_dim") or hidden // heads))
+        return cls(
+            hidden,
+            int(text["intermediate_size"]),
+            int(text["num_hidden_layers"]),
+            heads,
+            int(text.get("num_key_value_heads") or heads),
+            int(text["vocab_size"]),
+            bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            int(text.get("head_dim") or hidden // heads),
+        )
 
     @property
     def linear_shapes(self) -> list[tuple[int, int]]:
@@ -74,6 +81,7 @@ class StagePlan:
 class Offload:
     """How much of a model's weights (in the dtype they are loaded in) each place holds, for accelerate's
     ``device_map="auto"`` and ``max_memory``; what neither holds goes to an offload folder on disk."""
+
     device_bytes: int  # on the GPU (0 on a CPU-only machine)
     host_bytes: int
     disk_bytes: int
@@ -93,8 +101,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
 
     def too_big(self) -> list[StagePlan]:
-        return [s for s in self.stages if s.host_bytes > self.host_bytes
-                or (self.gpu_bytes is not None and s.device_bytes > self.gpu_bytes)]
+        return [s for s in self.stages if s.host_bytes > self.host_bytes or (self.gpu_bytes is not None and s.device_bytes > self.gpu_bytes)]
 
     def eval_offload(self) -> Offload | None:
         """Where evaluation puts the merged model's weights, when they do not all fit on its device."""
@@ -103,16 +110,17 @@ class MemoryPlan:
     def problems(self) -> list[str]:
         out = []
         for stage in self.too_big():
-            where = ("GPU", stage.device_bytes, self.gpu_bytes) if self.gpu_bytes is not None and stage.device_bytes > self.gpu_bytes \
+            where = (
+                ("GPU", stage.device_bytes, self.gpu_bytes)
+                if self.gpu_bytes is not None and stage.device_bytes > self.gpu_bytes
                 else ("host", stage.host_bytes, self.host_bytes)
-            out.append(f"{stage.stage} needs about {where[1] / GB:.1f} GiB of {where[0]} memory, the machine has "
-                       f"{where[2] / GB:.1f} GiB; {stage.knob}")
+            )
+            out.append(f"{stage.stage} needs about {where[1] / GB:.1f} GiB of {where[0]} memory, the machine has {where[2] / GB:.1f} GiB; {stage.knob}")
         return out
 
     def table(self) -> str:
         gpu = f"GPU {self.gpu_bytes / GB:.1f} GiB" if self.gpu_bytes is not None else "no GPU"
-        lines = [f"memory plan ({gpu}, host {self.host_bytes / GB:.1f} GiB):",
-                 f"  {'stage':<28}{'GPU GiB':>9}{'host GiB':>10}"]
+        lines = [f"memory plan ({gpu}, host {self.host_bytes / GB:.1f} GiB):", f"  {'stage':<28}{'GPU GiB':>9}{'host GiB':>10}"]
         for s in self.stages:
             flag = "  <- does not fit" if s in self.too_big() else ""
             device = f"{s.device_bytes / GB:9.1f}" if self.gpu_bytes is not None else f"{'-':>9}"
@@ -127,8 +135,7 @@ def _nf4_bytes(params: int) -> int:
 
 def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, validation_rows: int = 256) -> MemoryPlan:
     """Each stage's peak memory for ``recipe`` on ``shape`` (see the module docstring for the notation)."""
-    from qtune.evaluate import TOKEN_CHUNK as LOGIT_CHUNK
-    from qtune.merge import MEASURE_TOKENS
+    from qtune.metrics import TOKEN_CHUNK as LOGIT_CHUNK
 
     cuda = gpu_bytes is not None
     compute = 2 if cuda else 4
@@ -158,13 +165,12 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
     logits = tokens * v * (compute + 8)
     optimizer = OPTIMIZER_BYTES.get(recipe.training.optimizer, 8)
     train = base_4bit + 4 * non_quantized + lora_params * (4 + 4 + optimizer) + L * per_layer_acts + working + logits
-    add("train", train, largest_tensor_fp32, "lower training.micro_batch_size or data.max_length, or turn on "
-        "training.gradient_checkpointing")
+    add("train", train, largest_tensor_fp32, "lower training.micro_batch_size or data.max_length, or turn on training.gradient_checkpointing")
 
     # merge: the adapter model first, one fp32 block at a time (loaded and its NF4 round trip) with the
-    # LoRA factors, keeping its head's fp32 inputs for at most MEASURE_TOKENS tokens and its fp32 head;
+    # LoRA factors, keeping its head's fp32 inputs for at most MERGE_MEASURE_TOKENS tokens and its fp32 head;
     # then one candidate at a time the same way: its hidden states, its head and a logits chunk
-    held_out = min(validation_rows * seq, MEASURE_TOKENS)
+    held_out = min(validation_rows * seq, MERGE_MEASURE_TOKENS)
     scored = validation_rows * seq
     reference = held_out * h * 4 + 4 * v * h
     reference_pass = 2 * block_fp32 + 4 * lora_params + reference
@@ -175,7 +181,7 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
     # GPTQ's solve (also AWQ's GPTQ rounding) holds six matrices of its largest Hessian at once (the
     # accumulated one, its permuted copy, the identity, the Cholesky factor, the inverse and its factor)
     # and three float32 copies of the weight (its working copy, the per-weight losses, the result)
-    hessian_solve = 4 * max(3 * h * h, shape.intermediate ** 2) * 6 + 3 * 4 * largest_linear
+    hessian_solve = 4 * max(3 * h * h, shape.intermediate**2) * 6 + 3 * 4 * largest_linear
     for target in recipe.export:
         if target.format == "gguf-lora":
             continue
@@ -183,7 +189,7 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
         carried = cal * h * 4  # every calibration token's hidden state, carried from block to block
         capture = 4 * v * h + 2 * carried  # the embeddings, once, to make the first block's inputs
         if target.format == "gguf":
-            device = max(capture, block_fp32 + 2 * carried) if target.imatrix and target.quant not in ("F32", "F16", "BF16", "Q8_0") else 0
+            device = max(capture, block_fp32 + 2 * carried) if target.uses_imatrix else 0
             host = 3 * largest_tensor_fp32
         elif target.format == "gptq":  # one group's Hessians (q/k/v share H x H inputs; down has I x I) and its solve
             device, host = max(capture, block_fp32 + 2 * carried + hessian_solve), largest_tensor_fp32
@@ -215,14 +221,17 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
         entry.host_bytes += offload.host_bytes - (0 if cuda else 2 * shape.params)
         where = f"{offload.host_bytes / GB:.1f} GiB to host memory" if cuda else ""
         disk = f"{offload.disk_bytes / GB:.1f} GiB to disk" if offload.disk_bytes else ""
-        notes.append("eval: the merged model does not fit " + ("on the GPU" if cuda else "in host memory")
-                     + "; accelerate offloads its weights (" + ", ".join(x for x in (where, disk) if x)
-                     + ("; in float32 on CPU, so the numbers are those of a float32 load" if not cuda else "")
-                     + "), which is slower but computes the same")
+        notes.append(
+            "eval: the merged model does not fit "
+            + ("on the GPU" if cuda else "in host memory")
+            + "; accelerate offloads its weights ("
+            + ", ".join(x for x in (where, disk) if x)
+            + ("; in float32 on CPU, so the numbers are those of a float32 load" if not cuda else "")
+            + "), which is slower but computes the same"
+        )
     if not cuda:
         dense = 4 * L * shape.block_linear_params
-        add("eval base / adapter (CPU)", base_4bit + dense + LOGIT_CHUNK * v * 4 * 5, 0,
-            "score base and adapter on a GPU, where they stay in 4-bit")
+        add("eval base / adapter (CPU)", base_4bit + dense + LOGIT_CHUNK * v * 4 * 5, 0, "score base and adapter on a GPU, where they stay in 4-bit")
         notes.append("on CPU the NF4 base and adapter are scored with each weight dequantized once (float32)")
     return MemoryPlan(stages, gpu_bytes, host_bytes, notes)
 

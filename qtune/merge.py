@@ -28,21 +28,25 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qtune import memory_plan, models, rundir
 from qtune.blockwise import StreamedModel, TensorSource, release, skeleton
 from qtune.checkpoint_files import copy_generation_config
-from qtune.evaluate import Divergence, ReferenceOutputs, divergence_sum
+from qtune.context import load_context
+from qtune.errors import QtuneError, stage
+from qtune.memory_plan import MERGE_MEASURE_TOKENS
+from qtune.metrics import Divergence, ReferenceOutputs, divergence_sum, streamed_outputs
 from qtune.models import bnb_config, compute_dtype, device_map
-from qtune.recipe import ModelSection, QuantizationSection
+from qtune.paths import atomic_dir, write_text_atomic
+from qtune.recipe import ModelSection, QuantizationSection, parse_size
 from qtune.shards import CheckpointReader, ShardedWriter
 
 log = logging.getLogger(__name__)
 
 MERGE_BASES = ("dequantized", "original")
 KL_GATE = 1e-3
-MEASURE_TOKENS = 32768  # held-out tokens the bases are compared on (their hidden states: 512 MB each at H=4096)
 
 
-def measurement_rows(rows: Sequence[dict], budget: int = MEASURE_TOKENS) -> list[dict]:
+def measurement_rows(rows: Sequence[dict], budget: int = MERGE_MEASURE_TOKENS) -> list[dict]:
     """The first held-out rows that fit in ``budget`` tokens (at least one)."""
     kept, total = [], 0
     for row in rows:
@@ -109,9 +113,12 @@ def lora_deltas(peft_model) -> dict[str, LoraDelta]:
         magnitude = None
         if module.use_dora.get(adapter):
             magnitude = module.lora_magnitude_vector[adapter].weight.detach().float().cpu()
-        deltas[_hf_name(name)] = LoraDelta(module.lora_A[adapter].weight.detach().cpu().clone(),
-                                           module.lora_B[adapter].weight.detach().cpu().clone(),
-                                           float(module.scaling[adapter]), magnitude)
+        deltas[_hf_name(name)] = LoraDelta(
+            module.lora_A[adapter].weight.detach().cpu().clone(),
+            module.lora_B[adapter].weight.detach().cpu().clone(),
+            float(module.scaling[adapter]),
+            magnitude,
+        )
     return deltas
 
 
@@ -136,13 +143,11 @@ def nf4_specs(model) -> dict[str, NF4Spec]:
         if isinstance(module, Linear4bit):
             weight = module.weight
             key = f"{_hf_name(name).removesuffix('.base_layer')}.weight"
-            specs[key] = NF4Spec(weight.quant_type, weight.blocksize, weight.compress_statistics, weight.quant_storage,
-                                 weight.quant_state.dtype, weight.device)
+            specs[key] = NF4Spec(weight.quant_type, weight.blocksize, weight.compress_statistics, weight.quant_storage, weight.quant_state.dtype, weight.device)
     return specs
 
 
-def planned_nf4_specs(checkpoint: Path, model: ModelSection, quant: QuantizationSection,
-                      device: torch.device) -> dict[str, NF4Spec]:
+def planned_nf4_specs(checkpoint: Path, model: ModelSection, quant: QuantizationSection, device: torch.device) -> dict[str, NF4Spec]:
     """``nf4_specs`` of the model that loading for training builds, without loading a weight: transformers'
     own bitsandbytes quantizer converts a meta skeleton, which says which linears became 4-bit and how;
     each was cast to the load dtype (the compute dtype) and quantized on ``device``."""
@@ -153,11 +158,12 @@ def planned_nf4_specs(checkpoint: Path, model: ModelSection, quant: Quantization
         return {}
     dtype = compute_dtype(quant)
     planned = skeleton(checkpoint, model.trust_remote_code, model.attn_implementation)
-    AutoHfQuantizer.from_config(bnb_config(quant), pre_quantized=False).preprocess_model(
-        planned, dtype=dtype, device_map=device_map())
-    return {f"{name}.weight": NF4Spec(m.weight.quant_type, m.weight.blocksize, m.weight.compress_statistics,
-                                      m.weight.quant_storage, dtype, torch.device(device))
-            for name, m in planned.named_modules() if isinstance(m, Linear4bit)}
+    AutoHfQuantizer.from_config(bnb_config(quant), pre_quantized=False).preprocess_model(planned, dtype=dtype, device_map=device_map())
+    return {
+        f"{name}.weight": NF4Spec(m.weight.quant_type, m.weight.blocksize, m.weight.compress_statistics, m.weight.quant_storage, dtype, torch.device(device))
+        for name, m in planned.named_modules()
+        if isinstance(m, Linear4bit)
+    }
 
 
 def nf4_roundtrip(weight: Tensor, spec: NF4Spec) -> Tensor:
@@ -165,9 +171,14 @@ def nf4_roundtrip(weight: Tensor, spec: NF4Spec) -> Tensor:
     quantization on the same device (as transformers' loader does it), the same dequantize."""
     import bitsandbytes as bnb
 
-    param = bnb.nn.Params4bit(weight.to(spec.dtype), requires_grad=False, quant_type=spec.quant_type,
-                              blocksize=spec.blocksize, compress_statistics=spec.compress_statistics,
-                              quant_storage=spec.quant_storage).to(spec.device)
+    param = bnb.nn.Params4bit(
+        weight.to(spec.dtype),
+        requires_grad=False,
+        quant_type=spec.quant_type,
+        blocksize=spec.blocksize,
+        compress_statistics=spec.compress_statistics,
+        quant_storage=spec.quant_storage,
+    ).to(spec.device)
     return bnb.functional.dequantize_4bit(param.data, param.quant_state)
 
 
@@ -244,8 +255,9 @@ def streamed_adapter(checkpoint: Path, adapter_dir: Path, device: torch.device |
     return StreamedAdapter(streamed, lora, deltas)
 
 
-def candidate_source(base_name: str, reader: CheckpointReader, specs: dict[str, NF4Spec],
-                     deltas: dict[str, LoraDelta], dtype: torch.dtype) -> Callable[[str], Tensor]:
+def candidate_source(
+    base_name: str, reader: CheckpointReader, specs: dict[str, NF4Spec], deltas: dict[str, LoraDelta], dtype: torch.dtype
+) -> Callable[[str], Tensor]:
     """Tensor name -> that tensor of the merge on ``base_name``, already in the output dtype."""
 
     def tensor(name: str) -> Tensor:
@@ -289,8 +301,7 @@ def config_dtype(checkpoint: Path) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def measure_candidates(streamed: StreamedModel, sources: dict[str, Callable[[str], Tensor]],
-                       reference: ReferenceOutputs) -> dict[str, Divergence]:
+def measure_candidates(streamed: StreamedModel, sources: dict[str, Callable[[str], Tensor]], reference: ReferenceOutputs) -> dict[str, Divergence]:
     """Each candidate's divergence from the adapter model, each run one decoder block at a time."""
     results = {}
     for name, source in sources.items():
@@ -306,8 +317,7 @@ def measure_candidates(streamed: StreamedModel, sources: dict[str, Callable[[str
         finally:
             release(head)
         del hidden
-        log.info("merge into the %s base: KL %.3g nats/token, top-1 agreement %.4f", name, results[name].mean_kl,
-                 results[name].top1_agreement)
+        log.info("merge into the %s base: KL %.3g nats/token, top-1 agreement %.4f", name, results[name].mean_kl, results[name].top1_agreement)
     return results
 
 
@@ -320,8 +330,7 @@ def output_names(streamed: StreamedModel) -> list[str]:
     return names
 
 
-def write_merged(streamed: StreamedModel, source: Callable[[str], Tensor], dtype: torch.dtype, folder: Path,
-                 max_shard_bytes: int) -> list[str]:
+def write_merged(streamed: StreamedModel, source: Callable[[str], Tensor], dtype: torch.dtype, folder: Path, max_shard_bytes: int) -> list[str]:
     """Stream the chosen merge (``source``, already in ``dtype``) into safetensors shards in ``folder``;
     returns the shard file names."""
     names = output_names(streamed)
@@ -344,3 +353,69 @@ def write_merged_config(checkpoint: Path, dtype: torch.dtype, folder: Path, trus
     config.dtype = dtype
     config.save_pretrained(folder)
     copy_generation_config(checkpoint, folder, config)
+
+
+@dataclass
+class MergeResult:
+    folder: Path
+    report: MergeReport
+
+
+def merge_run(run_dir: Path) -> MergeResult:
+    """Merge the run's adapter into a standard HF checkpoint in run_dir/merged."""
+    run_dir = run_dir.resolve()
+    with stage("merge", run_dir):
+        rundir.remove_staging(run_dir)
+        return _merge_run(run_dir)
+
+
+def _merge_run(run_dir: Path) -> MergeResult:
+    adapter_dir = run_dir / rundir.ADAPTER_DIR
+    rundir.load_run_recipe(run_dir)  # a clear error when run_dir is not a run directory at all
+    if not adapter_dir.is_dir():
+        raise QtuneError(f"{run_dir} has no trained adapter yet; run qtune train first")
+    context = load_context(run_dir)
+    loaded, checkpoint, tokenizer = context.loaded, context.checkpoint, context.tokenizer
+    memory_plan.log_stage(loaded, "merge")
+    recipe = loaded.recipe
+    rows = measurement_rows(context.held_out_rows())
+    if not rows:
+        raise QtuneError("merging needs held-out rows to compare the merge bases; give the recipe a validation split")
+
+    device = models.device()
+    specs = planned_nf4_specs(checkpoint, recipe.model, recipe.quantization, device)
+    try:
+        adapter = streamed_adapter(checkpoint, adapter_dir, device, recipe.model)
+    except ValueError as exc:
+        raise QtuneError(str(exc)) from None
+    if not adapter.deltas:
+        raise QtuneError(f"the adapter in {adapter_dir} has no LoRA layers to merge")
+    reference = streamed_outputs(adapter.streamed, rows, tokenizer.pad_token_id, adapter.source(specs))
+    deltas = adapter.deltas
+    del adapter
+
+    streamed = StreamedModel(checkpoint, device, torch.float32, recipe.model.trust_remote_code, recipe.model.attn_implementation)
+    dtype = choose_dtype(recipe.output.merge_dtype, config_dtype(checkpoint), lambda: checkpoint_absmax(streamed.reader))
+    bases = MERGE_BASES if recipe.output.merge_base == "auto" else (recipe.output.merge_base,)
+    if not specs:
+        bases = ("original",)  # an unquantized base has no dequantized variant
+    sources = {name: candidate_source(name, streamed.reader, specs, deltas, dtype) for name in bases}
+    scores = measure_candidates(streamed, sources, reference)
+    del reference
+    chosen = min(scores, key=lambda name: scores[name].mean_kl)
+    report = MergeReport(
+        chosen=chosen,
+        dtype=str(dtype).removeprefix("torch."),
+        kl={k: v.mean_kl for k, v in scores.items()},
+        top1={k: v.top1_agreement for k, v in scores.items()},
+        tokens=scores[chosen].tokens,
+    )
+    with atomic_dir(run_dir / rundir.MERGED_DIR, overwrite=True) as staging:
+        write_merged(streamed, sources[chosen], dtype, staging, parse_size(recipe.output.max_shard_size))
+        write_merged_config(checkpoint, dtype, staging, recipe.model.trust_remote_code)
+        tokenizer.save_pretrained(staging)
+    write_text_atomic(run_dir / rundir.MERGE_REPORT, json.dumps(report.as_dict(), indent=2))
+    if not report.passes:
+        log.warning("the merged model differs from the adapter model by %.3g nats/token (gate %.0e)", report.kl[chosen], report.gate)
+    log.info("merged into the %s base (%s)", chosen, report.dtype)
+    return MergeResult(run_dir / rundir.MERGED_DIR, report)

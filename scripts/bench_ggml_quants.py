@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
 import importlib.util
 import pathlib
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,14 +35,12 @@ def load_ggml_quantize_chunk():
     if not path.exists():
         return None
     fn = ctypes.CDLL(str(path)).ggml_quantize_chunk
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     fn.restype = ctypes.c_size_t
     return fn
 
 
-def ggml_quantize(fn, x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None,
-                  threads: int) -> np.ndarray:
+def ggml_quantize(fn, x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None, threads: int) -> np.ndarray:
     rows, n = x.shape
     rb = row_bytes(qtype, n)
     out = np.zeros((rows, rb), dtype=np.uint8)
@@ -89,8 +87,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return data
 
-    print(f"[{args.rows}, {args.cols}] float32, {args.threads} CPU threads, ours on {args.device}, "
-          f"median of {args.repeats}")
+    print(f"[{args.rows}, {args.cols}] float32, {args.threads} CPU threads, ours on {args.device}, median of {args.repeats}")
     print(f"{'type':6} {'imatrix':8} {'ours s':>9} {'ggml s':>9} {'ours/ggml':>10}  bytes")
     for name in args.types:
         qtype = GGMLQuantizationType[name]
@@ -110,6 +107,7 @@ def main() -> None:
             theirs = statistics.median(t_ref)
             same = "equal" if np.array_equal(data.cpu().numpy(), ref) else "DIFFER"
             print(f"{name:6} {str(qw_np is not None):8} {mine:9.3f} {theirs:9.3f} {mine / theirs:10.2f}  {same}")
+
 
 if __name__ == "__main__":
     main()

@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtune.formats.gguf import export_gguf
-from qtune.imatrix import collect_imatrix, to_gguf_names
+from qtune.formats.gguf.convert import export_gguf
+from qtune.formats.gguf.imatrix import to_gguf_names
+from qtune.formats.gguf.mixes import QUANT_MIXES
+from qtune.imatrix import collect_imatrix
 from qtune.models import builtin_checkpoint
-from qtune.quant.ggml_mixes import QUANT_MIXES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,8 +70,7 @@ def llama_quantize(src: Path, dst: Path, quant: str, threads: int, imatrix: dict
 def log_probs(path: Path, ids: list[int], threads: int) -> np.ndarray:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False,
-                          n_threads=threads, type_k=0, type_v=0)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False, n_threads=threads, type_k=0, type_v=0)
     llm.eval(ids)
     x = np.array(llm.scores[: len(ids)], dtype=np.float64)
     del llm
@@ -87,9 +87,15 @@ def random_llama_dir(tokenizer_dir: Path, path: Path, layers: int) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -106,8 +112,9 @@ def main() -> None:
     which = ap.add_mutually_exclusive_group()  # --dense always rewrites the built-in model into one cached directory
     which.add_argument("--model", type=Path, help="an HF checkpoint directory, e.g. a run's merged/ (default: the built-in model)")
     which.add_argument("--dense", action="store_true", help="the built-in model with dense 768-wide weights (see above)")
-    which.add_argument("--random-llama", type=int, metavar="LAYERS",
-                       help="a random-initialised bf16 llama with TinyLlama-1.1B's shapes and LAYERS layers (for speed)")
+    which.add_argument(
+        "--random-llama", type=int, metavar="LAYERS", help="a random-initialised bf16 llama with TinyLlama-1.1B's shapes and LAYERS layers (for speed)"
+    )
     ap.add_argument("--only", choices=["quality", "speed"], help="run one part (default: both)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,8 +155,7 @@ def quality(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path, quants: 
     stats = collect_imatrix(model, list(calib_ids.split(512)))
     imatrix_hf = stats.means()
     imatrix_gguf = {k: v.numpy() for k, v in to_gguf_names(stats).means().items()}
-    print(f"imatrix: {len(imatrix_hf)} tensors from {stats.counts[next(iter(stats.counts))]} tokens "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(f"imatrix: {len(imatrix_hf)} tensors from {stats.counts[next(iter(stats.counts))]} tokens in {time.perf_counter() - t0:.1f} s")
     del model
 
     f16 = tmp / "F16.gguf"
@@ -192,9 +198,12 @@ def convert_and_quantize(ckpt: Path, tmp: Path, threads: int) -> float | None:
         return None  # the converter needs llama.cpp's sources (scripts/setup.sh --test) and sentencepiece
     converted = tmp / "converted.gguf"
     t = time.perf_counter()
-    subprocess.run([sys.executable, str(sources[-1] / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f32",
-                    "--outfile", str(converted)], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(sources[-1] / "gguf-py")})
+    subprocess.run(
+        [sys.executable, str(sources[-1] / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f32", "--outfile", str(converted)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(sources[-1] / "gguf-py")},
+    )
     llama_quantize(converted, tmp / "converted-Q4_K_M.gguf", "Q4_K_M", threads)
     return time.perf_counter() - t
 

@@ -41,7 +41,7 @@ AWQ_GROUP = 64  # AWQ needs group | K, and K = 576 on SmolLM2-135M
 EM_FRACTION = 0.95
 PPL_TOLERANCE = 1.01
 
-ORACLE_WORKER = r'''
+ORACLE_WORKER = r"""
 import json, sys, time
 t_start = time.perf_counter()
 import torch
@@ -67,10 +67,11 @@ json.dump({"seconds": seconds, "total_seconds": time.perf_counter() - t_start, "
            "damp_percent": getattr(qc, "damp_percent", None), "act_group_aware": getattr(qc, "act_group_aware", None),
            "batch_size": int(batch_size), "dtype": str(getattr(model.model, "dtype", "?")),
            "threads": torch.get_num_threads()}, open(result, "w"))
-''' % {"gptq_group": GPTQ_GROUP, "awq_group": AWQ_GROUP}
+""" % {"gptq_group": GPTQ_GROUP, "awq_group": AWQ_GROUP}  # noqa: UP031 (a code template: its braces are literal)
 
 
 # ---------------------------------------------------------------- workers (fresh processes)
+
 
 def qtune_worker(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
@@ -88,8 +89,18 @@ def qtune_worker(args: argparse.Namespace) -> None:
     mask = torch.ones_like(ids)
     t0 = time.perf_counter()
     if args.worker == "gptq":
-        result = quantize_model_gptq(model, ids, mask, bits=4, group_size=GPTQ_GROUP, sym=True, act_order=False,
-                                     damp=args.damp, batch_size=args.batch_size, group_aware=bool(args.group_aware))
+        result = quantize_model_gptq(
+            model,
+            ids,
+            mask,
+            bits=4,
+            group_size=GPTQ_GROUP,
+            sym=True,
+            act_order=False,
+            damp=args.damp,
+            batch_size=args.batch_size,
+            group_aware=bool(args.group_aware),
+        )
     else:
         result = quantize_model_awq(model, ids, mask, bits=4, group_size=AWQ_GROUP, batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
@@ -97,15 +108,24 @@ def qtune_worker(args: argparse.Namespace) -> None:
         write_gptq_checkpoint(model, result.quantized_layers, args.dst, tokenizer, damp_percent=args.damp)
     else:
         write_awq_checkpoint(model, result.quantized_layers, args.dst, tokenizer)
-    Path(args.result).write_text(json.dumps({
-        "seconds": seconds, "total_seconds": time.perf_counter() - t_start, "tool": "qtune",
-        "damp_percent": args.damp if args.worker == "gptq" else None, "batch_size": args.batch_size,
-        "group_aware": bool(args.group_aware) if args.worker == "gptq" else None,
-        "dtype": "torch.float32", "threads": torch.get_num_threads(),
-    }))
+    Path(args.result).write_text(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "total_seconds": time.perf_counter() - t_start,
+                "tool": "qtune",
+                "damp_percent": args.damp if args.worker == "gptq" else None,
+                "batch_size": args.batch_size,
+                "group_aware": bool(args.group_aware) if args.worker == "gptq" else None,
+                "dtype": "torch.float32",
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------- data
+
 
 def load_data(model_path: Path, n_samples: int, seq_len: int, seed: int):
     """Calibration ids [n_samples, seq_len], eval rows (answer labels / all-token labels), EM prompts."""
@@ -135,16 +155,22 @@ def load_data(model_path: Path, n_samples: int, seq_len: int, seed: int):
     # text counted 60 times. The shared prefix is scored in the first row only.
     ids = [r["input_ids"] for r in prepared.validation]
     shared = min(next((i for i, (a, b) in enumerate(zip(ids[0], row)) if a != b), min(len(ids[0]), len(row))) for row in ids[1:])
-    all_token_rows = [{"input_ids": row, "num_real_tokens": len(row),
-                       "labels": list(row) if i == 0 else [qdata.IGNORE_INDEX] * shared + list(row[shared:])}
-                      for i, row in enumerate(ids)]
+    all_token_rows = [
+        {"input_ids": row, "num_real_tokens": len(row), "labels": list(row) if i == 0 else [qdata.IGNORE_INDEX] * shared + list(row[shared:])}
+        for i, row in enumerate(ids)
+    ]
     return {
-        "tokenizer": tokenizer, "calib": calib, "answer_rows": prepared.validation, "all_rows": all_token_rows,
-        "prompts": prepared.eval_prompts, "eval_cfg": loaded.recipe.evaluation,
+        "tokenizer": tokenizer,
+        "calib": calib,
+        "answer_rows": prepared.validation,
+        "all_rows": all_token_rows,
+        "prompts": prepared.eval_prompts,
+        "eval_cfg": loaded.recipe.evaluation,
     }
 
 
 # ---------------------------------------------------------------- steps
+
 
 def run_quantizer(tool: str, method: str, model_path: Path, calib: Path, dst: Path, args: argparse.Namespace) -> dict:
     result = dst.with_suffix(".quant.json")
@@ -152,21 +178,55 @@ def run_quantizer(tool: str, method: str, model_path: Path, calib: Path, dst: Pa
         return json.loads(result.read_text())
     if dst.exists():
         shutil.rmtree(dst)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "GPTQMODEL_CPU_WORKERS": "2",
+        "TORCHDYNAMO_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if tool == "qtune":
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--model", str(model_path),
-               "--calib", str(calib), "--dst", str(dst), "--result", str(result), "--threads", str(args.threads),
-               "--damp", str(args.qtune_damp), "--batch-size", str(args.qtune_batch_size),
-               "--group-aware", str(int(not args.qtune_no_group_aware))]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            method,
+            "--model",
+            str(model_path),
+            "--calib",
+            str(calib),
+            "--dst",
+            str(dst),
+            "--result",
+            str(result),
+            "--threads",
+            str(args.threads),
+            "--damp",
+            str(args.qtune_damp),
+            "--batch-size",
+            str(args.qtune_batch_size),
+            "--group-aware",
+            str(int(not args.qtune_no_group_aware)),
+        ]
     else:
         script = Path(args.work) / "oracle_quant.py"
         if not (script.exists() and script.read_text() == ORACLE_WORKER):
             script.with_suffix(f".{os.getpid()}.tmp").write_text(ORACLE_WORKER)
             script.with_suffix(f".{os.getpid()}.tmp").replace(script)
-        cmd = [args.oracle_python, str(script), method, str(model_path), str(calib), str(dst), str(result),
-               str(args.threads), str(args.oracle_batch_size), args.oracle_damp,
-               "float32" if method == "gptq" else args.oracle_awq_dtype]
+        cmd = [
+            args.oracle_python,
+            str(script),
+            method,
+            str(model_path),
+            str(calib),
+            str(dst),
+            str(result),
+            str(args.threads),
+            str(args.oracle_batch_size),
+            args.oracle_damp,
+            "float32" if method == "gptq" else args.oracle_awq_dtype,
+        ]
     log_path = dst.with_suffix(".log")
     print(f"  quantize {method} with {tool} ...", flush=True)
     started = time.perf_counter()
@@ -191,14 +251,15 @@ def write_rtn(method: str, model_path: Path, dst: Path) -> dict:
 
     from qtune.formats.awq import write_awq_checkpoint
     from qtune.formats.gptq import write_gptq_checkpoint
-    from qtune.layerwise import LINEAR_NAMES, decoder_layers
+    from qtune.layerwise import decoder_layers, model_architecture
     from qtune.quant.rtn import rtn_quantize
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     t0 = time.perf_counter()
     layers = {}
-    for index, layer in enumerate(decoder_layers(model)):
-        for name in LINEAR_NAMES:
+    arch = model_architecture(model)
+    for index, layer in enumerate(decoder_layers(model, arch)):
+        for name in arch.linear_names:
             weight = layer.get_submodule(name).weight.data
             if method == "gptq":
                 layers[f"model.layers.{index}.{name}"] = rtn_quantize(weight, 4, GPTQ_GROUP, sym=True, convention="gptq")
@@ -218,7 +279,7 @@ def write_rtn(method: str, model_path: Path, dst: Path) -> dict:
 
 
 def evaluate(model, reference, data: dict, skip_em: bool, em_batch_size: int = 0) -> dict:
-    from qtune.evaluate import divergence, perplexity, task_accuracy
+    from qtune.metrics import divergence, perplexity, task_accuracy
 
     pad = data["tokenizer"].pad_token_id
     out = {
@@ -255,13 +316,13 @@ def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: b
         tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(current, indent=2))
         tmp.replace(results_path)
+
     data = load_data(model_path, args.samples, args.seq_len, args.seed)
     calib_path = work / "calib.pt"
     if not (calib_path.exists() and torch.equal(torch.load(calib_path), data["calib"])):
         torch.save(data["calib"], calib_path.with_suffix(f".{os.getpid()}.tmp"))
         calib_path.with_suffix(f".{os.getpid()}.tmp").replace(calib_path)
-    print(f"[{label}] {model_path}: calibration {tuple(data['calib'].shape)}, {len(data['all_rows'])} eval rows, "
-          f"{len(data['prompts'])} EM prompts", flush=True)
+    print(f"[{label}] {model_path}: calibration {tuple(data['calib'].shape)}, {len(data['all_rows'])} eval rows, {len(data['prompts'])} EM prompts", flush=True)
 
     tools = ["qtune", "gptqmodel"] if qtune_first else ["gptqmodel", "qtune"]
     tools = [t for t in tools if t in args.tools.split(",")]
@@ -300,13 +361,13 @@ def bench_model(label: str, model_path: Path, methods: list[str], qtune_first: b
                 continue
             print(f"  eval {label} {key}", flush=True)
             model = reader(work / f"{method}-{tool}")
-            save(key, {**evaluate(model, reference, data, skip_em, args.em_batch_size),
-                       "quant": json.loads(quant_json.read_text())})
+            save(key, {**evaluate(model, reference, data, skip_em, args.em_batch_size), "quant": json.loads(quant_json.read_text())})
             del model
     return json.loads(results_path.read_text())
 
 
 # ---------------------------------------------------------------- report
+
 
 def fmt(value, spec: str, missing: str = "–") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -315,11 +376,19 @@ def fmt(value, spec: str, missing: str = "–") -> str:
 
 
 def report(all_results: dict[str, dict], args: argparse.Namespace, command: str, started: str) -> str:
-    names = {"fp32": "unquantized (fp32)", "gptq/qtune": "GPTQ g128 — qtune", "gptq/gptqmodel": "GPTQ g128 — GPTQModel",
-             "gptq/rtn": "GPTQ g128 — RTN", "awq/qtune": "AWQ g64 — qtune", "awq/gptqmodel": "AWQ g64 — GPTQModel",
-             "awq/rtn": "AWQ g64 — RTN"}
-    lines = ["| model | method | ppl (all tokens) | ppl (answers) | KL vs fp32 (nats/token) | top-1 agree | exact match | quantize s |",
-             "|---|---|---|---|---|---|---|---|"]
+    names = {
+        "fp32": "unquantized (fp32)",
+        "gptq/qtune": "GPTQ g128 — qtune",
+        "gptq/gptqmodel": "GPTQ g128 — GPTQModel",
+        "gptq/rtn": "GPTQ g128 — RTN",
+        "awq/qtune": "AWQ g64 — qtune",
+        "awq/gptqmodel": "AWQ g64 — GPTQModel",
+        "awq/rtn": "AWQ g64 — RTN",
+    }
+    lines = [
+        "| model | method | ppl (all tokens) | ppl (answers) | KL vs fp32 (nats/token) | top-1 agree | exact match | quantize s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, results in all_results.items():
         for key, name in names.items():
             r = results.get(key)
@@ -327,9 +396,12 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
                 continue
             em = f"{100 * r['em']:.1f}% ({r['em_correct']}/{r['em_total']})" if "em" in r else "not run"
             q = r.get("quant", {})
-            lines.append(f"| {label} | {name} | {fmt(r['ppl'], '.4f')} | {fmt(r['answer_ppl'], '.4f')} | "
-                         f"{fmt(r.get('kl'), '.4f')} | {fmt(r.get('top1'), '.3f')} | {em} | {fmt(q.get('seconds'), '.1f')}"
-                         + (f" ({q['threads']} thr)" if q.get("threads") else "") + " |")
+            lines.append(
+                f"| {label} | {name} | {fmt(r['ppl'], '.4f')} | {fmt(r['answer_ppl'], '.4f')} | "
+                f"{fmt(r.get('kl'), '.4f')} | {fmt(r.get('top1'), '.3f')} | {em} | {fmt(q.get('seconds'), '.1f')}"
+                + (f" ({q['threads']} thr)" if q.get("threads") else "")
+                + " |"
+            )
     verdicts = []
 
     def verdict(ok: bool, text: str) -> None:
@@ -339,25 +411,32 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
         for method, ref_name in (("gptq", "GPTQModel GPTQ"), ("awq", "GPTQModel AWQ")):
             ours, ref, rtn = (results.get(f"{method}/{t}") for t in ("qtune", "gptqmodel", "rtn"))
             if ours and rtn and not ref:
-                verdict(ours["ppl"] < rtn["ppl"] and ours["kl"] < rtn["kl"],
-                        f"{label} {method.upper()} qtune below RTN: ppl {ours['ppl']:.4f} vs {rtn['ppl']:.4f}, "
-                        f"KL {ours['kl']:.4f} vs {rtn['kl']:.4f}")
-                verdicts.append(f"- **not measured**: {label} {method.upper()} qtune vs {ref_name} (ppl and speed): "
-                                f"{ref_name} produced no checkpoint in this run")
+                verdict(
+                    ours["ppl"] < rtn["ppl"] and ours["kl"] < rtn["kl"],
+                    f"{label} {method.upper()} qtune below RTN: ppl {ours['ppl']:.4f} vs {rtn['ppl']:.4f}, KL {ours['kl']:.4f} vs {rtn['kl']:.4f}",
+                )
+                verdicts.append(
+                    f"- **not measured**: {label} {method.upper()} qtune vs {ref_name} (ppl and speed): {ref_name} produced no checkpoint in this run"
+                )
             if not (ours and ref and rtn):
                 continue
             for col, col_name in (("ppl", "ppl (all tokens)"), ("answer_ppl", "ppl (answers)")):
                 ratio = ours[col] / ref[col]
-                verdict(ratio <= PPL_TOLERANCE,
-                        f"{label} {method.upper()} {col_name}: qtune {ours[col]:.4f} vs {ref_name} {ref[col]:.4f} "
-                        f"= ×{ratio:.4f} (target ≤ ×{PPL_TOLERANCE})"
-                        + ("" if ratio <= PPL_TOLERANCE else f", over by {100 * (ratio - PPL_TOLERANCE):.2f} points"))
-            verdict(ours["ppl"] < rtn["ppl"] and ref["ppl"] < rtn["ppl"],
-                    f"{label} {method.upper()} below RTN: qtune {ours['ppl']:.4f}, {ref_name} {ref['ppl']:.4f}, RTN "
-                    f"{rtn['ppl']:.4f} (KL {ours['kl']:.4f} / {ref['kl']:.4f} / {rtn['kl']:.4f})")
-            verdict(ours["kl"] <= ref["kl"] * PPL_TOLERANCE,
-                    f"{label} {method.upper()} KL: qtune {ours['kl']:.4f} vs {ref_name} {ref['kl']:.4f} = ×{ours['kl'] / ref['kl']:.3f} "
-                    f"(informative; same ×{PPL_TOLERANCE} bar)")
+                verdict(
+                    ratio <= PPL_TOLERANCE,
+                    f"{label} {method.upper()} {col_name}: qtune {ours[col]:.4f} vs {ref_name} {ref[col]:.4f} "
+                    f"= ×{ratio:.4f} (target ≤ ×{PPL_TOLERANCE})" + ("" if ratio <= PPL_TOLERANCE else f", over by {100 * (ratio - PPL_TOLERANCE):.2f} points"),
+                )
+            verdict(
+                ours["ppl"] < rtn["ppl"] and ref["ppl"] < rtn["ppl"],
+                f"{label} {method.upper()} below RTN: qtune {ours['ppl']:.4f}, {ref_name} {ref['ppl']:.4f}, RTN "
+                f"{rtn['ppl']:.4f} (KL {ours['kl']:.4f} / {ref['kl']:.4f} / {rtn['kl']:.4f})",
+            )
+            verdict(
+                ours["kl"] <= ref["kl"] * PPL_TOLERANCE,
+                f"{label} {method.upper()} KL: qtune {ours['kl']:.4f} vs {ref_name} {ref['kl']:.4f} = ×{ours['kl'] / ref['kl']:.3f} "
+                f"(informative; same ×{PPL_TOLERANCE} bar)",
+            )
     merged = all_results.get("merged", {})
     if "em" in merged.get("fp32", {}):
         base_em = merged["fp32"]["em"]
@@ -365,9 +444,11 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
             r = merged.get(key)
             if r and "em" in r:
                 need = EM_FRACTION * base_em
-                verdict(r["em"] >= need, f"merged {names[key]} exact match {100 * r['em']:.1f}% vs merged fp32 "
-                        f"{100 * base_em:.1f}% (target ≥ {100 * need:.1f}%)"
-                        + ("" if r["em"] >= need else f", short by {100 * (need - r['em']):.1f} points"))
+                verdict(
+                    r["em"] >= need,
+                    f"merged {names[key]} exact match {100 * r['em']:.1f}% vs merged fp32 "
+                    f"{100 * base_em:.1f}% (target ≥ {100 * need:.1f}%)" + ("" if r["em"] >= need else f", short by {100 * (need - r['em']):.1f} points"),
+                )
     for label, results in all_results.items():
         for method in ("gptq", "awq"):
             ours, ref = results.get(f"{method}/qtune"), results.get(f"{method}/gptqmodel")
@@ -375,73 +456,83 @@ def report(all_results: dict[str, dict], args: argparse.Namespace, command: str,
                 continue
             a, b = ours["quant"], ref["quant"]
             ratio = a["seconds"] / b["seconds"]
-            verdict(ratio <= 1.0, f"{label} {method.upper()} quantize time: qtune {a['seconds']:.1f}s vs GPTQModel "
-                    f"{b['seconds']:.1f}s = ×{ratio:.2f} at {a.get('threads')}/{b.get('threads')} threads "
-                    "(target ≤ ×1.00)" + ("" if ratio <= 1.0 else f", qtune slower by {100 * (ratio - 1):.0f}%"))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+            verdict(
+                ratio <= 1.0,
+                f"{label} {method.upper()} quantize time: qtune {a['seconds']:.1f}s vs GPTQModel "
+                f"{b['seconds']:.1f}s = ×{ratio:.2f} at {a.get('threads')}/{b.get('threads')} threads "
+                "(target ≤ ×1.00)" + ("" if ratio <= 1.0 else f", qtune slower by {100 * (ratio - 1):.0f}%"),
+            )
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor()
+    )
     some = next(iter(all_results.values()))
     meta = {k: some.get(f"gptq/{t}", {}).get("quant", {}) for k, t in (("qtune", "qtune"), ("gptqmodel", "gptqmodel"))}
-    text = "\n".join([
-        "# GPTQ / AWQ benchmark: qtune vs GPTQModel vs round-to-nearest",
-        "",
-        f"Date: {started} (UTC). Device: {cpu}, {os.cpu_count()} cores visible; threads per quantizer "
-        "(OMP_NUM_THREADS = MKL_NUM_THREADS = torch.set_num_threads) as given in the quantize column; no GPU; "
-        f"1-minute load average when the report was written: {os.getloadavg()[0]:.1f} (the benchmark itself keeps 2 cores busy).",
-        "",
-        f"Command: `{command}`",
-        "",
-        "## Results",
-        "",
-        *lines,
-        "",
-        "## Verdicts",
-        "",
-        *verdicts,
-        "",
-        "## How it was made",
-        "",
-        f"- Calibration (identical tensor for every tool): {args.samples} × {args.seq_len} tokens of "
-        "recipes/data/quickstart_train.jsonl rendered through the chat template exactly as qtune training renders it "
-        f"(qtune.data.Formatter), records shuffled with seed {args.seed} and concatenated, no padding."
-        + (f" AWQ (both tools) calibrates on the first {args.awq_samples} rows of that same tensor "
-           f"({args.awq_samples} × {args.seq_len} tokens), to fit the time budget: GPTQModel's AWQ on this CPU took about "
-           "1.5 min per layer with 64 rows on a loaded machine, 14 s per layer with 16 rows on an idle one." if args.awq_samples else ""),
-        "- Evaluation text (disjoint from calibration): recipes/data/quickstart_validation.jsonl rendered the same way "
-        "(qtune.data.prepare_data). *ppl (all tokens)*: every token of the rendered conversations, except that the "
-        "system prompt and template every conversation opens with (the shared prefix) is scored once, in the first "
-        "conversation; *ppl (answers)*: "
-        "the trainable answer tokens only, as `qtune eval` reports; *KL*: mean per-token KL(fp32 ‖ quantized) in nats "
-        "over every real token (qtune.evaluate.divergence); *exact match*: qtune.evaluate.task_accuracy on the "
-        "validation prompts, greedy, max_new_tokens from the recipe, as `qtune eval` does.",
-        "- Every quantized checkpoint, GPTQModel's included, is evaluated through the same path: qtune's own readers "
-        "(`load_dequantized_gptq_model` / `load_dequantized_awq_model`, which dequantize to fp32 and run a plain HF model; "
-        "they read GPTQModel files, verified by tests/test_gptq_awq_loaders.py), so the comparison is apples to apples. "
-        "RTN checkpoints are written by qtune's writers and read back the same way.",
-        f"- GPTQ: 4-bit, group {GPTQ_GROUP} (K=576 gives a partial last group of 64), sym, no act-order, true-sequential. "
-        f"qtune: `quantize_model_gptq(damp={args.qtune_damp}, batch_size={args.qtune_batch_size}, "
-        f"group_aware={not args.qtune_no_group_aware})`. "
-        f"GPTQModel {meta['gptqmodel'].get('tool', '')}: `GPTQConfig(bits=4, group_size={GPTQ_GROUP}, desc_act=False, sym=True)` "
-        f"with its defaults otherwise: damp_percent={meta['gptqmodel'].get('damp_percent')}, "
-        f"act_group_aware={meta['gptqmodel'].get('act_group_aware')} (GAR: group-aware column ordering, as qtune's "
-        f"group_aware), batch_size={args.oracle_batch_size}, loaded with dtype=float32. "
-        f"Damp: qtune adds {args.qtune_damp:g} × mean(diag H) (its default is 0.01), GPTQModel "
-        f"{meta['gptqmodel'].get('damp_percent')} ×.",
-        f"- AWQ: 4-bit GEMM, group {AWQ_GROUP} (group 128 is impossible for AWQ at K=576), asymmetric (zero point). "
-        f"qtune: `quantize_model_awq(group_size={AWQ_GROUP}, n_grid=20, duo_scaling=True, apply_clip=True)`. "
-        f"GPTQModel: `AWQConfig(bits=4, group_size={AWQ_GROUP}, sym=False)`, `quantize(..., backend=BACKEND.AWQ_TORCH)`, "
-        "loaded with dtype=bfloat16 (its CPU default: with float32 its AWQ_TORCH packer fails, "
-        "`NotImplementedError: AwqTorchLinear only supports [torch.float16, torch.bfloat16]`), so GPTQModel's AWQ search "
-        "runs in bf16 while qtune's runs in fp32.",
-        "- RTN: qtune.quant.rtn.rtn_quantize per linear with the same grid conventions (GPTQ sym g128; AWQ asym g64).",
-        "- Quantize seconds: the quantize call alone (GPTQModel `model.quantize(...)`, qtune `quantize_model_*`), each tool "
-        "in a fresh subprocess with the same threads, model and calibration tensor; the order alternates between tools "
-        "(qtune first on one model, GPTQModel first on the other, and swapped between GPTQ and AWQ) and the verdict uses "
-        "the sum over models. Loading and saving are excluded; process wall times are in the results JSON.",
-        f"- Raw numbers: {args.work}/<model>/results.json.",
-        "",
-        *([Path(args.notes).read_text()] if args.notes else []),
-    ])
+    text = "\n".join(
+        [
+            "# GPTQ / AWQ benchmark: qtune vs GPTQModel vs round-to-nearest",
+            "",
+            f"Date: {started} (UTC). Device: {cpu}, {os.cpu_count()} cores visible; threads per quantizer "
+            "(OMP_NUM_THREADS = MKL_NUM_THREADS = torch.set_num_threads) as given in the quantize column; no GPU; "
+            f"1-minute load average when the report was written: {os.getloadavg()[0]:.1f} (the benchmark itself keeps 2 cores busy).",
+            "",
+            f"Command: `{command}`",
+            "",
+            "## Results",
+            "",
+            *lines,
+            "",
+            "## Verdicts",
+            "",
+            *verdicts,
+            "",
+            "## How it was made",
+            "",
+            f"- Calibration (identical tensor for every tool): {args.samples} × {args.seq_len} tokens of "
+            "recipes/data/quickstart_train.jsonl rendered through the chat template exactly as qtune training renders it "
+            f"(qtune.data.Formatter), records shuffled with seed {args.seed} and concatenated, no padding."
+            + (
+                f" AWQ (both tools) calibrates on the first {args.awq_samples} rows of that same tensor "
+                f"({args.awq_samples} × {args.seq_len} tokens), to fit the time budget: GPTQModel's AWQ on this CPU took about "
+                "1.5 min per layer with 64 rows on a loaded machine, 14 s per layer with 16 rows on an idle one."
+                if args.awq_samples
+                else ""
+            ),
+            "- Evaluation text (disjoint from calibration): recipes/data/quickstart_validation.jsonl rendered the same way "
+            "(qtune.data.prepare_data). *ppl (all tokens)*: every token of the rendered conversations, except that the "
+            "system prompt and template every conversation opens with (the shared prefix) is scored once, in the first "
+            "conversation; *ppl (answers)*: "
+            "the trainable answer tokens only, as `qtune eval` reports; *KL*: mean per-token KL(fp32 ‖ quantized) in nats "
+            "over every real token (qtune.metrics.divergence); *exact match*: qtune.metrics.task_accuracy on the "
+            "validation prompts, greedy, max_new_tokens from the recipe, as `qtune eval` does.",
+            "- Every quantized checkpoint, GPTQModel's included, is evaluated through the same path: qtune's own readers "
+            "(`load_dequantized_gptq_model` / `load_dequantized_awq_model`, which dequantize to fp32 and run a plain HF model; "
+            "they read GPTQModel files, verified by tests/test_gptq_awq_loaders.py), so the comparison is apples to apples. "
+            "RTN checkpoints are written by qtune's writers and read back the same way.",
+            f"- GPTQ: 4-bit, group {GPTQ_GROUP} (K=576 gives a partial last group of 64), sym, no act-order, true-sequential. "
+            f"qtune: `quantize_model_gptq(damp={args.qtune_damp}, batch_size={args.qtune_batch_size}, "
+            f"group_aware={not args.qtune_no_group_aware})`. "
+            f"GPTQModel {meta['gptqmodel'].get('tool', '')}: `GPTQConfig(bits=4, group_size={GPTQ_GROUP}, desc_act=False, sym=True)` "
+            f"with its defaults otherwise: damp_percent={meta['gptqmodel'].get('damp_percent')}, "
+            f"act_group_aware={meta['gptqmodel'].get('act_group_aware')} (GAR: group-aware column ordering, as qtune's "
+            f"group_aware), batch_size={args.oracle_batch_size}, loaded with dtype=float32. "
+            f"Damp: qtune adds {args.qtune_damp:g} × mean(diag H) (its default is 0.01), GPTQModel "
+            f"{meta['gptqmodel'].get('damp_percent')} ×.",
+            f"- AWQ: 4-bit GEMM, group {AWQ_GROUP} (group 128 is impossible for AWQ at K=576), asymmetric (zero point). "
+            f"qtune: `quantize_model_awq(group_size={AWQ_GROUP}, n_grid=20, duo_scaling=True, apply_clip=True)`. "
+            f"GPTQModel: `AWQConfig(bits=4, group_size={AWQ_GROUP}, sym=False)`, `quantize(..., backend=BACKEND.AWQ_TORCH)`, "
+            "loaded with dtype=bfloat16 (its CPU default: with float32 its AWQ_TORCH packer fails, "
+            "`NotImplementedError: AwqTorchLinear only supports [torch.float16, torch.bfloat16]`), so GPTQModel's AWQ search "
+            "runs in bf16 while qtune's runs in fp32.",
+            "- RTN: qtune.quant.rtn.rtn_quantize per linear with the same grid conventions (GPTQ sym g128; AWQ asym g64).",
+            "- Quantize seconds: the quantize call alone (GPTQModel `model.quantize(...)`, qtune `quantize_model_*`), each tool "
+            "in a fresh subprocess with the same threads, model and calibration tensor; the order alternates between tools "
+            "(qtune first on one model, GPTQModel first on the other, and swapped between GPTQ and AWQ) and the verdict uses "
+            "the sum over models. Loading and saving are excluded; process wall times are in the results JSON.",
+            f"- Raw numbers: {args.work}/<model>/results.json.",
+            "",
+            *([Path(args.notes).read_text()] if args.notes else []),
+        ]
+    )
     return text
 
 
@@ -463,16 +554,14 @@ def main() -> None:
     parser.add_argument("--qtune-no-group-aware", action="store_true", help="qtune GPTQ in natural group order")
     parser.add_argument("--oracle-damp", default="default")
     parser.add_argument("--oracle-batch-size", type=int, default=1)
-    parser.add_argument("--oracle-awq-dtype", default="bfloat16",
-                        help="GPTQModel's AWQ packer (AwqTorchLinear) refuses float32; bfloat16 is its CPU default")
+    parser.add_argument("--oracle-awq-dtype", default="bfloat16", help="GPTQModel's AWQ packer (AwqTorchLinear) refuses float32; bfloat16 is its CPU default")
     parser.add_argument("--oracle-python", default=str(REPO / ".cache/oracle-venv/bin/python"))
     parser.add_argument("--work", default=str(REPO / ".cache/bench-gptq-awq"))
     parser.add_argument("--out", type=Path, default=REPO / "docs/bench_gptq_awq.md")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--tools", default="qtune,gptqmodel", help="quantizers to run (the other's cached result is used)")
     parser.add_argument("--no-eval", action="store_true", help="quantize only")
-    parser.add_argument("--awq-samples", type=int, default=0,
-                        help="AWQ calibrates on the first N rows of the calibration tensor (both tools); 0: all")
+    parser.add_argument("--awq-samples", type=int, default=0, help="AWQ calibrates on the first N rows of the calibration tensor (both tools); 0: all")
     parser.add_argument("--notes", type=Path, help="markdown appended to the report (observations, bugs)")
     # worker mode (internal)
     parser.add_argument("--worker", choices=["gptq", "awq"], help=argparse.SUPPRESS)
@@ -489,8 +578,7 @@ def main() -> None:
         return
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    command = " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), ".venv/bin/python",
-                        "scripts/bench_gptq_awq.py", *sys.argv[1:]])
+    command = " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), ".venv/bin/python", "scripts/bench_gptq_awq.py", *sys.argv[1:]])
     if args.fresh and Path(args.work).exists():
         shutil.rmtree(args.work)
     Path(args.work).mkdir(parents=True, exist_ok=True)

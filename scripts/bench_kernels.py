@@ -50,9 +50,7 @@ def import_qtune_kernels():
         sys.path.insert(0, str(ROOT))
         import qtune
 
-        spec = importlib.util.spec_from_file_location(
-            "qtune.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
+        spec = importlib.util.spec_from_file_location("qtune.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
         module = importlib.util.module_from_spec(spec)
         sys.modules["qtune.kernels"] = module
         spec.loader.exec_module(module)
@@ -261,9 +259,7 @@ def random_w4a16(w4a16, layout, in_features, out_features, group_size, act_order
         return pack_int4(codes, "cols", w4a16.AWQ_ORDER), pack_int4(zeros, "cols", w4a16.AWQ_ORDER), scales, None
     g_idx = None  # k // group_size: the kernel's aligned-groups path (QuantLinearW4A16 drops trivial g_idx too)
     if act_order:
-        g_idx = (torch.arange(in_features, device=device, dtype=torch.int32) // group_size)[
-            torch.randperm(in_features, generator=g, device=device)
-        ]
+        g_idx = (torch.arange(in_features, device=device, dtype=torch.int32) // group_size)[torch.randperm(in_features, generator=g, device=device)]
     return pack_int4(codes, "rows"), pack_int4(zeros - 1 if layout == "gptq" else zeros, "cols"), scales, g_idx
 
 

@@ -102,10 +102,17 @@ def build_base(folder: Path, shape: Shape, layers: int, dtype: str) -> Path:
     tokenizer = load_tokenizer(builtin_checkpoint("smollm2-135m-instruct"))
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=shape.vocab or len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=512, tie_word_embeddings=shape.tied, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=shape.vocab or len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=shape.tied,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
@@ -119,8 +126,12 @@ def write_recipe(work: Path, base: Path, exports: list[str]) -> Path:
     recipe = {
         "model": {"base": str(base)},
         "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
-        "data": {"train": str(DATA / "quickstart_train.jsonl"), "validation": str(DATA / "quickstart_validation.jsonl"),
-                 "max_length": 128, "max_train_samples": 32},
+        "data": {
+            "train": str(DATA / "quickstart_train.jsonl"),
+            "validation": str(DATA / "quickstart_validation.jsonl"),
+            "max_length": 128,
+            "max_train_samples": 32,
+        },
         "training": {"max_steps": 2, "micro_batch_size": 2, "save_steps": 2, "logging_steps": 1, "gradient_checkpointing": True},
         "tracking": {"backend": "none"},
         "output": {"dir": str(work / "run")},
@@ -132,10 +143,17 @@ def write_recipe(work: Path, base: Path, exports: list[str]) -> Path:
     return path
 
 
-LLAMA31_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
-LLAMA31_70B = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-               "num_attention_heads": 64}
+LLAMA31_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+LLAMA31_70B = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64}
 PLAN_MACHINES = {"8b": (LLAMA31_8B, 24 * 2**30, 32 * 2**30), "70b": (LLAMA31_70B, 80 * 2**30, 64 * 2**30)}
 
 
@@ -148,8 +166,7 @@ def planned(recipe: Path, config: dict, gpu_bytes: int | None, host_bytes: int) 
     names = {"train": "train", "merge": "merge", "eval merged / exports": "eval"}
     out = {}
     for entry in result.stages:
-        name = names.get(entry.stage) or next((f"export:{k}" for k, v in EXPORTS.items()
-                                               if entry.stage == f"export {_target_name(v)}"), entry.stage)
+        name = names.get(entry.stage) or next((f"export:{k}" for k, v in EXPORTS.items() if entry.stage == f"export {_target_name(v)}"), entry.stage)
         out[name] = (entry.device_bytes / 2**30, entry.host_bytes / 2**30)
     return out
 
@@ -166,7 +183,8 @@ def run_stage(stage: str, recipe: Path) -> dict:
     from qtune.cpu import configure_threads
 
     configure_threads()
-    from qtune import pipeline
+    from qtune.evaluate import evaluate_run
+    from qtune.merge import merge_run
     from qtune.recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -174,11 +192,11 @@ def run_stage(stage: str, recipe: Path) -> dict:
     started = time.perf_counter()
     with PeakSampler() as sampler:
         if stage == "train":
-            from qtune.train import train
+            from qtune.training import train
 
             train(loaded)
         elif stage == "merge":
-            pipeline.merge_run(run_dir)
+            merge_run(run_dir)
         elif stage.startswith("export:"):
             from qtune.exports import export
             from qtune.recipe import ExportTarget
@@ -186,15 +204,18 @@ def run_stage(stage: str, recipe: Path) -> dict:
             target = ExportTarget(**EXPORTS[stage.removeprefix("export:")])
             export(run_dir, target, run_dir / "exports" / target.default_name(), overwrite=True)
         elif stage == "eval":
-            pipeline.evaluate_run(run_dir, ["merged"])
+            evaluate_run(run_dir, ["merged"])
         else:
             raise ValueError(f"unknown stage {stage}")
-    return {"stage": stage, "peak_anon_mb": round(sampler.peak_anon_mb, 1), "hwm_mb": round(_status_kb("VmHWM") / 1024, 1),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "stage": stage,
+        "peak_anon_mb": round(sampler.peak_anon_mb, 1),
+        "hwm_mb": round(_status_kb("VmHWM") / 1024, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
-def measure(work: Path, shape: Shape, depths: list[int], stages: list[str], dtype: str = "bfloat16",
-            resume: bool = False) -> dict[int, dict[str, dict]]:
+def measure(work: Path, shape: Shape, depths: list[int], stages: list[str], dtype: str = "bfloat16", resume: bool = False) -> dict[int, dict[str, dict]]:
     """depth -> stage -> {peak_anon_mb, hwm_mb, seconds}, each stage in a fresh process.
 
     Each stage's result is saved as it finishes (``layers-N/results.json``); with ``resume`` the stages
@@ -216,8 +237,7 @@ def measure(work: Path, shape: Shape, depths: list[int], stages: list[str], dtyp
             if stage in results[depth]:
                 continue
             env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-            done = subprocess.run([sys.executable, __file__, "--stage", stage, str(recipe)], capture_output=True, text=True,
-                                  env=env, timeout=3600)
+            done = subprocess.run([sys.executable, __file__, "--stage", stage, str(recipe)], capture_output=True, text=True, env=env, timeout=3600)
             if done.returncode != 0:
                 raise RuntimeError(f"{stage} at depth {depth} failed:\n{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -239,10 +259,16 @@ def growth_table(results: dict[int, dict[str, dict]], shape: Shape) -> list[dict
     for stage in results[low]:
         a, b = results[low][stage], results[high][stage]
         per_layer = (b["peak_anon_mb"] - a["peak_anon_mb"]) / (high - low)
-        rows.append({"stage": stage, **{f"anon_mb_{d}": results[d][stage]["peak_anon_mb"] for d in depths},
-                     **{f"hwm_mb_{d}": results[d][stage]["hwm_mb"] for d in depths},
-                     "growth_per_layer_mb": round(per_layer, 1), "growth_vs_fp32_layer": round(per_layer / fp32_layer_mb, 3),
-                     **{f"seconds_{d}": results[d][stage]["seconds"] for d in depths}})
+        rows.append(
+            {
+                "stage": stage,
+                **{f"anon_mb_{d}": results[d][stage]["peak_anon_mb"] for d in depths},
+                **{f"hwm_mb_{d}": results[d][stage]["hwm_mb"] for d in depths},
+                "growth_per_layer_mb": round(per_layer, 1),
+                "growth_vs_fp32_layer": round(per_layer / fp32_layer_mb, 3),
+                **{f"seconds_{d}": results[d][stage]["seconds"] for d in depths},
+            }
+        )
     return rows
 
 
@@ -259,8 +285,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=None, help="config vocabulary (default: the built-in tokenizer's)")
     parser.add_argument("--untied", action="store_true", help="a separate output head, as Llama-3.1-8B has")
     parser.add_argument("--plan-for", choices=sorted(PLAN_MACHINES), help="also print the plan for this real model on its target machine")
-    parser.add_argument("--extrapolate-to", type=int, nargs="+", default=[], metavar="LAYERS",
-                        help="also extrapolate each stage's host peak per layer to these depths (32: Llama-3.1-8B, 80: 70B)")
+    parser.add_argument(
+        "--extrapolate-to",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="LAYERS",
+        help="also extrapolate each stage's host peak per layer to these depths (32: Llama-3.1-8B, 80: 70B)",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the stage results a previous run saved under --work")
     parser.add_argument("--stage", nargs=2, metavar=("STAGE", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,14 +305,18 @@ def main() -> None:
     recipe = args.work / f"layers-{high}" / "recipe.yaml"
     config = json.loads((args.work / f"layers-{high}" / "base" / "config.json").read_text())
     plan = planned(recipe, config, None, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    print(f"shape: hidden {shape.hidden}, intermediate {shape.intermediate}, heads {shape.heads}/{shape.kv_heads}; "
-          f"one decoder layer = {4 * shape.layer_params / 2**20:.1f} MB in fp32; depths {low} and {high}")
+    print(
+        f"shape: hidden {shape.hidden}, intermediate {shape.intermediate}, heads {shape.heads}/{shape.kv_heads}; "
+        f"one decoder layer = {4 * shape.layer_params / 2**20:.1f} MB in fp32; depths {low} and {high}"
+    )
     print(f"| stage | anon MB @{low} | anon MB @{high} | hwm MB @{low} | hwm MB @{high} | plan MB @{high} | growth MB/layer | × fp32 layer | s @{high} |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in growth_table(results, shape):
         plan_mb = round(plan.get(row["stage"], (0, float("nan")))[1] * 1024)
-        print(f"| {row['stage']} | {row[f'anon_mb_{low}']} | {row[f'anon_mb_{high}']} | {row[f'hwm_mb_{low}']} | "
-              f"{row[f'hwm_mb_{high}']} | {plan_mb} | {row['growth_per_layer_mb']} | {row['growth_vs_fp32_layer']} | {row[f'seconds_{high}']} |")
+        print(
+            f"| {row['stage']} | {row[f'anon_mb_{low}']} | {row[f'anon_mb_{high}']} | {row[f'hwm_mb_{low}']} | "
+            f"{row[f'hwm_mb_{high}']} | {plan_mb} | {row['growth_per_layer_mb']} | {row['growth_vs_fp32_layer']} | {row[f'seconds_{high}']} |"
+        )
     if args.extrapolate_to:
         _print_extrapolation(growth_table(results, shape), low, high, args.extrapolate_to)
     if args.plan_for:
@@ -303,8 +339,10 @@ def _print_extrapolation(rows: list[dict], low: int, high: int, depths: list[int
 
 def _print_scaled_plan(recipe: Path, which: str) -> None:
     config, gpu, host = PLAN_MACHINES[which]
-    print(f"\nplan for {which} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}) on a "
-          f"{gpu / 2**30:.0f} GB GPU with {host / 2**30:.0f} GB of host memory, this benchmark's recipe:")
+    print(
+        f"\nplan for {which} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}) on a "
+        f"{gpu / 2**30:.0f} GB GPU with {host / 2**30:.0f} GB of host memory, this benchmark's recipe:"
+    )
     for stage, (device, host_gb) in planned(recipe, config, gpu, host).items():
         print(f"  {stage:<28} GPU {device:6.1f} GB   host {host_gb:6.1f} GB")
 

@@ -41,7 +41,8 @@ def shadow_run(run_dir: Path, folder: Path) -> Path:
 def job(shadow: Path, seed: int, formats: list[str]) -> None:
     """Export and score every (selected) target of the recipe with calibration seed ``seed``."""
     sys.path.insert(0, str(REPO))
-    from qtune import pipeline, rundir
+    from qtune import rundir
+    from qtune.evaluate import evaluate_run
     from qtune.exports import export, report_path
 
     recipe = rundir.load_run_recipe(shadow).recipe
@@ -49,7 +50,7 @@ def job(shadow: Path, seed: int, formats: list[str]) -> None:
     for target in recipe.export:
         if target.format not in formats or target.format == "gguf-lora":
             continue
-        calibrated = target.format != "gguf" or (target.imatrix and target.quant not in ("F32", "F16", "BF16", "Q8_0"))
+        calibrated = target.format != "gguf" or target.uses_imatrix
         if seed and not calibrated:
             continue  # the same file whatever the seed
         output = shadow / "exports" / target.default_name()
@@ -58,7 +59,7 @@ def job(shadow: Path, seed: int, formats: list[str]) -> None:
         names.append(output.name)
     pending = [n for n in names if not (shadow / "eval" / f"{n}.json").is_file()]
     if pending:
-        pipeline.evaluate_run(shadow, pending)
+        evaluate_run(shadow, pending)
 
 
 def main() -> None:
@@ -84,8 +85,12 @@ def main() -> None:
             shadow = shadow_run(run_dir, spread / f"t{threads}-s{seed}")
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads)}
             log = open(shadow / "job.log", "a")
-            proc = subprocess.Popen([sys.executable, __file__, str(run_dir), "--job", str(shadow), str(seed), "--formats", *args.formats],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, __file__, str(run_dir), "--job", str(shadow), str(seed), "--formats", *args.formats],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             running.append((proc, threads, seed, time.perf_counter()))
             busy += threads
             print(f"started threads={threads} seed={seed}", flush=True)
@@ -113,8 +118,10 @@ def report(run_dir: Path, spread: Path, thread_counts: list[int], seeds: list[in
                     continue
                 result = json.loads(path.read_text())
                 rows.setdefault(path.name.removesuffix(".json"), []).append({"threads": threads, "seed": seed, **result})
-    print(f"\nmerged model: {merged['correct']}/{merged['total']}; gates: max_task_drop_points={gates.max_task_drop_points}, "
-          f"min_task_ratio={gates.min_task_ratio}, max_kl_vs_merged={gates.max_kl_vs_merged}")
+    print(
+        f"\nmerged model: {merged['correct']}/{merged['total']}; gates: max_task_drop_points={gates.max_task_drop_points}, "
+        f"min_task_ratio={gates.min_task_ratio}, max_kl_vs_merged={gates.max_kl_vs_merged}"
+    )
     print("| export | threads | seed | exact match | drop vs merged (points) | KL vs merged | top-1 | task-drop margin (points) | KL margin |")
     print("|---|---|---|---|---|---|---|---|---|")
     summary = []
@@ -126,16 +133,19 @@ def report(run_dir: Path, spread: Path, thread_counts: list[int], seeds: list[in
             drop = 100 * (merged["task_metric"] - r["task_metric"])
             drop_margin = gates.max_task_drop_points - drop if gates.max_task_drop_points is not None else float("nan")
             kl_margin = gates.max_kl_vs_merged - r["kl_vs_merged"] if gates.max_kl_vs_merged is not None else float("nan")
-            print(f"| {name} | {r['threads']} | {r['seed']} | {r['correct']}/{r['total']} | {drop:+.1f} | {r['kl_vs_merged']:.4f} | "
-                  f"{r['top1_vs_merged']:.3f} | {drop_margin:.1f} | {kl_margin:.3f} |")
+            print(
+                f"| {name} | {r['threads']} | {r['seed']} | {r['correct']}/{r['total']} | {drop:+.1f} | {r['kl_vs_merged']:.4f} | "
+                f"{r['top1_vs_merged']:.3f} | {drop_margin:.1f} | {kl_margin:.3f} |"
+            )
         ok = [r for r in results if r.get("status") == "ok"]
         if ok:
             correct = [r["correct"] for r in ok]
             kls = [r["kl_vs_merged"] for r in ok]
             drops = [100 * (merged["task_metric"] - r["task_metric"]) for r in ok]
             margin = f"{gates.max_task_drop_points - max(drops):.1f}" if gates.max_task_drop_points is not None else "n/a"
-            summary.append(f"| {name} | {len(ok)} | {min(correct)}–{max(correct)} of {ok[0]['total']} | {max(drops):+.1f} | "
-                           f"{min(kls):.4f}–{max(kls):.4f} | {margin} |")
+            summary.append(
+                f"| {name} | {len(ok)} | {min(correct)}–{max(correct)} of {ok[0]['total']} | {max(drops):+.1f} | {min(kls):.4f}–{max(kls):.4f} | {margin} |"
+            )
     print("\n| export | runs | exact match range | worst drop (points) | KL range | smallest task-drop margin (points) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(summary))

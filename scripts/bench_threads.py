@@ -38,8 +38,7 @@ CONFIGS = {
     "qtune": None,  # qtune.cpu.configure_threads() in the worker
     "single": {"OMP_NUM_THREADS": "1"},
 }
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "GOMP_SPINCOUNT",
-                    "NUMBA_THREADING_LAYER")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "GOMP_SPINCOUNT", "NUMBA_THREADING_LAYER")
 
 
 def worker(run_dir: Path, layers: int, method: str, use_qtune: bool) -> dict:
@@ -61,13 +60,14 @@ def worker(run_dir: Path, layers: int, method: str, use_qtune: bool) -> dict:
     model.model.layers = model.model.layers[:layers]
     started = time.perf_counter()
     if method == "gptq":
-        layerwise.quantize_model_gptq(model, calibration.input_ids, calibration.attention_mask, bits=4, group_size=32,
-                                      sym=False, damp=0.05)
+        layerwise.quantize_model_gptq(model, calibration.input_ids, calibration.attention_mask, bits=4, group_size=32, sym=False, damp=0.05)
     else:
-        layerwise.quantize_model_awq(model, calibration.input_ids, calibration.attention_mask, bits=4, group_size=32,
-                                     rounding="gptq", damp=0.05)
-    return {"seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
-            "env": {k: os.environ.get(k) for k in THREAD_VARIABLES if os.environ.get(k)}}
+        layerwise.quantize_model_awq(model, calibration.input_ids, calibration.attention_mask, bits=4, group_size=32, rounding="gptq", damp=0.05)
+    return {
+        "seconds": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+        "env": {k: os.environ.get(k) for k in THREAD_VARIABLES if os.environ.get(k)},
+    }
 
 
 def measure(run_dir: Path, layers: int, method: str, config: str, busy: int) -> dict:
@@ -75,8 +75,14 @@ def measure(run_dir: Path, layers: int, method: str, config: str, busy: int) -> 
     env.update(CONFIGS[config] or {})
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
-        result = subprocess.run([sys.executable, __file__, "--worker", str(run_dir), "--layers", str(layers), "--method", method]
-                                + (["--qtune"] if CONFIGS[config] is None else []), env=env, capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, __file__, "--worker", str(run_dir), "--layers", str(layers), "--method", method]
+            + (["--qtune"] if CONFIGS[config] is None else []),
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     finally:
         for spinner in spinners:
             spinner.kill()
@@ -102,13 +108,15 @@ def main() -> None:
         return
     times: dict[tuple, list[float]] = {}
     for round_ in range(args.rounds):
-        for busy in (args.busy if round_ % 2 == 0 else list(reversed(args.busy))):
+        for busy in args.busy if round_ % 2 == 0 else list(reversed(args.busy)):
             for method in args.methods:
-                for config in (args.configs if round_ % 2 == 0 else list(reversed(args.configs))):
+                for config in args.configs if round_ % 2 == 0 else list(reversed(args.configs)):
                     result = measure(args.run_dir, args.layers, method, config, busy)
                     times.setdefault((method, config, busy), []).append(result["seconds"])
-                    print(f"round {round_ + 1}: {method:4} {config:8} busy={busy} {result['seconds']:7.1f} s "
-                          f"({result['threads']} threads, {result['env']})", flush=True)
+                    print(
+                        f"round {round_ + 1}: {method:4} {config:8} busy={busy} {result['seconds']:7.1f} s ({result['threads']} threads, {result['env']})",
+                        flush=True,
+                    )
     print(f"\n{args.layers} decoder blocks of {args.run_dir / 'merged'}, {os.cpu_count()} CPUs, median of {args.rounds}")
     print("| method | threads | " + " | ".join(f"busy={b} s" for b in args.busy) + " | " + " | ".join(f"busy={b} / idle" for b in args.busy if b) + " |")
     print("|---|---|" + "---|" * (2 * len(args.busy) - (0 in args.busy)))

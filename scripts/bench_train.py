@@ -20,8 +20,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
 
 
 def build_rows(model: str, seq_len: int, count: int):
@@ -51,8 +59,12 @@ def load_model(model: str):
 
     quant = bnb_config(QuantizationSection())
     if model == "builtin":
-        return AutoModelForCausalLM.from_pretrained(builtin_checkpoint("smollm2-135m-instruct"), quantization_config=quant,
-                                                    dtype=quant.bnb_4bit_compute_dtype, device_map={"": 0 if torch.cuda.is_available() else "cpu"})
+        return AutoModelForCausalLM.from_pretrained(
+            builtin_checkpoint("smollm2-135m-instruct"),
+            quantization_config=quant,
+            dtype=quant.bnb_4bit_compute_dtype,
+            device_map={"": 0 if torch.cuda.is_available() else "cpu"},
+        )
     # Weight values don't change speed or memory: quantize a random model built straight on the GPU.
     config = LlamaConfig(**LLAMA3_8B)
     from transformers.quantizers import AutoHfQuantizer
@@ -76,10 +88,8 @@ def run_variant(variant: str, model: str, seq_len: int, batch: int, steps: int, 
     net = load_model(model)
     lora = LoraSection(r=16, alpha=32, dropout=0.0)
     if variant == "qtune":
-        from qtune.train import _trainer_class
-
         from qtune.recipe import Recipe
-        from qtune.train import use_fused_kernels
+        from qtune.training import _trainer_class, use_fused_kernels
 
         net = attach_lora(net, lora, gradient_checkpointing=True)
         use_fused_kernels(net, Recipe())
@@ -106,10 +116,21 @@ def run_variant(variant: str, model: str, seq_len: int, batch: int, steps: int, 
 
     on_cuda = torch.cuda.is_available()
     args = TrainingArguments(
-        output_dir=f"/tmp/qtune-bench-{variant}", per_device_train_batch_size=batch, max_steps=steps + warmup,
-        learning_rate=1e-4, optim="paged_adamw_8bit" if on_cuda else "adamw_bnb_8bit", gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no", report_to=[], logging_steps=10**6,
-        remove_unused_columns=False, use_cpu=not on_cuda, bf16=on_cuda, disable_tqdm=True, seed=0,
+        output_dir=f"/tmp/qtune-bench-{variant}",
+        per_device_train_batch_size=batch,
+        max_steps=steps + warmup,
+        learning_rate=1e-4,
+        optim="paged_adamw_8bit" if on_cuda else "adamw_bnb_8bit",
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10**6,
+        remove_unused_columns=False,
+        use_cpu=not on_cuda,
+        bf16=on_cuda,
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = trainer_cls(model=net, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()])
     if variant == "qtune":
@@ -117,10 +138,10 @@ def run_variant(variant: str, model: str, seq_len: int, batch: int, steps: int, 
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    timed = times[warmup + 1:] if len(times) > warmup + 1 else times
+    timed = times[warmup + 1 :] if len(times) > warmup + 1 else times
     seconds = timed[-1] - times[warmup]
     tokens = sum(len(r["input_ids"]) for r in rows[batch * warmup : batch * (steps + warmup)])
-    from qtune.train import peak_memory_gb
+    from qtune.training import peak_memory_gb
 
     return {"variant": variant, "tokens_per_second": tokens / seconds, "peak_memory_gb": peak_memory_gb(), "seconds": seconds}
 
@@ -143,8 +164,22 @@ def main() -> None:
     results = {"qtune": [], "plain": []}
     for _ in range(args.rounds):
         for variant in ("qtune", "plain"):
-            cmd = [sys.executable, __file__, "--worker", variant, "--model", args.model, "--seq-len", str(seq_len),
-                   "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                variant,
+                "--model",
+                args.model,
+                "--seq-len",
+                str(seq_len),
+                "--batch",
+                str(batch),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
             line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:

@@ -72,12 +72,14 @@ def make_split(rng: random.Random, count: int, first: list, last: list, cities: 
     for _ in range(count):
         category = rng.choice(sorted(TEMPLATES))
         person = {"name": f"{rng.choice(first)} {rng.choice(last)}", "age": rng.randint(18, 89), "city": rng.choice(cities)}
-        records.append({
-            "instruction": INSTRUCTION,
-            "input": TEMPLATES[category].format(**person),
-            "output": answer(person),
-            "category": category,
-        })
+        records.append(
+            {
+                "instruction": INSTRUCTION,
+                "input": TEMPLATES[category].format(**person),
+                "output": answer(person),
+                "category": category,
+            }
+        )
     return records
 
 

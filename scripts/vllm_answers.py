@@ -28,8 +28,7 @@ def main() -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model, dtype=request.get("dtype", "bfloat16"), max_model_len=request.get("max_model_len", 512),
-              enforce_eager=True, seed=0)
+    llm = LLM(model=model, dtype=request.get("dtype", "bfloat16"), max_model_len=request.get("max_model_len", 512), enforce_eager=True, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=request.get("ignore_eos", False))
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]], params, use_tqdm=False)
     with open(answers_path + ".tmp", "w") as handle:

@@ -39,8 +39,7 @@ def label_spans(tokenizer, labels) -> list[str]:
     return spans
 
 
-def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0, tied: bool = True,
-                   max_shard_size: str | None = None) -> Path:
+def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0, tied: bool = True, max_shard_size: str | None = None) -> Path:
     """A randomly initialised llama with the built-in model's tokenizer, saved as a normal checkpoint
     (in shards of ``max_shard_size`` when given)."""
     import torch
@@ -51,9 +50,17 @@ def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0,
     tokenizer = builtin_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
@@ -72,8 +79,15 @@ def tiny_recipe(base: Path, out_dir: Path, **sections) -> dict:
             "max_train_samples": 64,
         },
         "training": {
-            "max_steps": 6, "micro_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2, "logging_steps": 1,
-            "optimizer": "paged_adamw_8bit", "gradient_checkpointing": False, "seed": 3, "warmup_steps": 1,
+            "max_steps": 6,
+            "micro_batch_size": 4,
+            "learning_rate": 1e-3,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "optimizer": "paged_adamw_8bit",
+            "gradient_checkpointing": False,
+            "seed": 3,
+            "warmup_steps": 1,
         },
         "tracking": {"mode": "offline", "project": "qtune-tests"},
         "output": {"dir": str(out_dir)},
@@ -150,8 +164,7 @@ def wandb_records(path: Path) -> list:
     return records
 
 
-def dense_wide_llama_dir(src: Path, dst: Path, hidden: int = 768, heads: int = 12, kv_heads: int = 4,
-                         seed: int = 0) -> Path:
+def dense_wide_llama_dir(src: Path, dst: Path, hidden: int = 768, heads: int = 12, kv_heads: int = 4, seed: int = 0) -> Path:
     """A function-preserving rewrite of the llama checkpoint ``src`` whose weights are dense and whose
     rows are ``hidden`` wide.
 
@@ -178,8 +191,7 @@ def dense_wide_llama_dir(src: Path, dst: Path, hidden: int = 768, heads: int = 1
         raise ValueError(f"cannot widen {width} to {hidden} with {heads} heads of {head_dim} and {kv_heads} kv heads")
     weights = {k: v.to(torch.float64) for k, v in load_file(src / "model.safetensors").items()}
     weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
-    rotation, _ = torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64,
-                                              generator=torch.Generator().manual_seed(seed)))
+    rotation, _ = torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
 
     def pad(t, rows: int, cols: int):
         out = torch.zeros(rows, cols, dtype=t.dtype)
@@ -211,8 +223,7 @@ def dense_wide_llama_dir(src: Path, dst: Path, hidden: int = 768, heads: int = 1
         out[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.float64)
         out[p + "self_attn.q_proj.weight"] = reads_residual(p + "self_attn.q_proj.weight", p + "input_layernorm.weight", hidden)
         for name in ("k_proj", "v_proj"):
-            out[p + f"self_attn.{name}.weight"] = reads_residual(
-                p + f"self_attn.{name}.weight", p + "input_layernorm.weight", kv_heads * head_dim)
+            out[p + f"self_attn.{name}.weight"] = reads_residual(p + f"self_attn.{name}.weight", p + "input_layernorm.weight", kv_heads * head_dim)
         out[p + "self_attn.o_proj.weight"] = writes_residual(p + "self_attn.o_proj.weight", hidden)
         for name in ("gate_proj", "up_proj"):
             out[p + f"mlp.{name}.weight"] = reads_residual(p + f"mlp.{name}.weight", p + "post_attention_layernorm.weight")
@@ -223,10 +234,16 @@ def dense_wide_llama_dir(src: Path, dst: Path, hidden: int = 768, heads: int = 1
     for f in src.iterdir():
         if f.is_file() and f.name not in ("model.safetensors", "config.json"):
             shutil.copy(f, dst / f.name)
-    config.update(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                  rms_norm_eps=config["rms_norm_eps"] * width / hidden, tie_word_embeddings=False, torch_dtype="float32")
-    save_file({k: v.to(torch.float32).contiguous() for k, v in out.items()}, dst / "model.safetensors",
-              metadata={"format": "pt"})
+    config.update(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=config["rms_norm_eps"] * width / hidden,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    save_file({k: v.to(torch.float32).contiguous() for k, v in out.items()}, dst / "model.safetensors", metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
 
@@ -254,6 +271,10 @@ def convert_with_llama_cpp(checkpoint: Path, outfile: Path, *args: str) -> Path:
         stub.mkdir(exist_ok=True)
         (stub / "sentencepiece.py").write_text("class SentencePieceProcessor:\n    pass\n")
         paths.append(str(stub))
-    subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(checkpoint), *args, "--outfile", str(outfile)],
-                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [sys.executable, str(source / "convert_hf_to_gguf.py"), str(checkpoint), *args, "--outfile", str(outfile)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"},
+    )
     return outfile

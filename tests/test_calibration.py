@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from support import QUICKSTART_DATA
-
 from qtune.calibration import calibration_set, draw_order
 from qtune.recipe import DataSection
+from support import QUICKSTART_DATA
 
 
 def test_the_draw_is_deterministic_and_covers_every_category_evenly():

@@ -39,8 +39,7 @@ SCORES = ("task_metric", "correct", "total", "perplexity", "kl_vs_merged", "top1
 def _run_until_killed(recipe: Path, pattern: str, delay: float, timeout: float = 900) -> str:
     """Start `qtune -v run`, SIGKILL it `delay` s after a log line matches, and return its output."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.Popen([sys.executable, "-m", "qtune", "-v", "run", str(recipe)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "qtune", "-v", "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen, deadline = [], time.monotonic() + timeout
     try:
         for line in proc.stdout:  # text mode splits tqdm's carriage returns into lines too
@@ -61,8 +60,11 @@ def _run_until_killed(recipe: Path, pattern: str, delay: float, timeout: float =
 
 def _final_files(run_dir: Path) -> list[Path]:
     """Everything under a final name: not staged (hidden), not W&B's own files."""
-    return [p for p in run_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run_dir).parts)
-            and p.relative_to(run_dir).parts[0] != "wandb"]
+    return [
+        p
+        for p in run_dir.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run_dir).parts) and p.relative_to(run_dir).parts[0] != "wandb"
+    ]
 
 
 def _check_complete(path: Path) -> None:
@@ -124,6 +126,7 @@ def test_killed_anywhere_the_next_run_continues_to_the_same_scores(full_run, tmp
 
 # ---------------------------------------------------------------- a full disk
 
+
 @contextlib.contextmanager
 def _small_disk(path: Path, size_mb: int):
     path.mkdir(parents=True)
@@ -146,16 +149,14 @@ def _fill(folder: Path) -> None:
 
 
 def _digests(run_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in run_dir.rglob("*") if p.is_file() and p.name != "ballast"}
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file() and p.name != "ballast"}
 
 
 # (stage, what the run already holds, the command that writes the stage's outputs)
 DISK_FULL_STAGES = [
     ("merge", ("adapter",), ("merge",)),
     ("export", ("adapter", "merged", "merge_report.json"), ("export", "--format", "gguf", "--quant", "Q8_0")),
-    ("export", ("adapter", "merged", "merge_report.json"),
-     ("export", "--format", "gptq", "--group-size", "32", "--samples", "8", "--seq-len", "128")),
+    ("export", ("adapter", "merged", "merge_report.json"), ("export", "--format", "gptq", "--group-size", "32", "--samples", "8", "--seq-len", "128")),
     ("eval", ("adapter", "merged", "merge_report.json", "exports", "eval/base.json"), ("eval", "--artifact", "adapter")),
     ("report", ("adapter", "merged", "merge_report.json", "exports", "eval"), ("report", "--no-tracking")),
 ]
@@ -232,15 +233,16 @@ def test_a_llama_cpp_crash_fails_one_row_and_the_rest_are_scored(full_run, tmp_p
     run_dir = tmp_path / "run"
     shutil.copytree(reference_dir, run_dir, ignore=shutil.ignore_patterns("checkpoint-*", "wandb"))
     fake = _crashing_llama_cpp(tmp_path / "fake")
-    result = qtune_cli("eval", str(run_dir), "--artifact", "model-Q8_0.gguf", "--artifact", "gptq-4bit-g32",
-                       env={"PYTHONPATH": str(fake)})
+    result = qtune_cli("eval", str(run_dir), "--artifact", "model-Q8_0.gguf", "--artifact", "gptq-4bit-g32", env={"PYTHONPATH": str(fake)})
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "could not evaluate model-Q8_0.gguf" in result.stderr
     crashed = json.loads((run_dir / "eval" / "model-Q8_0.gguf.json").read_text())
     assert crashed["status"] == "failed" and "SIGILL" in crashed["error"] and "instruction" in crashed["error"], crashed
     scored = json.loads((run_dir / "eval" / "gptq-4bit-g32.json").read_text())
     assert scored["status"] == "ok" and scored == json.loads((reference_dir / "eval" / "gptq-4bit-g32.json").read_text()) | {
-        "eval_seconds": scored["eval_seconds"], "generation_tokens_per_second": scored["generation_tokens_per_second"]}
+        "eval_seconds": scored["eval_seconds"],
+        "generation_tokens_per_second": scored["generation_tokens_per_second"],
+    }
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")

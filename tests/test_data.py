@@ -21,14 +21,14 @@ from qtune.data import (
 )
 from qtune.errors import QtuneError
 from qtune.recipe import DataSection, DataSource
-from support import decode, label_spans
+from support import REPO, decode, label_spans
 
-REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_TRAIN = REPO / "recipes" / "data" / "quickstart_train.jsonl"
 END_OF_TURN = "<|im_end|>\n"  # how SmolLM2's ChatML template closes every turn
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +51,7 @@ def source(path: Path, **kw) -> DataSource:
 
 
 # ---------------------------------------------------------------- loading
+
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
@@ -142,8 +143,7 @@ def test_saved_dataset_dict_split(tmp_path):
     import datasets
 
     train, test = alpaca_records(3), alpaca_records(5)[3:]
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}).save_to_disk(
-        str(tmp_path / "dd"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}).save_to_disk(str(tmp_path / "dd"))
     assert load_source(DataSource(path="dd"), tmp_path) == train
     assert load_source(DataSource(path="dd", split="test"), tmp_path) == test
     with pytest.raises(QtuneError, match="has no split 'validation'"):
@@ -184,6 +184,7 @@ def test_load_records_concatenates_sources_in_order(tmp_path):
 
 
 # ---------------------------------------------------------------- records that cannot be used
+
 
 def test_records_missing_fields_are_named_and_counted(tmp_path, smol_tokenizer):
     records = alpaca_records(8)
@@ -257,12 +258,12 @@ def test_truncation_that_leaves_no_labels_drops_the_example(tmp_path, smol_token
 
 # ---------------------------------------------------------------- formats and label masking
 
+
 def test_alpaca_with_chat_template_trains_on_the_answer_only(tmp_path, smol_tokenizer):
     record = {"instruction": "Extract the city.", "input": "Ana lives in Porto.", "output": '{"city": "Porto"}'}
     prepared = prepare(tmp_path, smol_tokenizer, [record])
     row = prepared.train[0]
-    messages = [{"role": "user", "content": "Extract the city.\n\nAna lives in Porto."},
-                {"role": "assistant", "content": record["output"]}]
+    messages = [{"role": "user", "content": "Extract the city.\n\nAna lives in Porto."}, {"role": "assistant", "content": record["output"]}]
     assert decode(smol_tokenizer, row["input_ids"]) == smol_tokenizer.apply_chat_template(messages, tokenize=False)
     assert label_spans(smol_tokenizer, row["labels"]) == [record["output"] + END_OF_TURN]
     # the trainable tokens are exactly the last ones: everything before the answer is masked
@@ -273,8 +274,7 @@ def test_alpaca_with_chat_template_trains_on_the_answer_only(tmp_path, smol_toke
 
 
 def test_alpaca_text_style_appends_eos_and_masks_prompt(tmp_path, smol_tokenizer):
-    records = [{"instruction": "Say hi.", "output": "hi"},
-               {"instruction": "Name the city.", "input": "Ana lives in Porto.", "output": "Porto"}]
+    records = [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Name the city.", "input": "Ana lives in Porto.", "output": "Porto"}]
     prepared = prepare(tmp_path, smol_tokenizer, records, prompt_style="alpaca")
     eos = smol_tokenizer.eos_token
     expected_prompts = [
@@ -319,8 +319,7 @@ def test_chat_multi_turn_only_assistant_turns_are_trainable(tmp_path, smol_token
 
 
 def test_chat_keeps_the_records_own_system_message(tmp_path, smol_tokenizer):
-    messages = [{"role": "system", "content": "Speak French."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Salut"}]
+    messages = [{"role": "system", "content": "Speak French."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Salut"}]
     prepared = prepare(tmp_path, smol_tokenizer, [{"messages": messages}], format="chat", system_prompt="Be terse.")
     text = decode(smol_tokenizer, prepared.train[0]["input_ids"])
     assert "Speak French." in text and "Be terse." not in text
@@ -329,8 +328,7 @@ def test_chat_keeps_the_records_own_system_message(tmp_path, smol_tokenizer):
 
 def test_alpaca_system_prompt_is_injected(tmp_path, smol_tokenizer):
     prepared = prepare(tmp_path, smol_tokenizer, alpaca_records(1), system_prompt="Answer in JSON.")
-    assert decode(smol_tokenizer, prepared.train[0]["input_ids"]).startswith(
-        "<|im_start|>system\nAnswer in JSON.<|im_end|>\n<|im_start|>user\n")
+    assert decode(smol_tokenizer, prepared.train[0]["input_ids"]).startswith("<|im_start|>system\nAnswer in JSON.<|im_end|>\n<|im_start|>user\n")
 
 
 @pytest.mark.parametrize(
@@ -342,8 +340,7 @@ def test_alpaca_system_prompt_is_injected(tmp_path, smol_tokenizer):
     ],
 )
 def test_bad_conversations_name_the_record(tmp_path, smol_tokenizer, messages, words):
-    records = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-               {"messages": messages}]
+    records = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {"messages": messages}]
     with pytest.raises(QtuneError, match=f"record 2: .*{words}"):
         prepare(tmp_path, smol_tokenizer, records, format="chat")
 
@@ -387,15 +384,18 @@ def test_completion_record_with_prompt_but_no_completion(tmp_path, smol_tokenize
 
 def test_eval_prompts_and_references_come_from_validation(tmp_path, smol_tokenizer):
     train = alpaca_records(2)
-    validation = [{"instruction": "Name the city.", "input": "Ana lives in Porto.", "output": "Porto", "category": 3},
-                  {"instruction": "Say hi.", "output": "hi"}]
+    validation = [
+        {"instruction": "Name the city.", "input": "Ana lives in Porto.", "output": "Porto", "category": 3},
+        {"instruction": "Say hi.", "output": "hi"},
+    ]
     write_jsonl(tmp_path / "val.jsonl", validation)
     write_jsonl(tmp_path / "train.jsonl", train)
     prepared = prepare_data(DataSection(train="train.jsonl", validation="val.jsonl"), smol_tokenizer, tmp_path, 0)
     assert [p["reference"] for p in prepared.eval_prompts] == ["Porto", "hi"]
     assert [p["category"] for p in prepared.eval_prompts] == ["3", None]
     expected = smol_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Name the city.\n\nAna lives in Porto."}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "Name the city.\n\nAna lives in Porto."}], tokenize=False, add_generation_prompt=True
+    )
     assert prepared.eval_prompts[0]["prompt"] == expected
     # the validation rows are the same examples, unpacked and label-masked
     assert len(prepared.validation) == 2
@@ -438,6 +438,7 @@ def test_max_train_samples(tmp_path, smol_tokenizer):
 
 # ---------------------------------------------------------------- packing
 
+
 def segments_of(row: dict) -> list[tuple[list[int], list[int]]]:
     """Split a packed row's real tokens into (input_ids, labels) per example, using where position ids restart."""
     n = row["num_real_tokens"]
@@ -446,8 +447,9 @@ def segments_of(row: dict) -> list[tuple[list[int], list[int]]]:
 
 
 def test_pack_examples_unit():
-    examples = [Example(list(range(10 * k + 1, 10 * k + 1 + size)), list(range(100 + 10 * k, 100 + 10 * k + size)))
-                for k, size in enumerate([5, 4, 3, 8, 2, 10])]
+    examples = [
+        Example(list(range(10 * k + 1, 10 * k + 1 + size)), list(range(100 + 10 * k, 100 + 10 * k + size))) for k, size in enumerate([5, 4, 3, 8, 2, 10])
+    ]
     rows = pack_examples(examples, max_length=10, pad_token_id=0)
     # greedy and in order: [5+4], [3], [8+2], [10]
     assert [len(segments_of(r)) for r in rows] == [2, 1, 2, 1]
@@ -495,9 +497,16 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, smol_tokenizer):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, use_cache=False,
-        attn_implementation="sdpa", dtype=torch.float32,
+        vocab_size=len(smol_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        use_cache=False,
+        attn_implementation="sdpa",
+        dtype=torch.float32,
     )
     model = LlamaForCausalLM(config).eval()
     assert model.config._attn_implementation == "sdpa"
@@ -523,6 +532,7 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, smol_tokenizer):
 
 # ---------------------------------------------------------------- collator
 
+
 def test_collator_pads_unpacked_rows():
     rows = as_rows([Example([5, 6, 7], [IGNORE_INDEX, 6, 7]), Example([8, 9], [8, 9])])
     batch = Collator(pad_token_id=0)(rows)
@@ -535,12 +545,10 @@ def test_collator_pads_unpacked_rows():
 
 
 def test_collator_passes_packed_rows_without_attention_mask():
-    rows = pack_examples([Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5]), Example([6, 7, 8, 9], [6, 7, 8, 9])],
-                         max_length=6, pad_token_id=0)
+    rows = pack_examples([Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5]), Example([6, 7, 8, 9], [6, 7, 8, 9])], max_length=6, pad_token_id=0)
     batch = Collator(pad_token_id=0)(rows)
     assert "attention_mask" not in batch
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX],
-                                        [IGNORE_INDEX, 7, 8, 9, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX], [IGNORE_INDEX, 7, 8, 9, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["num_real_tokens"].item() == 9

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from qtune import errors, evaluate, merge
+from qtune.checkpoint_files import check_checkpoint
 from support import REPO, tiny_llama_dir
 from test_fuzz_inputs import run_cli
-
-from qtune import errors, pipeline
-from qtune.checkpoint_files import check_checkpoint
 
 
 @pytest.fixture
@@ -36,7 +35,7 @@ def _raise(exc: BaseException):
 
 
 def test_an_unexpected_error_is_one_line_with_its_traceback_in_the_run_log(run_dir, monkeypatch):
-    monkeypatch.setattr(pipeline, "_merge_run", _raise(KeyError("lm_head.weight")))
+    monkeypatch.setattr(merge, "_merge_run", _raise(KeyError("lm_head.weight")))
     code, output = run_cli("merge", str(run_dir))
     assert code == errors.INTERNAL_ERROR_EXIT
     assert "qtune: error: merge failed unexpectedly: KeyError: 'lm_head.weight'" in output
@@ -49,7 +48,7 @@ def test_an_unexpected_error_is_one_line_with_its_traceback_in_the_run_log(run_d
 
 
 def test_verbose_shows_the_traceback_too(run_dir, monkeypatch):
-    monkeypatch.setattr(pipeline, "_merge_run", _raise(RuntimeError("shape mismatch")))
+    monkeypatch.setattr(merge, "_merge_run", _raise(RuntimeError("shape mismatch")))
     code, output = run_cli("-v", "merge", str(run_dir))
     assert code == errors.INTERNAL_ERROR_EXIT and "Traceback (most recent call last)" in output and "shape mismatch" in output
 
@@ -64,29 +63,37 @@ def test_an_error_outside_a_run_logs_to_the_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "logs").glob("error-*.log"))) == 1
 
 
-@pytest.mark.parametrize(("stage_function", "command", "advice"), [
-    ("_merge_run", "merge", "merge holds the whole model"),
-    ("_evaluate_run", "eval", "evaluation.batch_size"),
-])
-def test_out_of_gpu_memory_names_the_stage_and_what_to_change(run_dir, monkeypatch, stage_function, command, advice):
-    monkeypatch.setattr(pipeline, stage_function, _raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+@pytest.mark.parametrize(
+    ("stage_module", "stage_function", "command", "advice"),
+    [
+        (merge, "_merge_run", "merge", "merge holds the whole model"),
+        (evaluate, "_evaluate_run", "eval", "evaluation.batch_size"),
+    ],
+)
+def test_out_of_gpu_memory_names_the_stage_and_what_to_change(run_dir, monkeypatch, stage_module, stage_function, command, advice):
+    monkeypatch.setattr(stage_module, stage_function, _raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
     code, output = run_cli(command, str(run_dir))
     assert code == 2 and f"out of GPU memory during {command}" in output and advice in output and "Traceback" not in output
 
 
 def test_out_of_gpu_memory_in_training_points_at_the_batch(monkeypatch, tmp_path):
-    from qtune import train
+    from qtune import training
 
-    monkeypatch.setattr(train, "_train", _raise(RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB")))
+    monkeypatch.setattr(training, "_train", _raise(RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB")))
     recipe = REPO / "recipes" / "quickstart.yaml"
     code, output = run_cli("train", str(recipe), "--set", f"output.dir={tmp_path / 'run'}")
     assert code == 2 and "out of GPU memory during train" in output and "training.micro_batch_size" in output
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device", "/runs/x/eval/merged.json"),
-                                 RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.ENOSPC, "No space left on device", "/runs/x/eval/merged.json"),
+        RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'),
+    ],
+)
 def test_a_full_disk_is_named(run_dir, monkeypatch, exc):
-    monkeypatch.setattr(pipeline, "_evaluate_run", _raise(exc))
+    monkeypatch.setattr(evaluate, "_evaluate_run", _raise(exc))
     code, output = run_cli("eval", str(run_dir))
     assert code == 2 and "the disk is full during eval" in output and "run the same command again" in output
 
@@ -108,8 +115,10 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
 
 def test_a_sharded_checkpoint_missing_a_shard_is_named(tmp_path):
     checkpoint = tiny_llama_dir(tmp_path / "tiny", hidden=32, layers=1)
-    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
-                                           "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"},
+    }
     shutil.move(checkpoint / "model.safetensors", checkpoint / "model-00001-of-00002.safetensors")
     (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(errors.QtuneError, match="lacks the shard.*model-00002-of-00002.safetensors"):

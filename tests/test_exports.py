@@ -8,13 +8,12 @@ from pathlib import Path
 import gguf
 import pytest
 
-from support import qtune_cli, tiny_llama_dir, tiny_recipe, write_recipe
-
 from qtune.errors import QtuneError
 from qtune.exports import export
 from qtune.formats.gptq import load_dequantized_gptq_model
 from qtune.recipe import ExportTarget, RecipeError, load_recipe
-from qtune.train import train
+from qtune.training import train
+from support import qtune_cli, tiny_llama_dir, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,7 @@ def test_gguf_export_from_a_run_merges_calibrates_and_checks_the_chat_template(r
 
 def test_gptq_export_reads_back_through_our_dequantizer(run_dir: Path, tmp_path: Path):
     out = tmp_path / "gptq"
-    result = qtune_cli("export", str(run_dir), "--format", "gptq", "--group-size", "64", "--samples", "8",
-                       "--seq-len", "128", "--output", str(out))
+    result = qtune_cli("export", str(run_dir), "--format", "gptq", "--group-size", "64", "--samples", "8", "--seq-len", "128", "--output", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 64
@@ -125,8 +123,9 @@ def test_w4a16_kernel_path_matches_the_dequantized_model(run_dir: Path, tmp_path
     dense = load_dequantized_gptq_model(out)
     packed = load_w4a16_model(out, backend="torch")
     assert sum(isinstance(m, QuantLinearW4A16) for m in packed.modules()) == 7 * 2
-    assert not any(p.dtype == torch.float32 and p.dim() == 2 and p.shape[0] > 1000 and p.shape[1] == 256
-                   for n, p in packed.named_parameters() if "layers" in n), "a quantized linear was dequantized"
+    assert not any(
+        p.dtype == torch.float32 and p.dim() == 2 and p.shape[0] > 1000 and p.shape[1] == 256 for n, p in packed.named_parameters() if "layers" in n
+    ), "a quantized linear was dequantized"
     ids = torch.randint(0, 1000, (2, 16))
     with torch.no_grad():
         assert torch.allclose(dense(ids).logits, packed(ids).logits, atol=2e-2, rtol=2e-2)
@@ -136,12 +135,11 @@ def test_export_names_and_awq_only_options():
     assert ExportTarget(format="gptq", group_size=32, sym=False).default_name() == "gptq-4bit-g32-asym"
     assert ExportTarget(format="awq", group_size=32, rounding="gptq").default_name() == "awq-4bit-g32-gptq"
     assert ExportTarget(format="awq", group_size=64).default_name() == "awq-4bit-g64"
-    assert ("rounding", "rounding applies to AWQ exports (how the scaled weights are rounded)") in \
-        ExportTarget(format="gptq", rounding="gptq").problems()
+    assert ("rounding", "rounding applies to AWQ exports (how the scaled weights are rounded)") in ExportTarget(format="gptq", rounding="gptq").problems()
 
 
 def test_gguf_lora_export_from_a_run(run_dir: Path, tmp_path: Path):
-    from qtune.pipeline import available_artifacts
+    from qtune.evaluate import available_artifacts
 
     result = qtune_cli("export", str(run_dir), "--format", "gguf-lora")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,11 +159,15 @@ def test_gguf_lora_export_from_a_run(run_dir: Path, tmp_path: Path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("target", [
-    {"format": "gguf", "quant": "Q4_K_M", "samples": 8, "seq_len": 128},
-    {"format": "gptq", "group_size": 32, "sym": False, "samples": 8, "seq_len": 128},
-    {"format": "awq", "group_size": 32, "rounding": "gptq", "samples": 8, "seq_len": 128},
-], ids=lambda t: t["format"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"format": "gguf", "quant": "Q4_K_M", "samples": 8, "seq_len": 128},
+        {"format": "gptq", "group_size": 32, "sym": False, "samples": 8, "seq_len": 128},
+        {"format": "awq", "group_size": 32, "rounding": "gptq", "samples": 8, "seq_len": 128},
+    ],
+    ids=lambda t: t["format"],
+)
 def test_an_export_repeated_on_one_machine_is_the_same_bytes(run_dir: Path, tmp_path: Path, target: dict):
     """Calibration draws, quantizers and writers are deterministic: what can differ is only the CPU
     (its float rounding in matmuls) and the thread count, never a second run."""
@@ -180,12 +182,16 @@ def test_an_export_repeated_on_one_machine_is_the_same_bytes(run_dir: Path, tmp_
         assert (first / relative).read_bytes() == (second / relative).read_bytes(), relative
 
 
-@pytest.mark.parametrize("target", [
-    {"format": "gptq", "group_size": 32, "sym": False, "samples": 8, "seq_len": 128},
-    {"format": "gptq", "group_size": 64, "act_order": True, "samples": 8, "seq_len": 128},
-    {"format": "awq", "group_size": 32, "rounding": "gptq", "samples": 8, "seq_len": 128},
-    {"format": "awq", "group_size": 64, "samples": 8, "seq_len": 128},
-], ids=lambda t: f"{t['format']}-g{t['group_size']}{'-act' if t.get('act_order') else ''}{'-' + t['rounding'] if 'rounding' in t else ''}")
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"format": "gptq", "group_size": 32, "sym": False, "samples": 8, "seq_len": 128},
+        {"format": "gptq", "group_size": 64, "act_order": True, "samples": 8, "seq_len": 128},
+        {"format": "awq", "group_size": 32, "rounding": "gptq", "samples": 8, "seq_len": 128},
+        {"format": "awq", "group_size": 64, "samples": 8, "seq_len": 128},
+    ],
+    ids=lambda t: f"{t['format']}-g{t['group_size']}{'-act' if t.get('act_order') else ''}{'-' + t['rounding'] if 'rounding' in t else ''}",
+)
 def test_block_by_block_export_equals_the_whole_model_quantizer(run_dir: Path, tmp_path: Path, target: dict):
     """The export reads one block at a time from the merged checkpoint; the whole-model quantizer on the
     same calibration set gives the very same codes, scales, zeros and unquantized tensors."""
@@ -200,21 +206,19 @@ def test_block_by_block_export_equals_the_whole_model_quantizer(run_dir: Path, t
     from qtune.models import load_tokenizer
 
     settings = ExportTarget(**target)
-    out = export(run_dir, settings, tmp_path / "streamed")
+    out = export(run_dir, settings, tmp_path / "streamed").path
     loaded = load_recipe(run_dir / "recipe.resolved.yaml")
     merged = run_dir / "merged"
-    calibration = calibration_set(load_tokenizer(merged), loaded.recipe.data, loaded.base_dir, None, settings.samples,
-                                  settings.seq_len, settings.seed)
+    calibration = calibration_set(load_tokenizer(merged), loaded.recipe.data, loaded.base_dir, None, settings.samples, settings.seq_len, settings.seed)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     ids, mask = calibration.input_ids, calibration.attention_mask
     if settings.format == "gptq":
-        result = layerwise.quantize_model_gptq(model, ids, mask, bits=4, group_size=settings.group_size, sym=settings.sym,
-                                               act_order=settings.act_order, damp=settings.damp)
-        expected = collect_tensors(model, result.quantized_layers,
-                                   lambda n, q: pack_gptq_layer(q, "gptq" if settings.sym else "gptq_v2", n), torch.float16)
+        result = layerwise.quantize_model_gptq(
+            model, ids, mask, bits=4, group_size=settings.group_size, sym=settings.sym, act_order=settings.act_order, damp=settings.damp
+        )
+        expected = collect_tensors(model, result.quantized_layers, lambda n, q: pack_gptq_layer(q, "gptq" if settings.sym else "gptq_v2", n), torch.float16)
     else:
-        result = layerwise.quantize_model_awq(model, ids, mask, bits=4, group_size=settings.group_size,
-                                              rounding=settings.rounding, damp=settings.damp)
+        result = layerwise.quantize_model_awq(model, ids, mask, bits=4, group_size=settings.group_size, rounding=settings.rounding, damp=settings.damp)
         expected = collect_tensors(model, result.quantized_layers, lambda n, q: pack_awq_layer(q, n), torch.float16)
     with safe_open(out / "model.safetensors", framework="pt") as handle:
         written = {key: handle.get_tensor(key) for key in handle.keys()}

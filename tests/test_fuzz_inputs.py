@@ -25,10 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from support import REPO
-
 from qtune import cli
 from qtune.recipe import ExportTarget, Recipe
+from support import REPO
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 BASE_RECIPE = yaml.safe_load(QUICKSTART.read_text())
@@ -36,9 +35,18 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 # Fields whose every string is meaningful (names, prompts, folders to create) or that name data
 # sources (fuzzed below with files): any value of the right type is a valid recipe.
 FREE_TEXT = {
-    ("model", "base"), ("model", "revision"), ("data", "train"), ("data", "validation"), ("data", "system_prompt"),
-    ("tracking", "project"), ("tracking", "entity"), ("tracking", "run_name"), ("output", "dir"), ("export", 0, "output"),
-    ("export", 0, "calibration"), ("evaluation", "scorer"),
+    ("model", "base"),
+    ("model", "revision"),
+    ("data", "train"),
+    ("data", "validation"),
+    ("data", "system_prompt"),
+    ("tracking", "project"),
+    ("tracking", "entity"),
+    ("tracking", "run_name"),
+    ("output", "dir"),
+    ("export", 0, "output"),
+    ("export", 0, "calibration"),
+    ("evaluation", "scorer"),
 }
 
 
@@ -68,8 +76,7 @@ def write_recipe(folder: Path, raw: Any, name: str = "recipe.yaml") -> Path:
 def with_value(path: tuple, value: Any) -> dict:
     raw = json.loads(json.dumps(BASE_RECIPE))
     # the recipe's data paths are relative to recipes/; the fuzzed copy lives elsewhere
-    raw["data"] = {**raw["data"], "train": str(REPO / "recipes" / raw["data"]["train"]),
-                   "validation": str(REPO / "recipes" / raw["data"]["validation"])}
+    raw["data"] = {**raw["data"], "train": str(REPO / "recipes" / raw["data"]["train"]), "validation": str(REPO / "recipes" / raw["data"]["validation"])}
     node = raw
     for key in path[:-1]:
         node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
@@ -83,6 +90,7 @@ def test_the_unchanged_quickstart_is_valid(tmp_path: Path):
 
 
 # ---------------------------------------------------------------- every field, every wrong kind of value
+
 
 def _fields(model: type[BaseModel], prefix: tuple = ()) -> list[tuple[tuple, Any]]:
     """(key path, annotation) of every leaf field of the recipe schema; export entries as export.0."""
@@ -109,7 +117,10 @@ def _invalid_values(info) -> st.SearchStrategy:
     args = typing.get_args(annotation)
     kinds = {a for a in (annotation, *args) if a in (bool, int, float, str)}
     literals = [v for a in (annotation, *args) if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
-    wrong: list[st.SearchStrategy] = [st.lists(st.integers(), min_size=1, max_size=3), st.dictionaries(st.sampled_from("abc"), st.integers(), min_size=1, max_size=2)]
+    wrong: list[st.SearchStrategy] = [
+        st.lists(st.integers(), min_size=1, max_size=3),
+        st.dictionaries(st.sampled_from("abc"), st.integers(), min_size=1, max_size=2),
+    ]
     words = st.text(string.ascii_letters, min_size=1, max_size=12)
     if kinds == {bool}:
         wrong += [st.integers(), st.floats(allow_nan=False), words.filter(lambda w: w.lower() not in ("true", "false"))]
@@ -136,8 +147,11 @@ def _invalid_values(info) -> st.SearchStrategy:
     return st.one_of(wrong)
 
 
-FIELDS = [(path, info) for path, info in _fields(Recipe) if path not in FREE_TEXT and path != ("data", "fields", "category")
-          and typing.get_origin(info.annotation) is not list]
+FIELDS = [
+    (path, info)
+    for path, info in _fields(Recipe)
+    if path not in FREE_TEXT and path != ("data", "fields", "category") and typing.get_origin(info.annotation) is not list
+]
 
 
 @settings(FUZZ, max_examples=160)
@@ -153,8 +167,20 @@ def test_every_field_refuses_wrong_values(tmp_path_factory, data):
     assert_refused(code, output, ".".join(map(str, path)))
 
 
-SECTIONS = [(), ("model",), ("quantization",), ("lora",), ("data",), ("data", "fields"), ("training",), ("tracking",),
-            ("output",), ("export", 0), ("evaluation",), ("evaluation", "gates")]
+SECTIONS = [
+    (),
+    ("model",),
+    ("quantization",),
+    ("lora",),
+    ("data",),
+    ("data", "fields"),
+    ("training",),
+    ("tracking",),
+    ("output",),
+    ("export", 0),
+    ("evaluation",),
+    ("evaluation", "gates"),
+]
 
 
 @FUZZ
@@ -183,6 +209,7 @@ def _valid_keys(section: tuple) -> set[str]:
 
 
 # ---------------------------------------------------------------- malformed documents
+
 
 def _alias_bomb(levels: int = 9) -> str:
     text = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n'
@@ -235,8 +262,10 @@ def test_invalid_utf8_recipes_name_the_line(tmp_path: Path, blob: bytes):
 def test_an_alias_bomb_is_refused_fast_in_bounded_memory(tmp_path: Path):
     """Expanded, 12 levels of 9 aliases are 9**12 values; refused, the bomb costs no more memory than
     validating the quickstart (the process peak is mostly torch's import)."""
-    probe = ("import resource, sys, time\nfrom qtune.cli import main\nt = time.perf_counter()\ncode = main(['validate', sys.argv[1]])\n"
-             "print(code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    probe = (
+        "import resource, sys, time\nfrom qtune.cli import main\nt = time.perf_counter()\ncode = main(['validate', sys.argv[1]])\n"
+        "print(code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
 
     def validate(path: Path) -> tuple[int, float, int, str]:
         result = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120)
@@ -251,6 +280,7 @@ def test_an_alias_bomb_is_refused_fast_in_bounded_memory(tmp_path: Path):
 
 
 # ---------------------------------------------------------------- --set
+
 
 @settings(FUZZ, max_examples=60)
 @given(data=st.data())
@@ -271,7 +301,10 @@ def test_overrides_refuse_nonsense(tmp_path_factory, data):
         if path[:2] == ("data", "fields"):
             return
         value = data.draw(_invalid_values(info))
-        text, named = f"{'.'.join(map(str, path))}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}", ".".join(map(str, path))
+        text, named = (
+            f"{'.'.join(map(str, path))}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}",
+            ".".join(map(str, path)),
+        )
     elif kind == "bad yaml":
         text, named = f"lora.r=[{word}", "not valid YAML"
     elif kind == "into a scalar":
@@ -295,8 +328,13 @@ def test_overrides_reach_into_the_export_list(tmp_path: Path):
 
 ALPACA = {"instruction": "Extract the person as JSON.", "input": "Ana Lima is 30 and lives in Porto.", "output": '{"name": "Ana Lima"}'}
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-NOT_TEXT = st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
-                     st.lists(st.integers(), min_size=1, max_size=3), st.dictionaries(st.sampled_from("xy"), st.integers(), min_size=1, max_size=2))
+NOT_TEXT = st.one_of(
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.lists(st.integers(), min_size=1, max_size=3),
+    st.dictionaries(st.sampled_from("xy"), st.integers(), min_size=1, max_size=2),
+)
 
 
 def _validate_with_data(folder: Path, train: Path, fmt: str = "alpaca") -> tuple[int, str]:
@@ -322,13 +360,17 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 @settings(FUZZ, max_examples=40)
-@given(container=st.sampled_from([".jsonl", ".json", ".parquet", ""]), field=st.sampled_from(["instruction", "input", "output"]),
-       value=NOT_TEXT, row=st.integers(min_value=0, max_value=4))
+@given(
+    container=st.sampled_from([".jsonl", ".json", ".parquet", ""]),
+    field=st.sampled_from(["instruction", "input", "output"]),
+    value=NOT_TEXT,
+    row=st.integers(min_value=0, max_value=4),
+)
 def test_alpaca_fields_that_are_not_text_are_refused_in_every_container(tmp_path_factory, container, field, value, row):
     folder = tmp_path_factory.mktemp("data")
     rows = [dict(ALPACA) for _ in range(5)]
     rows[row][field] = value
-    if container in (".parquet", "") and (not isinstance(value, (int, float, bool)) or isinstance(value, int) and not -2**63 <= value < 2**63):
+    if container in (".parquet", "") and (not isinstance(value, (int, float, bool)) or isinstance(value, int) and not -(2**63) <= value < 2**63):
         return  # arrow needs one type per column (mixed rows are covered by jsonl/json) and 64-bit integers
     if container in (".parquet", ""):
         rows = [{**r, field: value} for r in rows]  # the whole column has the wrong type
@@ -339,8 +381,11 @@ def test_alpaca_fields_that_are_not_text_are_refused_in_every_container(tmp_path
 
 
 @settings(FUZZ, max_examples=30)
-@given(problem=st.sampled_from(["role", "content", "no assistant", "not a list", "no role", "empty"]), value=NOT_TEXT,
-       word=st.text(string.ascii_lowercase, min_size=1, max_size=8))
+@given(
+    problem=st.sampled_from(["role", "content", "no assistant", "not a list", "no role", "empty"]),
+    value=NOT_TEXT,
+    word=st.text(string.ascii_lowercase, min_size=1, max_size=8),
+)
 def test_chat_rows_with_bad_roles_or_no_assistant_turn_are_refused(tmp_path_factory, problem, value, word):
     folder = tmp_path_factory.mktemp("chat")
     messages: Any = [dict(m) for m in CHAT["messages"]]
@@ -452,6 +497,7 @@ def test_a_calibration_file_that_does_not_exist_is_refused_at_validation():
 
 # ---------------------------------------------------------------- CLI arguments
 
+
 def _paths(folder: Path) -> dict[str, Path]:
     """Things a user may pass where a recipe or a run directory belongs. 'half run' is a run directory
     whose run.json is damaged, and 'half run recipe' a recipe whose output.dir is that directory."""
@@ -466,12 +512,24 @@ def _paths(folder: Path) -> dict[str, Path]:
     (half_run / "recipe.resolved.yaml").write_text(QUICKSTART.read_text().replace("data/", str(REPO / "recipes" / "data") + "/"))
     (half_run / "run.json").write_text("{not json")
     half_run_recipe = write_recipe(folder, with_value(("output", "dir"), str(half_run)), "half_run_recipe.yaml")
-    return {"missing": folder / "nope", "file": folder / "a_file.yaml", "binary": folder / "binary.bin",
-            "folder": folder / "empty_folder", "bad run": bad_run, "half run": half_run, "half run recipe": half_run_recipe}
+    return {
+        "missing": folder / "nope",
+        "file": folder / "a_file.yaml",
+        "binary": folder / "binary.bin",
+        "folder": folder / "empty_folder",
+        "bad run": bad_run,
+        "half run": half_run,
+        "half run recipe": half_run_recipe,
+    }
 
 
 COMMANDS = {
-    "validate": [], "train": [], "run": [], "merge": [], "eval": [], "report": ["--no-tracking"],
+    "validate": [],
+    "train": [],
+    "run": [],
+    "merge": [],
+    "eval": [],
+    "report": ["--no-tracking"],
     "export": ["--format", "gguf"],
 }
 
@@ -511,8 +569,7 @@ def test_export_refuses_bad_arguments(tmp_path: Path, arguments: list[str], name
     assert_refused(code, output, named)
 
 
-@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["eval"], ["run"], ["train", "--resume"], ["--set", "a=1"]],
-                         ids=lambda a: " ".join(a) or "nothing")
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["eval"], ["run"], ["train", "--resume"], ["--set", "a=1"]], ids=lambda a: " ".join(a) or "nothing")
 def test_malformed_command_lines_get_usage_not_a_traceback(argv: list[str]):
     code, output = run_cli(*argv)
     assert_refused(code, output, "usage:")

@@ -55,8 +55,13 @@ class GGML:
     def __init__(self, path: pathlib.Path):
         self.lib = ctypes.CDLL(str(path))
         self.lib.ggml_quantize_chunk.argtypes = [
-            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
         ]
         self.lib.ggml_quantize_chunk.restype = ctypes.c_size_t
         self.lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
@@ -67,9 +72,7 @@ class GGML:
         rows, n = x.shape
         out = np.zeros((rows, row_bytes(qtype, n)), dtype=np.uint8)
         qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-        written = self.lib.ggml_quantize_chunk(
-            int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, n, None if qw is None else qw.ctypes.data
-        )
+        written = self.lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, n, None if qw is None else qw.ctypes.data)
         assert written == out.nbytes
         return out
 
@@ -170,10 +173,7 @@ def _mismatch_report(ours: np.ndarray, ref: np.ndarray, qtype: Q) -> str:
     bad_rows = np.flatnonzero((ours != ref).any(axis=1))
     first = bad_blocks[0] if len(bad_blocks) else None
     detail = "" if first is None else f"; first bad block {first}: ours {ob[first][:24]} ref {rb[first][:24]}"
-    return (
-        f"{qtype.name}: {len(bad_blocks)}/{len(ob)} blocks ({len(bad_blocks) / len(ob):.2%}) differ, "
-        f"rows {bad_rows.tolist()}{detail}"
-    )
+    return f"{qtype.name}: {len(bad_blocks)}/{len(ob)} blocks ({len(bad_blocks) / len(ob):.2%}) differ, rows {bad_rows.tolist()}{detail}"
 
 
 # ---------------------------------------------------------------- byte equality with ggml

@@ -19,20 +19,22 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from qtune.errors import QtuneError
+from qtune.formats.gguf import convert as gguf_convert
+from qtune.formats.gguf import vocab as gguf_vocab
+from qtune.formats.gguf.convert import export_gguf
+from qtune.formats.gguf.imatrix import read_imatrix, to_gguf_names, write_imatrix
+from qtune.formats.gguf.mixes import QUANT_MIXES, choose_types, llama_tensor_order
+from qtune.formats.gguf.names import hf_to_gguf_name
+from qtune.formats.gguf.reader import read_gguf_header
+from qtune.formats.gguf.vocab import check_chat_roundtrip
+from qtune.imatrix import collect_imatrix
+from qtune.modelfile import modelfile_text, write_modelfile
+from qtune.quant.ggml_quants import dequantize, row_bytes
 from support import convert_with_llama_cpp
 
-from qtune.errors import QtuneError
-from qtune.formats import gguf as gguf_export
-from qtune.formats.gguf import check_chat_roundtrip, export_gguf, hf_to_gguf_name, read_gguf_header
-from qtune.imatrix import collect_imatrix, read_imatrix, to_gguf_names, write_imatrix
-from qtune.modelfile import modelfile_text, write_modelfile
-from qtune.quant.ggml_mixes import QUANT_MIXES, choose_types, llama_tensor_order
-from qtune.quant.ggml_quants import dequantize, row_bytes
-
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-needs_llama_cpp = pytest.mark.skipif(
-    not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh"
-)
+needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -49,17 +51,37 @@ def builtin_dir() -> Path:
         pytest.skip(f"built-in model unavailable: {exc}")
 
 
-def make_model(out: Path, tokenizer_dir: Path, model_type: str = "llama", hidden: int = 256, inter: int = 512,
-               layers: int = 8, heads: int = 4, kv_heads: int = 2, tied: bool = True, seed: int = 0,
-               **extra) -> Path:
+def make_model(
+    out: Path,
+    tokenizer_dir: Path,
+    model_type: str = "llama",
+    hidden: int = 256,
+    inter: int = 512,
+    layers: int = 8,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tied: bool = True,
+    seed: int = 0,
+    **extra,
+) -> Path:
     """A tiny random HF checkpoint (weights fp16-representable) with the built-in tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
-        model_type, vocab_size=49152, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.08,
+        model_type,
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        initializer_range=0.08,
         **extra,
     )
     model = AutoModelForCausalLM.from_config(config).float().eval()
@@ -81,9 +103,18 @@ MODEL_SPECS: dict[str, dict] = {
     "llama-odd": dict(hidden=320, inter=600, heads=5, kv_heads=1, layers=4, tied=False, attention_bias=True),
     "mistral": dict(model_type="mistral", layers=3, tied=False, seed=1),
     "qwen2": dict(model_type="qwen2", layers=3, seed=2),
-    "llama3-rope": dict(layers=2, seed=3, rope_parameters={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
+    "llama3-rope": dict(
+        layers=2,
+        seed=3,
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        },
+    ),
     "linear-rope": dict(layers=2, seed=4, rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
 }
 
@@ -176,8 +207,7 @@ def llama_cpp_model(path: Path, n_ctx: int = 256):
     import llama_cpp
 
     # F32 KV cache: the default F16 cache alone moves logits by ~1e-3
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                           n_threads=1, type_k=0, type_v=0)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -201,17 +231,28 @@ def _llama_names(n_layer: int, width: int = 256, ff: int = 512, tied: bool = Tru
     if not tied:
         names.append(("output.weight", (1000, width)))
     for i in range(n_layer):
-        for part, shape in [("attn_q", (width, width)), ("attn_k", (width // 2, width)), ("attn_v", (width // 2, width)),
-                            ("attn_output", (width, width)), ("ffn_gate", (ff, width)), ("ffn_up", (ff, width)),
-                            ("ffn_down", (width, ff)), ("attn_norm", (width,)), ("ffn_norm", (width,))]:
+        for part, shape in [
+            ("attn_q", (width, width)),
+            ("attn_k", (width // 2, width)),
+            ("attn_v", (width // 2, width)),
+            ("attn_output", (width, width)),
+            ("ffn_gate", (ff, width)),
+            ("ffn_up", (ff, width)),
+            ("ffn_down", (width, ff)),
+            ("attn_norm", (width,)),
+            ("ffn_norm", (width,)),
+        ]:
             names.append((f"blk.{i}.{part}.weight", shape))
     return names
 
 
-@pytest.mark.parametrize("n_layer,more_bits", [
-    (8, {0, 3, 6, 7}),
-    (32, {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}),
-])
+@pytest.mark.parametrize(
+    "n_layer,more_bits",
+    [
+        (8, {0, 3, 6, 7}),
+        (32, {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}),
+    ],
+)
 def test_q4_k_m_rules(n_layer, more_bits):
     choice = choose_types("Q4_K_M", _llama_names(n_layer), n_layer)
     for i in range(n_layer):
@@ -253,8 +294,7 @@ def test_mix_rules_and_fallbacks():
 
 def test_llama_tensor_order():
     names = ["blk.10.attn_q.weight", "output.weight", "blk.2.ffn_up.weight", "token_embd.weight", "blk.2.attn_k.weight"]
-    assert llama_tensor_order(names) == [
-        "output.weight", "token_embd.weight", "blk.2.attn_k.weight", "blk.2.ffn_up.weight", "blk.10.attn_q.weight"]
+    assert llama_tensor_order(names) == ["output.weight", "token_embd.weight", "blk.2.attn_k.weight", "blk.2.ffn_up.weight", "blk.10.attn_q.weight"]
 
 
 # ---------------------------------------------------------------- file contents (gguf-py)
@@ -277,10 +317,15 @@ def test_f32_tensors_are_the_hf_weights(models, exported):
     assert "output.weight" not in [t.name for t in read_gguf_header(exported["llama", "Q4_K_M"])[1]]
 
 
-@pytest.mark.parametrize("model,quant", [
-    ("llama-odd", "Q4_K_M"),
-    pytest.param("qwen2", "Q4_K_M", marks=pytest.mark.slow), pytest.param("qwen2", "Q3_K_M", marks=pytest.mark.slow), pytest.param("llama", "BF16", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "model,quant",
+    [
+        ("llama-odd", "Q4_K_M"),
+        pytest.param("qwen2", "Q4_K_M", marks=pytest.mark.slow),
+        pytest.param("qwen2", "Q3_K_M", marks=pytest.mark.slow),
+        pytest.param("llama", "BF16", marks=pytest.mark.slow),
+    ],
+)
 def test_gguf_py_dequantizes_like_ours(exported, model, quant):
     reader = gguf.GGUFReader(str(exported[model, quant]))  # the independent reader, slow on a 49k vocabulary
     kinds = set()
@@ -374,9 +419,10 @@ def test_failed_write_leaves_no_file(tmp_path, models, monkeypatch):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("model", [
-    "llama", "qwen2", "llama-odd", "llama3-rope",
-    pytest.param("mistral", marks=pytest.mark.slow), pytest.param("linear-rope", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "model",
+    ["llama", "qwen2", "llama-odd", "llama3-rope", pytest.param("mistral", marks=pytest.mark.slow), pytest.param("linear-rope", marks=pytest.mark.slow)],
+)
 def test_llama_cpp_f16_matches_hf(models, exported, builtin_dir, model):
     ids = prompt_ids(builtin_dir)
     ref = log_softmax(hf_logits(models[model], ids))
@@ -391,8 +437,9 @@ def test_llama_cpp_f16_matches_hf(models, exported, builtin_dir, model):
     hf = AutoModelForCausalLM.from_pretrained(models[model], dtype=torch.float32).eval()
     prompt = ids[:8]
     with torch.no_grad():
-        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+        hf_out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long)
+        )[0, len(prompt) :].tolist()
     llm.reset()
     llm.eval(prompt)
     cpp_out = []
@@ -409,8 +456,7 @@ def test_llama_cpp_tokenizes_like_hf(models, exported, model):
     import llama_cpp
     from transformers import AutoTokenizer
 
-    text = (gguf_export._CHECK_TEXT + "\n<|im_start|>user\nHello 12345 world!<|im_end|>\n"
-            "  indented\tcode = f(x)  # 3.14159 ünïcödé 日本語")
+    text = gguf_vocab._CHECK_TEXT + "\n<|im_start|>user\nHello 12345 world!<|im_end|>\n  indented\tcode = f(x)  # 3.14159 ünïcödé 日本語"
     tok = AutoTokenizer.from_pretrained(models[model])
     llm = llama_cpp.Llama(model_path=str(exported[model, "Q4_K_M"]), vocab_only=True, verbose=False)
     ids = tok.encode(text, add_special_tokens=False)
@@ -421,14 +467,31 @@ def test_llama_cpp_tokenizes_like_hf(models, exported, model):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("model,quant", [
-    ("llama", "Q4_K_M"), ("llama-odd", "Q4_K_M"), ("qwen2", "Q4_K_M"), ("llama-odd", "Q2_K"),
-    *[pytest.param(m, q, marks=pytest.mark.slow) for m, q in [
-        ("mistral", "Q5_K_M"), ("llama", "Q3_K_M"), ("llama", "Q4_K_S"), ("llama-odd", "Q5_K_S"), ("llama", "Q6_K"),
-        ("llama-odd", "Q8_0"), ("llama", "Q4_0"), ("llama-odd", "Q4_1"), ("llama", "Q5_1"), ("qwen2", "F16"),
-        ("llama", "BF16"),
-    ]],
-])
+@pytest.mark.parametrize(
+    "model,quant",
+    [
+        ("llama", "Q4_K_M"),
+        ("llama-odd", "Q4_K_M"),
+        ("qwen2", "Q4_K_M"),
+        ("llama-odd", "Q2_K"),
+        *[
+            pytest.param(m, q, marks=pytest.mark.slow)
+            for m, q in [
+                ("mistral", "Q5_K_M"),
+                ("llama", "Q3_K_M"),
+                ("llama", "Q4_K_S"),
+                ("llama-odd", "Q5_K_S"),
+                ("llama", "Q6_K"),
+                ("llama-odd", "Q8_0"),
+                ("llama", "Q4_0"),
+                ("llama-odd", "Q4_1"),
+                ("llama", "Q5_1"),
+                ("qwen2", "F16"),
+                ("llama", "BF16"),
+            ]
+        ],
+    ],
+)
 def test_equals_llama_model_quantize(exported, tmp_path, model, quant):
     theirs = tmp_path / "llama.gguf"
     llama_quantize(exported[model, "F32"], theirs, quant)
@@ -458,8 +521,7 @@ def test_imatrix_export_equals_llama_model_quantize(models, exported, builtin_di
     report = export_gguf(model_dir, ours, "Q4_K_M", imatrix=means)
     assert any(t.imatrix for t in report.tensors)
     assert report.size_bytes == ours.stat().st_size and report.quant == "Q4_K_M" and report.file_type == 15
-    assert {(f.wanted, f.used) for f in report.fallbacks} == {(Q.Q4_K, Q.Q5_0), (Q.Q6_K, Q.Q8_0), (Q.Q4_K, Q.F16),
-                                                              (Q.Q6_K, Q.F16)}
+    assert {(f.wanted, f.used) for f in report.fallbacks} == {(Q.Q4_K, Q.Q5_0), (Q.Q6_K, Q.Q8_0), (Q.Q4_K, Q.F16), (Q.Q6_K, Q.F16)}
     by_name = {t.name: t for t in report.tensors}
     assert by_name["blk.0.attn_q.weight"].qtype == "Q5_0" and by_name["blk.0.attn_q.weight"].bits_per_weight == 5.5
     assert by_name["blk.0.attn_norm.weight"].qtype == "F32" and not by_name["blk.0.attn_norm.weight"].imatrix
@@ -558,7 +620,7 @@ def test_quality_order(dense_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(dense_dir)
-    text = (Path(__file__).read_text() + (Path(gguf_export.__file__).read_text()))[:20000]
+    text = (Path(__file__).read_text() + (Path(gguf_convert.__file__).read_text()))[:20000]
     ids = tok.encode(text)[:512]
     ppl, kl, reference = {}, {}, None
     f32 = tmp_path / "F32.gguf"
@@ -584,18 +646,6 @@ def test_quality_order(dense_dir, tmp_path):
     assert [kl[q] for q in order] == sorted(kl[q] for q in order), kl
 
 
-def test_fast_array_packing_matches_gguf_py():
-    from qtune.formats.gguf import _Writer
-
-    V = gguf.GGUFValueType
-    ours, theirs = _Writer(path=None, arch="llama"), gguf.GGUFWriter(path=None, arch="llama")
-    tokens = ["<|im_start|>", "", "Ġthe", "é", "日本", "\n", b"raw bytes".decode()] * 3
-    for val, sub_type in ((tokens, V.STRING), ([0, 1, -3, 2**31 - 1, -(2**31)], V.INT32), ([1.5, 2.0], V.FLOAT32)):
-        for add_vtype in (True, False):
-            assert ours._pack_val(val, V.ARRAY, add_vtype, sub_type) == theirs._pack_val(val, V.ARRAY, add_vtype, sub_type)
-    assert ours._pack_val("plain", V.STRING, True) == theirs._pack_val("plain", V.STRING, True)
-
-
 # ---------------------------------------------------------------- GGUF LoRA adapters
 
 
@@ -606,8 +656,7 @@ def make_adapter(base: Path, out: Path, seed: int = 0, **config) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    settings = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                        "down_proj"]) | config
+    settings = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]) | config
     peft_model = get_peft_model(model, LoraConfig(**settings))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -626,10 +675,9 @@ def peft_logits(base: Path, adapter: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
-@pytest.mark.parametrize("model,settings", [("llama", {}), ("qwen2", {}), ("llama", {"use_rslora": True}),
-                                            ("llama", {"alpha_pattern": {"v_proj": 4.0}})])
+@pytest.mark.parametrize("model,settings", [("llama", {}), ("qwen2", {}), ("llama", {"use_rslora": True}), ("llama", {"alpha_pattern": {"v_proj": 4.0}})])
 def test_lora_adapter_layout(models, tmp_path, model, settings):
-    from qtune.formats.gguf import export_gguf_lora
+    from qtune.formats.gguf.lora import export_gguf_lora
 
     adapter = make_adapter(models[model], tmp_path / "adapter", **settings)
     report = export_gguf_lora(adapter, models[model], tmp_path / "lora.gguf", "F32")
@@ -658,15 +706,16 @@ def test_llama_cpp_applies_lora_like_peft(models, exported, builtin_dir, tmp_pat
     """Base GGUF + our LoRA GGUF in llama.cpp against the PEFT model (unmerged) in transformers."""
     import llama_cpp
 
-    from qtune.formats.gguf import export_gguf_lora
+    from qtune.formats.gguf.lora import export_gguf_lora
 
     adapter = make_adapter(models[model], tmp_path / "adapter", **settings)
     lora = export_gguf_lora(adapter, models[model], tmp_path / "lora.gguf", "F32").path
     ids = prompt_ids(builtin_dir)
     ref = log_softmax(peft_logits(models[model], adapter, ids))
     base_only = log_softmax(hf_logits(models[model], ids))
-    llm = llama_cpp.Llama(model_path=str(exported[model, "F32"]), lora_path=str(lora), n_ctx=256, n_batch=256,
-                          logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
+    llm = llama_cpp.Llama(
+        model_path=str(exported[model, "F32"]), lora_path=str(lora), n_ctx=256, n_batch=256, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0
+    )
     llm.eval(ids)
     got = log_softmax(np.array(llm.scores[: len(ids)], dtype=np.float64))
     kl = (np.exp(ref) * (ref - got)).sum(-1).mean()
@@ -675,7 +724,7 @@ def test_llama_cpp_applies_lora_like_peft(models, exported, builtin_dir, tmp_pat
 
 
 def test_lora_adapter_bad_input(models, tmp_path):
-    from qtune.formats.gguf import export_gguf_lora
+    from qtune.formats.gguf.lora import export_gguf_lora
 
     with pytest.raises(QtuneError, match="not a PEFT LoRA adapter"):
         export_gguf_lora(tmp_path, models["llama"], tmp_path / "x.gguf")

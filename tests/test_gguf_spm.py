@@ -20,16 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from support import convert_with_llama_cpp
-
 from qtune.errors import QtuneError
-from qtune.formats.gguf import _read_sentencepiece_model, check_chat_roundtrip, export_gguf, read_gguf_header, tokenizer_metadata
+from qtune.formats.gguf.convert import export_gguf
+from qtune.formats.gguf.reader import read_gguf_header
+from qtune.formats.gguf.vocab import _read_sentencepiece_model, check_chat_roundtrip, tokenizer_metadata
+from support import convert_with_llama_cpp
 
 spm = pytest.importorskip("sentencepiece", reason="sentencepiece is not installed (pip install sentencepiece)")
 
-needs_llama_cpp = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh"
-)
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
@@ -52,17 +51,32 @@ PAD = 16  # the mistral model's vocab_size exceeds the tokenizer's: [PADn] unuse
 
 def _train(out: Path, model_type: str, vocab_size: int) -> Path:
     rng = random.Random(0)
-    words = ("The quick brown fox jumps over the lazy dog . Quantization maps weights to a few levels , and the "
-             "model keeps its tokens : llama mistral hello world café naïve über déjà vu 2024 3.14 #42 (ok) "
-             "I'm you're").split()
+    words = (
+        "The quick brown fox jumps over the lazy dog . Quantization maps weights to a few levels , and the "
+        "model keeps its tokens : llama mistral hello world café naïve über déjà vu 2024 3.14 #42 (ok) "
+        "I'm you're"
+    ).split()
     corpus = out.parent / f"{out.stem}.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 15))) for _ in range(3000)))
     # Llama 2's trainer settings: BPE, byte fallback, split digits, identity normalization, spaces kept
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out.with_suffix("")), vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
-        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True, minloglevel=2, num_threads=1,
+        input=str(corpus),
+        model_prefix=str(out.with_suffix("")),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+        num_threads=1,
     )
     return out
 
@@ -79,8 +93,9 @@ def hf_tokenizer_dir(tmp_path_factory, spm_model) -> Path:
 
     src = tmp_path_factory.mktemp("spm-src")
     shutil.copy(spm_model, src / "tokenizer.model")
-    (src / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False})
+    )
     tok = LlamaTokenizer.from_pretrained(src)
     tok.chat_template = CHAT_TEMPLATE
     out = tmp_path_factory.mktemp("spm-hf")
@@ -94,9 +109,18 @@ def _make_model(out: Path, tokenizer_dir: Path, spm_model: Path | None, model_ty
     n_vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
-        model_type, vocab_size=n_vocab + pad, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, initializer_range=0.1,
+        model_type,
+        vocab_size=n_vocab + pad,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
     )
     model = AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
@@ -131,8 +155,9 @@ def exported(tmp_path_factory, checkpoints) -> dict[str, Path]:
 def _llama(path: Path, vocab_only: bool = False):
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=not vocab_only, verbose=False,
-                           n_threads=1, type_k=0, type_v=0, vocab_only=vocab_only)
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=256, n_batch=256, logits_all=not vocab_only, verbose=False, n_threads=1, type_k=0, type_v=0, vocab_only=vocab_only
+    )
 
 
 def _detokenize(llm, ids: list[int], remove_special: bool = False, unparse_special: bool = False) -> str:
@@ -187,7 +212,7 @@ def test_spm_metadata(exported, checkpoints, spm_model, name):
         merges = json.loads((checkpoints[name] / "tokenizer.json").read_text())["model"]["merges"]
         first = merges[0] if isinstance(merges[0], str) else "".join(merges[0])
         assert scores[vocab[first.replace(" ", "")]] == 0.0
-        assert tokens[len(tok):] == [f"[PAD{i}]" for i in range(len(tok), n)] and set(types[len(tok):]) == {5}
+        assert tokens[len(tok) :] == [f"[PAD{i}]" for i in range(len(tok), n)] and set(types[len(tok) :]) == {5}
 
 
 def test_spm_added_tokens_and_refusals(tmp_path, hf_tokenizer_dir, spm_model):
@@ -287,8 +312,7 @@ def test_spm_chat_roundtrip(exported, checkpoints, name):
 
     assert check_chat_roundtrip(exported[name], checkpoints[name]) == []
     tok = AutoTokenizer.from_pretrained(checkpoints[name])
-    chat = tok.apply_chat_template([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}],
-                                   tokenize=False)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}], tokenize=False)
     hf_ids = tok.encode(chat, add_special_tokens=False)
     llm = _llama(exported[name], vocab_only=True)
     assert _detokenize(llm, hf_ids, unparse_special=True) == chat

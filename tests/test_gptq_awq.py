@@ -36,15 +36,20 @@ from qtune.formats.gptq import (
     write_gptq_checkpoint,
 )
 from qtune.layerwise import capture_block_inputs, quantize_model_awq, quantize_model_gptq
-from qtune.quant.awq import apply_clip, awq_fake_quantize, search_clip, search_scales, activation_mean
+from qtune.quant.awq import activation_mean, apply_clip, awq_fake_quantize, search_clip, search_scales
 from qtune.quant.gptq import HessianAccumulator, gptq_quantize, group_aware_order
 from qtune.quant.rtn import awq_grid, gptq_grid, rtn_fake_quantize, rtn_quantize
 
 torch.set_num_threads(1)
 
 TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=128, max_position_embeddings=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
 )
 
 
@@ -229,8 +234,7 @@ def test_gptq_group_aware_is_plain_layout_and_beats_natural_order() -> None:
     # with the diagonal already in processing order, group-aware changes nothing
     order = torch.argsort(torch.diag(h), descending=True)
     h_sorted, w_sorted = h[order][:, order], w[:, order]
-    assert torch.equal(gptq_quantize(w_sorted, h_sorted, 4, 32, True, group_aware=True).qweight_int,
-                       gptq_quantize(w_sorted, h_sorted, 4, 32, True).qweight_int)
+    assert torch.equal(gptq_quantize(w_sorted, h_sorted, 4, 32, True, group_aware=True).qweight_int, gptq_quantize(w_sorted, h_sorted, 4, 32, True).qweight_int)
 
 
 def test_gptq_dead_columns_and_partial_group() -> None:
@@ -436,7 +440,11 @@ def test_awq_checkpoint_round_trip(tmp_path: Path, arch: str) -> None:
     out = write_awq_checkpoint(model, result.quantized_layers, tmp_path / "awq")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config == {
-        "quant_method": "awq", "version": "gemm", "zero_point": True, "bits": 4, "group_size": 32,
+        "quant_method": "awq",
+        "version": "gemm",
+        "zero_point": True,
+        "bits": 4,
+        "group_size": 32,
         "modules_to_not_convert": None,
     }
     state = dequantize_awq_checkpoint(out)
@@ -554,9 +562,7 @@ def test_writers_tokenizer_dtype_tied_embeddings_and_options(tmp_path: Path) -> 
     messages: list[str] = []
     gptq = quantize_model_gptq(model, *calibration(4), group_size=32, true_sequential=False, progress=messages.append)
     assert messages == ["gptq: layer 1/2 done", "gptq: layer 2/2 done"]
-    out = write_gptq_checkpoint(
-        model, gptq.quantized_layers, tmp_path / "gptq", tokenizer, checkpoint_format="gptq_v2", dtype=torch.float16
-    )
+    out = write_gptq_checkpoint(model, gptq.quantized_layers, tmp_path / "gptq", tokenizer, checkpoint_format="gptq_v2", dtype=torch.float16)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
     assert AutoTokenizer.from_pretrained(out)("w1 w5").input_ids == tokenizer("w1 w5").input_ids
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
@@ -571,9 +577,7 @@ def test_writers_tokenizer_dtype_tied_embeddings_and_options(tmp_path: Path) -> 
     model = tiny_llama(seed=7, tie_word_embeddings=True)
     awq = quantize_model_awq(model, *calibration(4), group_size=32, apply_clip=False)
     assert not any(stats["clipped"] for stats in awq.stats.values())
-    out = write_awq_checkpoint(
-        model, awq.quantized_layers, tmp_path / "awq", tokenizer, modules_to_not_convert=["lm_head"]
-    )
+    out = write_awq_checkpoint(model, awq.quantized_layers, tmp_path / "awq", tokenizer, modules_to_not_convert=["lm_head"])
     assert json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"] == ["lm_head"]
     assert (out / "tokenizer.json").exists()
     assert torch.allclose(_model_logits(load_dequantized_awq_model(out), ids), _model_logits(model, ids), atol=1e-5)

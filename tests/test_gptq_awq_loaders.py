@@ -24,13 +24,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from qtune.formats.awq import load_dequantized_awq_model, write_awq_checkpoint
 from qtune.formats.gptq import load_dequantized_gptq_model, write_gptq_checkpoint
 from qtune.layerwise import quantize_model_awq, quantize_model_gptq
+from support import REPO
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 KL_LIMIT = 1e-4
 
-ORACLE_SCRIPT = r'''
+ORACLE_SCRIPT = r"""
 import os, sys, json, torch
 from transformers import AutoModelForCausalLM, AwqConfig, GPTQConfig
 input_ids = torch.load(sys.argv[1])
@@ -47,11 +47,18 @@ for path, out in zip(sys.argv[2::2], sys.argv[3::2]):
     with torch.no_grad():
         logits = model.eval()(input_ids).logits.float()
     torch.save({"logits": logits, "kernels": kernels}, out)
-'''
+"""
 
 TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=128, max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=False,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
 )
 
 
@@ -138,8 +145,14 @@ def oracle_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
 @pytest.mark.parametrize(
     "name",
     [
-        "gptq_sym_v1", "gptq_asym_v2_act_order", "gptq_partial_group", "gptq_8bit", "gptq_3bit_act_order",
-        "gptq_2bit_asym", "awq_llama_mha", "awq_qwen2_gqa_tied",
+        "gptq_sym_v1",
+        "gptq_asym_v2_act_order",
+        "gptq_partial_group",
+        "gptq_8bit",
+        "gptq_3bit_act_order",
+        "gptq_2bit_asym",
+        "awq_llama_mha",
+        "awq_qwen2_gqa_tied",
     ],
 )
 def test_gptqmodel_reads_our_checkpoint(oracle_results: dict, name: str) -> None:
@@ -153,4 +166,3 @@ def test_gptqmodel_reads_our_checkpoint(oracle_results: dict, name: str) -> None
     top2 = our_logits.topk(2, dim=-1).values
     flipped = our_logits.argmax(-1) != their_logits.argmax(-1)
     assert ((top2[..., 0] - top2[..., 1])[flipped] < 2e-2).all()
-

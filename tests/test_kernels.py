@@ -42,7 +42,8 @@ TRITON_HERE = _triton_runs_here()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(
     not TRITON_HERE,
-    reason="triton is not installed (pip install triton)" if not nf4.HAS_TRITON
+    reason="triton is not installed (pip install triton)"
+    if not nf4.HAS_TRITON
     else "triton was imported before TRITON_INTERPRET=1: see test_triton_kernels_in_a_fresh_process",
 )
 needs_bnb = pytest.mark.skipif(bnb_functional is None, reason="bitsandbytes is not importable")
@@ -87,9 +88,7 @@ def random_nf4_state(shape, blocksize=64, nested=True, dtype=torch.bfloat16, see
 def as_bnb_state(qs):
     state2 = None
     if qs.nested:
-        state2 = bnb_functional.QuantState(
-            absmax=qs.state2.absmax.cpu(), code=qs.state2.code.cpu(), blocksize=qs.state2.blocksize, dtype=torch.float32
-        )
+        state2 = bnb_functional.QuantState(absmax=qs.state2.absmax.cpu(), code=qs.state2.code.cpu(), blocksize=qs.state2.blocksize, dtype=torch.float32)
     return bnb_functional.QuantState(
         absmax=qs.absmax.cpu(), shape=qs.shape, code=nf4.nf4_code(), blocksize=qs.blocksize, quant_type="nf4",
         dtype=qs.dtype, offset=None if qs.offset is None else qs.offset.cpu(), state2=state2,
@@ -381,9 +380,7 @@ def independent_qlora(x, packed, qs, lora_A, lora_B, bias, scaling, compute_dtyp
 def test_qlora_linear_gradients_match_autograd(backend, x_dtype, compute_dtype):
     packed, qs, x, lora_A, lora_B, bias, grad_y = qlora_case(x_dtype, compute_dtype, seed=hash(str(x_dtype)) % 97)
     leaves = [x, lora_A, lora_B, bias]
-    expected = forward_backward(
-        lambda: independent_qlora(x, packed, qs, lora_A, lora_B, bias, 0.5, compute_dtype), leaves, grad_y
-    )
+    expected = forward_backward(lambda: independent_qlora(x, packed, qs, lora_A, lora_B, bias, 0.5, compute_dtype), leaves, grad_y)
     as_op = forward_backward(
         lambda: qlora_linear.qlora_linear(x, x, packed, qs, lora_A, lora_B, 0.5, bias, compute_dtype, backend),
         leaves, grad_y,
@@ -410,9 +407,7 @@ def test_qlora_linear_with_dropout_routes_the_dropout_gradient():
         x_lora = torch.nn.functional.dropout(x, 0.3)
         return qlora_linear.qlora_linear(x, x_lora, packed, qs, lora_A, lora_B, 2.0)
 
-    expected = forward_backward(
-        lambda: independent_qlora(x, packed, qs, lora_A, lora_B, None, 2.0, torch.float32, 0.3, seed=7), leaves, grad_y
-    )
+    expected = forward_backward(lambda: independent_qlora(x, packed, qs, lora_A, lora_B, None, 2.0, torch.float32, 0.3, seed=7), leaves, grad_y)
     for a, e in zip(forward_backward(fused, leaves, grad_y), expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
@@ -437,9 +432,7 @@ def test_qlora_linear_under_torch_compile(backend):
     packed, qs, x, lora_A, lora_B, bias, grad_y = qlora_case(torch.float32, torch.float32, seed=6)
     leaves = [x, lora_A, lora_B, bias]
     eager = forward_backward(lambda: qlora_linear.qlora_linear(x, x, packed, qs, lora_A, lora_B, 0.5, bias), leaves, grad_y)
-    compiled_fn = torch.compile(
-        lambda x: qlora_linear.qlora_linear(x, x, packed, qs, lora_A, lora_B, 0.5, bias), backend=backend, fullgraph=True
-    )
+    compiled_fn = torch.compile(lambda x: qlora_linear.qlora_linear(x, x, packed, qs, lora_A, lora_B, 0.5, bias), backend=backend, fullgraph=True)
     compiled = forward_backward(lambda: compiled_fn(x), leaves, grad_y)
     for a, e in zip(compiled, eager):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())

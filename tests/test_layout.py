@@ -40,3 +40,70 @@ def test_from_the_repository_root_kernels_is_an_empty_namespace_that_libraries_t
     result = _python(code, REPO)
     assert result.returncode == 0, result.stderr
     assert not (REPO / "kernels" / "__init__.py").exists()
+
+
+def _qtune_imports(path) -> set[str]:
+    """The qtune modules a file imports, at the top or inside functions (``if TYPE_CHECKING`` blocks aside)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    type_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for stmt in block.body
+        for node in ast.walk(stmt)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{path}: qtune imports itself by absolute names"
+            base = node.module or ""
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return {name for name in found if name == "qtune" or name.startswith("qtune.")}
+
+
+def test_qtune_has_no_import_cycles():
+    """Imports inside functions count: a cycle hidden in a function is still a cycle between concepts."""
+    package = REPO / "qtune"
+    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in package.rglob("*.py")}
+    graph = {name: {m for m in _qtune_imports(path) if m in files and m != name} for name, path in files.items()}
+    for name in graph:  # a package's __init__ is not an edge of its own: importing qtune.x imports qtune first
+        graph[name].discard("qtune")
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_public_api_resolves_without_importing_torch_first(tmp_path):
+    code = (
+        "import sys, qtune\n"
+        "assert 'torch' not in sys.modules, 'import qtune imported torch'\n"
+        "import importlib\n"
+        "assert sorted(qtune.__all__) == sorted(qtune._HOMES)\n"
+        "for name in qtune.__all__:\n"
+        "    home = importlib.import_module(qtune._HOMES[name])\n"
+        "    assert getattr(qtune, name) is getattr(home, name), name\n"
+        "import qtune.training\n"
+        "assert callable(qtune.train) and qtune.train is qtune.training.train\n"
+        "assert set(qtune.__all__) <= set(dir(qtune))\n"
+    )
+    result = _python(code, tmp_path)
+    assert result.returncode == 0, result.stderr

@@ -6,14 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import qtune_cli
 
 from qtune import memory_plan
 from qtune.recipe import load_recipe
+from support import REPO, qtune_cli
 
-REPO = Path(__file__).resolve().parents[1]
-LLAMA31_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+LLAMA31_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
 GiB = 2**30
 
 

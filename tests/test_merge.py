@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from safetensors import safe_open
-from support import tiny_llama_dir, tiny_recipe, write_recipe
 
 from qtune import merge, models
 from qtune.data import prepare_data
-from qtune.evaluate import divergence
-from qtune.pipeline import evaluate_run, merge_run
+from qtune.evaluate import evaluate_run
+from qtune.merge import merge_run
+from qtune.metrics import divergence
 from qtune.recipe import load_recipe
 from qtune.shards import CheckpointReader
-from qtune.train import train
+from qtune.training import train
+from support import tiny_llama_dir, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def merged_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("merge")
     base = tiny_llama_dir(work / "llama", hidden=128)
     recipe = write_recipe(work / "recipe.yaml", tiny_recipe(base, work / "run", training={"max_steps": 4, "learning_rate": 5e-3}))
-    run_dir = train(load_recipe(recipe))
+    run_dir = train(load_recipe(recipe)).run_dir
     merge_run(run_dir)
     return run_dir
 
@@ -100,15 +100,14 @@ def test_nf4_rebuilt_from_the_checkpoint_is_what_training_saw(merged_run: Path):
 
 
 def _assert_streamed_adapter_is_the_adapter_model(run_dir: Path) -> None:
-    from qtune.evaluate import model_reference, streamed_outputs
+    from qtune.metrics import model_reference, streamed_outputs
 
     loaded = load_recipe(run_dir / "recipe.resolved.yaml")
     recipe = loaded.recipe
     checkpoint = models.resolve_base(recipe.model)
     tokenizer = models.load_tokenizer(checkpoint)
     rows = prepare_data(recipe.data, tokenizer, loaded.base_dir, recipe.training.seed).validation
-    adapter_model = models.for_inference(
-        models.load_adapter_model(checkpoint, run_dir / "adapter", recipe.model, recipe.quantization))
+    adapter_model = models.for_inference(models.load_adapter_model(checkpoint, run_dir / "adapter", recipe.model, recipe.quantization))
     whole = model_reference(adapter_model, rows, tokenizer.pad_token_id)
     specs = merge.planned_nf4_specs(checkpoint, recipe.model, recipe.quantization, models.device())
     adapter = merge.streamed_adapter(checkpoint, run_dir / "adapter", models.device(), recipe.model)
@@ -139,9 +138,8 @@ def test_dora_rslora_merge_of_a_sharded_untied_base(tmp_path: Path):
     model is peft's, the merge into it passes its gate, and the head is merged and stored."""
     base = tiny_llama_dir(tmp_path / "llama", hidden=128, tied=False, max_shard_size="1MB")
     assert len(list(base.glob("*.safetensors"))) > 3
-    recipe = tiny_recipe(base, tmp_path / "run", training={"max_steps": 2, "learning_rate": 5e-3},
-                         lora={"use_dora": True, "use_rslora": True})
-    run_dir = train(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    recipe = tiny_recipe(base, tmp_path / "run", training={"max_steps": 2, "learning_rate": 5e-3}, lora={"use_dora": True, "use_rslora": True})
+    run_dir = train(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe))).run_dir
     _assert_streamed_adapter_is_the_adapter_model(run_dir)
     merge_run(run_dir)
     report = json.loads((run_dir / "merge_report.json").read_text())
@@ -171,8 +169,7 @@ def test_sharded_merge_loads_in_transformers(sharded_run: Path, merged_run: Path
     files = sorted(p.name for p in (sharded_run / "merged").glob("*.safetensors"))
     index = json.loads((sharded_run / "merged" / "model.safetensors.index.json").read_text())
     assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
-    assert index["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for f in files for t in _tensors(sharded_run / "merged" / f))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for f in files for t in _tensors(sharded_run / "merged" / f))
     sharded = AutoModelForCausalLM.from_pretrained(sharded_run / "merged").state_dict()
     single = AutoModelForCausalLM.from_pretrained(merged_run / "merged").state_dict()
     assert sharded.keys() == single.keys()
@@ -184,6 +181,7 @@ def test_sharded_merge_converts_with_llama_cpp(sharded_run: Path, merged_run: Pa
     """llama.cpp's own convert_hf_to_gguf.py reads the sharded merge unchanged: its GGUF (read by gguf-py)
     holds the very tensors it makes from the single-file merge."""
     import gguf
+
     from support import convert_with_llama_cpp
 
     def tensors(checkpoint: Path, name: str) -> dict[str, bytes]:
@@ -215,15 +213,13 @@ def test_sharded_merge_answers_the_same_in_vllm(sharded_run: Path, tmp_path: Pat
     model = models.load_for_eval(sharded_run / "merged", recipe.model)
     expected = []
     for row in ids:
-        out = model.generate(torch.tensor([row]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                             pad_token_id=tokenizer.pad_token_id)
-        expected.append(out[0, len(row):].tolist())
+        out = model.generate(torch.tensor([row]), max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+        expected.append(out[0, len(row) :].tolist())
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"prompts": ids, "max_tokens": 8, "dtype": "float32", "ignore_eos": True}))
     script = Path(__file__).resolve().parents[1] / "scripts" / "vllm_answers.py"
     answers = tmp_path / "answers.json"
-    done = subprocess.run([str(python), str(script), str(sharded_run / "merged"), str(request), str(answers)],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([str(python), str(script), str(sharded_run / "merged"), str(request), str(answers)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     answers = json.loads(answers.read_text())["answers"]
     assert answers == expected
@@ -264,7 +260,7 @@ def test_merged_checkpoint_loads_in_plain_transformers(merged_run: Path):
 
 def test_merged_model_matches_the_adapter_model_on_eval(merged_run: Path):
     results = evaluate_run(merged_run, ["adapter", "merged"])
-    assert results["adapter"]["perplexity"] == pytest.approx(results["merged"]["perplexity"], rel=1e-2)
+    assert results["adapter"].perplexity == pytest.approx(results["merged"].perplexity, rel=1e-2)
     assert (merged_run / "eval" / "merged.json").is_file()
 
 
@@ -273,8 +269,7 @@ def test_lora_delta_is_peft_own_delta(merged_run: Path):
     from peft.tuners.lora import LoraLayer
 
     recipe = load_recipe(merged_run / "recipe.resolved.yaml").recipe
-    adapter_model = models.load_adapter_model(models.resolve_base(recipe.model), merged_run / "adapter", recipe.model,
-                                              recipe.quantization)
+    adapter_model = models.load_adapter_model(models.resolve_base(recipe.model), merged_run / "adapter", recipe.model, recipe.quantization)
     deltas = merge.lora_deltas(adapter_model)
     layers = {n.removeprefix("base_model.model."): m for n, m in adapter_model.named_modules() if isinstance(m, LoraLayer)}
     assert deltas.keys() == layers.keys() and len(deltas) == 14
@@ -302,7 +297,7 @@ def test_choose_dtype_prefers_fp16_when_it_fits():
 def test_offloaded_merged_model_scores_the_same(merged_run: Path, monkeypatch):
     """When the plan says the merged model does not fit, accelerate offloads it (on CPU to disk, loaded in
     float32) and evaluation gives the same numbers as the model held whole."""
-    from qtune import memory_plan, pipeline
+    from qtune import evaluate, memory_plan
 
     whole = evaluate_run(merged_run, ["merged"])["merged"]
     loaded = load_recipe(merged_run / "recipe.resolved.yaml")
@@ -321,13 +316,13 @@ def test_offloaded_merged_model_scores_the_same(merged_run: Path, monkeypatch):
         return loaded_model
 
     monkeypatch.setattr(memory_plan, "machine_memory", lambda: (None, host))
-    monkeypatch.setattr(pipeline.models, "load_for_eval", load_for_eval)
+    monkeypatch.setattr(evaluate.models, "load_for_eval", load_for_eval)
     offloaded = evaluate_run(merged_run, ["merged"])["merged"]
     assert seen["placement"] == {"disk"}
-    assert offloaded["runtime"] == "transformers + accelerate offload"
-    assert not (merged_run / pipeline.OFFLOAD_DIR).exists()
-    assert offloaded["correct"] == whole["correct"] and offloaded["total"] == whole["total"]
-    assert offloaded["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+    assert offloaded.runtime == "transformers + accelerate offload"
+    assert not (merged_run / evaluate.OFFLOAD_DIR).exists()
+    assert offloaded.correct == whole.correct and offloaded.total == whole.total
+    assert offloaded.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
 
 
 def test_partly_offloaded_model_computes_what_the_whole_model_does(tmp_path: Path):
@@ -340,8 +335,9 @@ def test_partly_offloaded_model_computes_what_the_whole_model_does(tmp_path: Pat
     from qtune.recipe import ModelSection
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128
+    )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
     whole = models.load_for_eval(tmp_path / "model", ModelSection(base=str(tmp_path / "model")))
     weights = 4 * sum(p.numel() for p in whole.parameters())
@@ -351,5 +347,4 @@ def test_partly_offloaded_model_computes_what_the_whole_model_does(tmp_path: Pat
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(split(input_ids=ids).logits, whole(input_ids=ids).logits, atol=1e-5, rtol=0)
-        assert torch.equal(split.generate(ids[:1, :8], max_new_tokens=6, do_sample=False),
-                           whole.generate(ids[:1, :8], max_new_tokens=6, do_sample=False))
+        assert torch.equal(split.generate(ids[:1, :8], max_new_tokens=6, do_sample=False), whole.generate(ids[:1, :8], max_new_tokens=6, do_sample=False))

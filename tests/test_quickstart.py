@@ -10,7 +10,6 @@ import pytest
 
 from support import REPO, qtune_cli
 
-
 EXPORTS = ("model-Q8_0.gguf", "model-Q4_K_M.gguf", "gptq-4bit-g32-asym", "awq-4bit-g32-gptq")
 
 

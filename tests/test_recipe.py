@@ -24,8 +24,8 @@ from qtune.recipe import (
     parse_override,
     parse_recipe,
 )
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 
@@ -80,6 +80,7 @@ tracking:
 
 # ---------------------------------------------------------------- the quickstart recipe
 
+
 def test_quickstart_recipe_validates(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     loaded = load_recipe(QUICKSTART)
@@ -103,6 +104,7 @@ def test_defaults_are_used_for_missing_sections(tmp_recipe, data_file):
 
 
 # ---------------------------------------------------------------- unknown keys, types, ranges
+
 
 def test_unknown_key_names_nearest_valid_key_and_line(tmp_recipe, data_file):
     text = MINIMAL.replace("training:\n", "training:\n  max_steps: 3\n  learning_rat: 1.0e-4\n")
@@ -221,11 +223,14 @@ def test_every_schema_problem_is_reported_at_once(tmp_recipe, data_file):
     assert set(problems) == {"training.epochs", "training.learning_rat", "lora.r"}
     assert "3 problem(s)" in str(excinfo.value)
     assert [problems[k].line for k in ("training.epochs", "training.learning_rat", "lora.r")] == [
-        line_of(text, "epochs"), line_of(text, "learning_rat"), line_of(text, "r: many")
+        line_of(text, "epochs"),
+        line_of(text, "learning_rat"),
+        line_of(text, "r: many"),
     ]
 
 
 # ---------------------------------------------------------------- YAML problems
+
 
 def test_duplicate_key_rejected_with_both_lines(tmp_recipe, data_file):
     text = MINIMAL.replace("training:\n", "training:\n  max_steps: 5\n  warmup_steps: 1\n  max_steps: 7\n")
@@ -286,6 +291,7 @@ def test_missing_recipe_file(tmp_path):
 
 # ---------------------------------------------------------------- overrides
 
+
 def test_override_scalar_value_is_typed_by_schema(tmp_recipe, data_file):
     text = MINIMAL.replace("training:\n", "training:\n  learning_rate: 5.0e-4\n")
     path = tmp_recipe(text)
@@ -298,8 +304,7 @@ def test_override_scalar_value_is_typed_by_schema(tmp_recipe, data_file):
 def test_overrides_create_missing_sections_and_nested_keys(tmp_recipe, data_file):
     recipe = load_recipe(
         tmp_recipe(MINIMAL),
-        ["data.fields.output=answer", "lora.target_modules=[q_proj, v_proj]", "evaluation.max_samples=3",
-         "training.max_steps=9", "training.max_steps=11"],
+        ["data.fields.output=answer", "lora.target_modules=[q_proj, v_proj]", "evaluation.max_samples=3", "training.max_steps=9", "training.max_steps=11"],
     ).recipe
     assert recipe.data.fields.output == "answer"
     assert recipe.data.fields.instruction == "instruction"  # siblings keep their defaults
@@ -350,12 +355,11 @@ def test_parse_and_apply_override_units():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a=x=y") == (["a"], "x=y")  # only the first '=' splits
     raw = {"training": None}
-    assert apply_overrides(raw, ["training.seed=3", "new.deep.key=true"]) == {
-        "training": {"seed": 3}, "new": {"deep": {"key": True}}
-    }
+    assert apply_overrides(raw, ["training.seed=3", "new.deep.key=true"]) == {"training": {"seed": 3}, "new": {"deep": {"key": True}}}
 
 
 # ---------------------------------------------------------------- cross-field rules
+
 
 def test_validation_sources_and_fraction_both_given(tmp_recipe, data_file):
     text = MINIMAL.replace("data:\n", "data:\n  validation: data/train.jsonl\n  validation_fraction: 0.1\n")
@@ -452,8 +456,7 @@ def test_missing_dataset_file_reports_resolved_path(tmp_recipe, tmp_path):
 
 
 def test_missing_dataset_file_in_mapping_source_reports_its_line(tmp_recipe, tmp_path, data_file):
-    text = MINIMAL.replace("  train: data/train.jsonl\n",
-                           "  train:\n    - path: data/train.jsonl\n    - path: ~/../nowhere/x.jsonl\n")
+    text = MINIMAL.replace("  train: data/train.jsonl\n", "  train:\n    - path: data/train.jsonl\n    - path: ~/../nowhere/x.jsonl\n")
     with pytest.raises(RecipeError) as excinfo:
         load_recipe(tmp_recipe(text))
     problems = problems_of(excinfo)
@@ -499,6 +502,7 @@ def test_rule_problems_are_all_reported_together(tmp_recipe, monkeypatch, no_cud
 
 # ---------------------------------------------------------------- data source shorthand
 
+
 def test_shorthand_sources(tmp_recipe, tmp_path, data_file, monkeypatch):
     (tmp_path / "saved").mkdir()
     (tmp_path / "saved" / "state.json").write_text("{}")  # what datasets.save_to_disk leaves in a dataset folder
@@ -543,13 +547,17 @@ def test_shorthand_folder_relative_to_recipe_is_a_path_whatever_the_cwd(tmp_reci
 
 # ---------------------------------------------------------------- resolved recipe
 
+
 def test_with_absolute_paths(tmp_recipe, tmp_path, data_file):
     (tmp_path / "models" / "mine").mkdir(parents=True)
     (tmp_path / "models" / "mine" / "config.json").write_text('{"model_type": "llama"}')
-    text = MINIMAL.replace(
-        "  train: data/train.jsonl\n",
-        "  train: [data/train.jsonl, org/name]\n  validation: ./data/train.jsonl\n",
-    ) + "output:\n  dir: ../runs/x\nmodel:\n  base: models/mine\n"
+    text = (
+        MINIMAL.replace(
+            "  train: data/train.jsonl\n",
+            "  train: [data/train.jsonl, org/name]\n  validation: ./data/train.jsonl\n",
+        )
+        + "output:\n  dir: ../runs/x\nmodel:\n  base: models/mine\n"
+    )
     loaded = load_recipe(tmp_recipe(text, name="sub/../recipe.yaml"))
     resolved = loaded.with_absolute_paths()
     assert resolved.data.train[0].path == str(data_file.resolve())
@@ -622,6 +630,7 @@ def test_short_env_values_are_not_treated_as_secrets(tmp_recipe, data_file, monk
 
 
 # ---------------------------------------------------------------- qtune validate
+
 
 def test_cli_validate_bad_recipe_exits_2_with_clear_error(tmp_recipe, data_file, capsys, restore_qtune_logger):
     text = MINIMAL.replace("training:\n", "training:\n  learning_rat: 1.0e-4\n")

@@ -39,9 +39,10 @@ BASE_MODEL_TYPES = {
 
 # ---------------------------------------------------------------- stand-ins for the hub datasets
 
+
 @dataclass(frozen=True)
 class Row:
-    record: dict              # one row, with exactly the hub dataset's columns
+    record: dict  # one row, with exactly the hub dataset's columns
     prompts: tuple[str, ...]  # texts the model must see but never be trained on
     answers: tuple[str, ...]  # texts the model must be trained on
 
@@ -56,8 +57,7 @@ def alpaca_cleaned(split: str, i: int) -> Row:
 
 def dolly(split: str, i: int) -> Row:
     """databricks/databricks-dolly-15k: instruction, context (empty for open questions), response, category."""
-    categories = ("open_qa", "closed_qa", "classification", "brainstorming", "information_extraction",
-                  "summarization", "creative_writing", "general_qa")
+    categories = ("open_qa", "closed_qa", "classification", "brainstorming", "information_extraction", "summarization", "creative_writing", "general_qa")
     category = categories[i % len(categories)]
     instruction = f"Question [{split} {i}]: when did the ship sail?"
     with_passage = category in ("closed_qa", "information_extraction", "summarization")
@@ -131,6 +131,7 @@ def record_key(record: dict) -> str:
 
 # ---------------------------------------------------------------- fixtures
 
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No socket may connect, and the Hugging Face caches are empty folders under tmp_path."""
@@ -179,6 +180,7 @@ def with_stand_ins(recipe: Path, folder: Path, overrides: tuple[str, ...] = ()):
 
 
 # ---------------------------------------------------------------- tests
+
 
 def test_the_ready_recipes_are_all_there():
     assert EXPECTED_RECIPES <= {p.name for p in RECIPES}
@@ -258,6 +260,6 @@ def test_the_dry_run_catches_a_wrong_column_mapping(recipe, override, complaint,
 
 def test_the_dry_run_catches_a_wrong_split_name(offline, tmp_path, smol_tokenizer):
     recipe = REPO / "recipes" / "mistral-7b-ultrachat.yaml"
-    loaded, _ = with_stand_ins(recipe, tmp_path / "datasets", ('data.validation=[{hub: HuggingFaceH4/ultrachat_200k, split: test}]',))
+    loaded, _ = with_stand_ins(recipe, tmp_path / "datasets", ("data.validation=[{hub: HuggingFaceH4/ultrachat_200k, split: test}]",))
     with pytest.raises(QtuneError, match="Unknown split"):
         prepare_data(loaded.recipe.data, smol_tokenizer, loaded.base_dir, 0)

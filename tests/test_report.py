@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qtune.gguf_model import LLAMA_CPP, gguf_runtime
 from support import FULL_RUN_EXPORT_NAMES as EXPORT_NAMES
 from support import qtune_cli, tiny_llama_dir, wandb_records
-
-from qtune.gguf_model import LLAMA_CPP, gguf_runtime
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -24,12 +23,14 @@ def test_perplexity_from_the_divergence_pass_equals_perplexity(tmp_path: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qtune.evaluate import divergence, perplexity
+    from qtune.metrics import divergence, perplexity
 
     a = AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path / "a", hidden=64, seed=1), dtype=torch.float32)
     b = AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path / "b", hidden=64, seed=2), dtype=torch.float32)
-    rows = [{"input_ids": ids, "labels": [-100] * 3 + ids[3:], "num_real_tokens": len(ids)}
-            for ids in ([5, 17, 300, 41, 9, 77], [8, 1200, 6, 90, 33, 4, 501, 2], [60, 61, 62, 63])]
+    rows = [
+        {"input_ids": ids, "labels": [-100] * 3 + ids[3:], "num_real_tokens": len(ids)}
+        for ids in ([5, 17, 300, 41, 9, 77], [8, 1200, 6, 90, 33, 4, 501, 2], [60, 61, 62, 63])
+    ]
     both = divergence(a, b, rows, pad_token_id=0, batch_size=2)
     assert both.perplexity == pytest.approx(perplexity(b, rows, pad_token_id=0, batch_size=2), rel=1e-6)
     assert both.mean_kl > 0
@@ -85,8 +86,15 @@ def test_gguf_scored_by_llama_cpp_agrees_with_the_dequantized_weights(full_run):
 def test_a_rerun_redoes_only_what_is_missing(full_run):
     """Every stage is skipped when its output is complete; a lost export is made and scored again, alone."""
     run_dir, _ = full_run
-    kept = {p: p.stat().st_mtime_ns for p in [run_dir / "adapter" / "adapter_model.safetensors", run_dir / "merged" / "config.json",
-                                              *(run_dir / "eval").glob("*.json"), run_dir / "exports" / "model-Q8_0.gguf"]}
+    kept = {
+        p: p.stat().st_mtime_ns
+        for p in [
+            run_dir / "adapter" / "adapter_model.safetensors",
+            run_dir / "merged" / "config.json",
+            *(run_dir / "eval").glob("*.json"),
+            run_dir / "exports" / "model-Q8_0.gguf",
+        ]
+    }
     shutil.rmtree(run_dir / "exports" / "gptq-4bit-g32")
     (run_dir / "eval" / "gptq-4bit-g32.json").unlink()
     del kept[run_dir / "eval" / "gptq-4bit-g32.json"]
@@ -199,10 +207,19 @@ def _history(records) -> dict:
 
 
 def _screenshot(html_file: Path, png: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--hide-scrollbars"]
-    return subprocess.run([CHROMIUM, *flags, "--window-size=1400,1800", f"--screenshot={png}", html_file.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--hide-scrollbars",
+    ]
+    return subprocess.run([CHROMIUM, *flags, "--window-size=1400,1800", f"--screenshot={png}", html_file.as_uri()], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh --test installs Debian's package)")
@@ -210,9 +227,21 @@ def test_report_html_renders_its_table_and_plots_in_a_browser(full_run, tmp_path
     from PIL import Image
 
     run_dir, _ = full_run
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          f"--user-data-dir={tmp_path / 'dom-profile'}", "--dump-dom", (run_dir / "report.html").as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            f"--user-data-dir={tmp_path / 'dom-profile'}",
+            "--dump-dom",
+            (run_dir / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count("<tr") >= 1 + 3 + len(EXPORT_NAMES) and "model-Q4_K_M.gguf" in dom.stdout
     png = tmp_path / "report.png"
@@ -230,8 +259,30 @@ def test_report_html_renders_its_table_and_plots_in_a_browser(full_run, tmp_path
     # the same page without its images has none of that colour: the check above sees the plots, not the table
     bare = tmp_path / "bare.html"
     text = (run_dir / "report.html").read_text()
-    bare.write_text(text[: text.index("<div id=\"plots\">")] + "</body></html>")
+    bare.write_text(text[: text.index('<div id="plots">')] + "</body></html>")
     bare_png = tmp_path / "bare.png"
     assert _screenshot(bare, bare_png, tmp_path).returncode == 0
     bare_pixels = np.asarray(Image.open(bare_png).convert("RGB")).astype(int)
     assert int((np.abs(bare_pixels - np.array((0x1F, 0x77, 0xB4))).max(-1) <= 12).sum()) == 0
+
+
+def test_the_readme_python_api_runs_as_written(full_run, tmp_path: Path):
+    """The README's "Python API" block, run on a copy of the tiny full run (so training is already done):
+    every stage returns its typed result and the report is written."""
+    import re
+
+    run_dir, _ = full_run
+    copy = tmp_path / "api"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("exports", "eval", "report*"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'load_recipe("recipes/quickstart.yaml", ["output.dir=runs/api"])' in code
+    code = code.replace('"recipes/quickstart.yaml"', repr(str(run_dir.parent / "recipe.yaml"))).replace('"output.dir=runs/api"', repr(f"output.dir={copy}"))
+    names: dict = {}
+    exec(compile(code, "README.md", "exec"), names)
+    assert names["trained"].run_dir == copy and names["trained"].steps is None  # already trained: nothing to do
+    assert names["merged"].folder == copy / "merged" and names["merged"].report.passes
+    assert names["exported"].path == copy / "exports" / "model-Q4_K_M.gguf"
+    scores = names["scores"]
+    assert {"base", "adapter", "merged", "model-Q4_K_M.gguf"} <= set(scores) and all(r.ok for r in scores.values())
+    assert (copy / "report.md").is_file() and [row.artifact for row in names["report"].rows][:3] == ["base", "adapter", "merged"]

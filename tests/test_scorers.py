@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from support import tiny_recipe, write_recipe
-
 from qtune.recipe import RecipeError, load_recipe
 from qtune.scorers import contains, exact_match, json_equal, normalized_match, resolve_scorer
+from support import tiny_recipe, write_recipe
 
 
 def test_builtin_scorers():

@@ -19,7 +19,7 @@ def _tensors() -> dict[str, torch.Tensor]:
     return {
         "a.weight": torch.randn(64, 32).to(torch.float16),
         "b.weight": torch.randn(300).to(torch.bfloat16),
-        "c.codes": torch.randint(-2**31, 2**31 - 1, (16, 8), dtype=torch.int32),
+        "c.codes": torch.randint(-(2**31), 2**31 - 1, (16, 8), dtype=torch.int32),
         "d.flag": torch.tensor([True, False, True]),
         "e.big": torch.randn(128, 128),
     }
@@ -76,8 +76,9 @@ def test_the_reader_reads_files_written_by_safetensors_itself(tmp_path: Path):
     assert all(torch.equal(reader.get(k), v) for k, v in tensors.items())
 
 
-@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1000", 1000),
-                                           (1234, 1234), ("1.5 GB", 1_500_000_000)])
+@pytest.mark.parametrize(
+    "text,expected", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1000", 1000), (1234, 1234), ("1.5 GB", 1_500_000_000)]
+)
 def test_sizes_parse_as_transformers_reads_them(text, expected):
     assert parse_size(text) == expected
 

@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import qtune_cli, step_losses, tiny_llama_dir, tiny_recipe, wandb_records, write_recipe
-
 from qtune import rundir
 from qtune.errors import NonFiniteLossError, QtuneError
 from qtune.recipe import load_recipe
-from qtune.train import train
+from qtune.training import train
+from support import qtune_cli, step_losses, tiny_llama_dir, tiny_recipe, wandb_records, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +96,7 @@ def test_refuses_a_non_run_directory(tiny_base: Path, tmp_path: Path):
 
 
 def test_other_ranks_wait_for_rank_0s_claim(tmp_path: Path):
-    from qtune.train import _wait_for_claim
+    from qtune.training import _wait_for_claim
 
     with pytest.raises(QtuneError, match="rank 0 did not claim"):
         _wait_for_claim(tmp_path, "abc", timeout=0.5)
@@ -163,8 +162,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_loss_curve(tiny_base:
     killed = write_recipe(tmp_path / "killed.yaml", tiny_recipe(tiny_base, tmp_path / "killed", training=settings))
 
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    process = subprocess.Popen([sys.executable, "-m", "qtune", "train", str(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "qtune", "train", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not (tmp_path / "killed" / "checkpoint-8").is_dir():
         assert process.poll() is None, f"training ended before it could be killed: {process.stderr.read()[-2000:]}"
@@ -208,9 +206,28 @@ def test_ddp_with_two_cpu_processes(tiny_base: Path, tmp_path: Path):
     result = subprocess.run(
         # accelerate's --cpu flag selects its single-process launcher; --multi_gpu is its torch.distributed
         # launcher, which runs gloo DDP on a machine without GPUs.
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qtune", "train", str(recipe)],
-        capture_output=True, text=True, env=env, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "qtune",
+            "train",
+            str(recipe),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "run"
@@ -242,4 +259,4 @@ def test_builtin_model_is_a_real_chat_model():
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     ids = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])

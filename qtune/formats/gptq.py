@@ -85,9 +85,7 @@ def unpack_rows(packed: Tensor, bits: int) -> Tensor:
     return out.reshape(-1, packed.shape[1]).to(torch.int32)
 
 
-def pack_gptq_layer(
-    quantized: QuantizedWeight, checkpoint_format: str = "gptq", layer: str = "layer"
-) -> dict[str, Tensor]:
+def pack_gptq_layer(quantized: QuantizedWeight, checkpoint_format: str = "gptq", layer: str = "layer") -> dict[str, Tensor]:
     """qweight / qzeros / scales / g_idx tensors for one linear layer."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
@@ -95,16 +93,12 @@ def pack_gptq_layer(
     values, _ = _pack_unit(bits)
     n, k = quantized.qweight_int.shape
     if k % values or n % values:
-        raise ValueError(
-            f"{layer}: {bits}-bit GPTQ packing needs in_features and out_features divisible by {values}, "
-            f"got K={k}, N={n}"
-        )
+        raise ValueError(f"{layer}: {bits}-bit GPTQ packing needs in_features and out_features divisible by {values}, got K={k}, N={n}")
     zeros = quantized.zeros.to(torch.int64)
     if checkpoint_format == "gptq":
         if int(zeros.min()) < 1:
             raise ValueError(
-                f"{layer}: checkpoint_format 'gptq' (v1) stores zero-1 and cannot hold a zero of 0 "
-                "(asymmetric grid); use checkpoint_format='gptq_v2'"
+                f"{layer}: checkpoint_format 'gptq' (v1) stores zero-1 and cannot hold a zero of 0 (asymmetric grid); use checkpoint_format='gptq_v2'"
             )
         zeros = zeros - 1
     return {
@@ -115,9 +109,7 @@ def pack_gptq_layer(
     }
 
 
-def unpack_gptq_layer(
-    tensors: Mapping[str, Tensor], bits: int, group_size: int, sym: bool, checkpoint_format: str = "gptq"
-) -> QuantizedWeight:
+def unpack_gptq_layer(tensors: Mapping[str, Tensor], bits: int, group_size: int, sym: bool, checkpoint_format: str = "gptq") -> QuantizedWeight:
     """QuantizedWeight back from one layer's qweight / qzeros / scales / g_idx."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
@@ -132,8 +124,13 @@ def unpack_gptq_layer(
     if g_idx is None:
         g_idx = torch.arange(k, dtype=torch.int32) // check_group_size(group_size, k)
     return QuantizedWeight(
-        qweight_int=codes, scales=scales.float(), zeros=zeros.to(torch.int32), g_idx=g_idx.to(torch.int32),
-        bits=bits, group_size=group_size, sym=sym,
+        qweight_int=codes,
+        scales=scales.float(),
+        zeros=zeros.to(torch.int32),
+        g_idx=g_idx.to(torch.int32),
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
     )
 
 
@@ -169,9 +166,7 @@ def collect_tensors(
         if not isinstance(module, nn.Linear):
             raise ValueError(f"quantized layer {name!r} is not an nn.Linear of the model")
         if tuple(module.weight.shape) != tuple(quantized.qweight_int.shape):
-            raise ValueError(
-                f"{name}: quantized shape {tuple(quantized.qweight_int.shape)} != weight {tuple(module.weight.shape)}"
-            )
+            raise ValueError(f"{name}: quantized shape {tuple(quantized.qweight_int.shape)} != weight {tuple(module.weight.shape)}")
         for suffix, tensor in pack_layer(name, quantized).items():
             out[f"{name}.{suffix}"] = tensor.cpu()
         if module.bias is not None:
@@ -212,9 +207,7 @@ def quantized_config(checkpoint: str | os.PathLike[str], quantization_config: di
     return config
 
 
-def write_model_files(
-    tmp: Path, model: nn.Module, tensors: dict[str, Tensor], quantization_config: dict[str, Any], tokenizer: Any
-) -> None:
+def write_model_files(tmp: Path, model: nn.Module, tensors: dict[str, Tensor], quantization_config: dict[str, Any], tokenizer: Any) -> None:
     """safetensors + config.json (with quantization_config) + generation config + tokenizer."""
     save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
@@ -228,7 +221,12 @@ def write_model_files(
 
 
 def gptq_quantization_config(
-    bits: int, group_size: int, sym: bool, desc_act: bool, checkpoint_format: str, damp_percent: float,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    checkpoint_format: str,
+    damp_percent: float,
     true_sequential: bool,
 ) -> dict[str, Any]:
     return {
@@ -270,9 +268,7 @@ def write_gptq_checkpoint(
     if checkpoint_format is None:
         checkpoint_format = "gptq" if sym else "gptq_v2"
     desc_act = any(_has_act_order(q) for q in quantized_layers.values())
-    tensors = collect_tensors(
-        model, quantized_layers, lambda name, q: pack_gptq_layer(q, checkpoint_format, name), dtype
-    )
+    tensors = collect_tensors(model, quantized_layers, lambda name, q: pack_gptq_layer(q, checkpoint_format, name), dtype)
     config = gptq_quantization_config(bits, group_size, sym, desc_act, checkpoint_format, damp_percent, true_sequential)
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         write_model_files(tmp, model, tensors, config, tokenizer)
@@ -318,9 +314,7 @@ def dequantize_gptq_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor
     return state
 
 
-def load_dequantized_state(
-    state: Mapping[str, Tensor], path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
-) -> nn.Module:
+def load_dequantized_state(state: Mapping[str, Tensor], path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> nn.Module:
     """A plain HF model from ``path``'s config (quantization dropped) holding ``state``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

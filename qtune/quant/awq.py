@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qtune.quant import DEFAULT_BITS, DEFAULT_GROUP_SIZE
 from qtune.quant.rtn import awq_grid, check_bits, check_group_size, dequantize_codes, quantize_to_codes
 
 
@@ -28,14 +29,11 @@ def check_awq_group_size(in_features: int, group_size: int, layer: str = "layer"
     if in_features % width != 0:
         divisors = [g for g in (256, 128, 64, 32, 16) if in_features % g == 0]
         hint = f"; try group_size={divisors[0]}" if divisors else ""
-        raise ValueError(
-            f"AWQ needs group_size to divide in_features: {layer} has K={in_features}, "
-            f"group_size={group_size}{hint}"
-        )
+        raise ValueError(f"AWQ needs group_size to divide in_features: {layer} has K={in_features}, group_size={group_size}{hint}")
     return width
 
 
-def awq_fake_quantize(weight: Tensor, bits: int = 4, group_size: int = 128) -> Tensor:
+def awq_fake_quantize(weight: Tensor, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE) -> Tensor:
     """AWQ-convention (asymmetric, no widening to 0) group-wise fake quantization of [N, K]."""
     n, k = weight.shape
     width = check_awq_group_size(k, group_size)
@@ -86,8 +84,8 @@ def search_scales(
     x_mean: Tensor,
     weights: Sequence[Tensor],
     evaluate: Callable[[list[Tensor]], float],
-    bits: int = 4,
-    group_size: int = 128,
+    bits: int = DEFAULT_BITS,
+    group_size: int = DEFAULT_GROUP_SIZE,
     n_grid: int = 20,
     duo_scaling: bool = True,
 ) -> AwqScaleSearch:
@@ -125,8 +123,8 @@ def search_scales(
 def search_clip(
     weight: Tensor,
     x: Tensor,
-    bits: int = 4,
-    group_size: int = 128,
+    bits: int = DEFAULT_BITS,
+    group_size: int = DEFAULT_GROUP_SIZE,
     n_grid: int = 20,
     max_shrink: float = 0.5,
     n_sample_tokens: int = 512,

@@ -1,7 +1,7 @@
 """Compiled CPU encoders for ggml's block types: ports of ggml-quants.c (ggml 0.25.3), run by numba.
 
-They give the bytes of ggml's own quantizer (``ggml_quantize_chunk``) and run 2-3x faster than it on
-the k-quants. The scale searches (``make_qx_quants``, ``make_q3_quants``, ``make_qkx_quants``) run
+They give the bytes of ggml's own quantizer (``ggml_quantize_chunk``) and run faster than it on the
+k-quants (docs/benchmarks.md, "GGUF export"). The scale searches (``make_qx_quants``, ``make_q3_quants``, ``make_qkx_quants``) run
 on every sub-block of a group of blocks at once, one sub-block per lane of an element-major buffer:
 each lane does the C code's float32 operations in the C order, and the loops across lanes compile
 to SIMD instructions. The C code searches one sub-block at a time. The float32 order is kept so:
@@ -29,6 +29,8 @@ from gguf import GGMLQuantizationType
 from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
+
+from qtune.quant.ggml_types import GGML_TYPES
 
 Q = GGMLQuantizationType
 QK_K = 256
@@ -284,12 +286,7 @@ def make_q3_quants(xt, lanes, n, nmax, Lt, v, scale_out):
                 fn = F(new_l)
                 slx_new = slx + w * xi * fn
                 sl2_new = sl2 + w * fn * fn
-                taken = (
-                    slx > F0
-                    and new_l != Lt[o + k]
-                    and sl2_new > F0
-                    and slx_new * slx_new * suml2[k] > sumlx[k] * sumlx[k] * sl2_new
-                )
+                taken = slx > F0 and new_l != Lt[o + k] and sl2_new > F0 and slx_new * slx_new * suml2[k] > sumlx[k] * sumlx[k] * sl2_new
                 Lt[o + k] = new_l if taken else Lt[o + k]
                 sumlx[k] = slx_new if taken else sumlx[k]
                 suml2[k] = sl2_new if taken else suml2[k]
@@ -458,6 +455,7 @@ def make_qp_quants(x, nmax, L, qw):
 
 
 # ------------------------------------------------------------ shared k-quant pieces
+
 
 @_jit
 def _pack_2bit(L, qs):
@@ -904,29 +902,40 @@ _Scratch = namedtuple("_Scratch", "xt wt buf Lt Lauxt L v scales mins sw tail Ls
 def _scratch():
     f32, i32 = np.float32, np.int32
     return _Scratch(
-        np.zeros(GROUP_VALUES, f32), np.zeros(GROUP_VALUES, f32), np.zeros(GROUP_VALUES, f32),
-        np.zeros(GROUP_VALUES, i32), np.zeros(GROUP_VALUES, i32), np.zeros(GROUP_VALUES, i32),
-        np.zeros(14 * MAX_LANES, f32), np.zeros(MAX_LANES, f32), np.zeros(MAX_LANES, f32), np.zeros(MAX_LANES, f32),
-        np.zeros(16, f32), np.zeros(16, i32), np.zeros(16, i32),
+        np.zeros(GROUP_VALUES, f32),
+        np.zeros(GROUP_VALUES, f32),
+        np.zeros(GROUP_VALUES, f32),
+        np.zeros(GROUP_VALUES, i32),
+        np.zeros(GROUP_VALUES, i32),
+        np.zeros(GROUP_VALUES, i32),
+        np.zeros(14 * MAX_LANES, f32),
+        np.zeros(MAX_LANES, f32),
+        np.zeros(MAX_LANES, f32),
+        np.zeros(MAX_LANES, f32),
+        np.zeros(16, f32),
+        np.zeros(16, i32),
+        np.zeros(16, i32),
     )
 
 
 # (qtype, with imatrix) -> (encoder number, block, type size, encoder, its extra arguments, legacy row
-# weights). The legacy imatrix paths weight each element by qw * sqrt(sigma2 + x**2), with sigma2 the
-# mean square of the whole row; the k-quants compute their weights per super-block.
+# weights): the compiled ports of ggml's C encoders, with their literal parameters. The legacy imatrix
+# paths weight each element by qw * sqrt(sigma2 + x**2), with sigma2 the mean square of the whole row;
+# the k-quants compute their weights per super-block.
 _ENCODERS = {}
-for _qtype, _block, _size, _encoder, _ref, _impl, _row_weights in (
-    (Q.Q4_0, 32, 18, _q4_0_q5_0, (False, 8), (True, 8), True),
-    (Q.Q4_1, 32, 20, _q4_1_q5_1, (False, 15), (True, 15), True),
-    (Q.Q5_0, 32, 22, _q4_0_q5_0, (False, 16), (True, 16), True),
-    (Q.Q5_1, 32, 24, _q4_1_q5_1, (False, 31), (True, 31), True),
-    (Q.Q8_0, 32, 34, _q8_0, (), (), False),
-    (Q.Q2_K, QK_K, 84, _q2_k, (False, F(-0.5), F(0.1), 15), (True, F(-0.9), F(0.05), 36), False),
-    (Q.Q3_K, QK_K, 110, _q3_k, (False,), (True,), False),
-    (Q.Q4_K, QK_K, 144, _q45_k, (False, 15, F(-1.0), F(0.1), 20), (True, 15, F(-0.9), F(0.05), 36), False),
-    (Q.Q5_K, QK_K, 176, _q45_k, (False, 31, F(-0.5), F(0.1), 15), (True, 31, F(-0.9), F(0.05), 36), False),
-    (Q.Q6_K, QK_K, 210, _q6_k, (False,), (True,), False),
+for _qtype, _encoder, _ref, _impl, _row_weights in (
+    (Q.Q4_0, _q4_0_q5_0, (False, 8), (True, 8), True),
+    (Q.Q4_1, _q4_1_q5_1, (False, 15), (True, 15), True),
+    (Q.Q5_0, _q4_0_q5_0, (False, 16), (True, 16), True),
+    (Q.Q5_1, _q4_1_q5_1, (False, 31), (True, 31), True),
+    (Q.Q8_0, _q8_0, (), (), False),
+    (Q.Q2_K, _q2_k, (False, F(-0.5), F(0.1), 15), (True, F(-0.9), F(0.05), 36), False),
+    (Q.Q3_K, _q3_k, (False,), (True,), False),
+    (Q.Q4_K, _q45_k, (False, 15, F(-1.0), F(0.1), 20), (True, 15, F(-0.9), F(0.05), 36), False),
+    (Q.Q5_K, _q45_k, (False, 31, F(-0.5), F(0.1), 15), (True, 31, F(-0.9), F(0.05), 36), False),
+    (Q.Q6_K, _q6_k, (False,), (True,), False),
 ):
+    _block, _size = GGML_TYPES[_qtype].block_size, GGML_TYPES[_qtype].type_size
     _ENCODERS[_qtype, False] = (len(_ENCODERS), _block, _size, _encoder, _ref, False)
     _ENCODERS[_qtype, True] = (len(_ENCODERS), _block, _size, _encoder, _impl, _row_weights)
 _GROUP_ENCODERS = [entry[3:5] for entry in _ENCODERS.values()]
@@ -976,12 +985,7 @@ def _encode_rows(encoder, block, type_bytes, row_weights, x, qw, out):
                 _encode_group(encoder, xr[lo:hi], wg, yg, s)
 
 
-SUPPORTED_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-
-
-def quantize_rows(
-    x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None, out: np.ndarray, threads: int = 1
-) -> None:
+def quantize_rows(x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None, out: np.ndarray, threads: int = 1) -> None:
     """Encode float32 rows ``x`` [rows, n] into ``out`` (uint8 [rows, row bytes]) as ggml_quantize_chunk does.
 
     ``imatrix`` is the importance vector [n] or None (Q8_0 ignores it, as ggml does); rows are
@@ -990,7 +994,7 @@ def quantize_rows(
     """
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError("out must be a writeable C-contiguous array")
-    weighted = imatrix is not None and qtype != Q.Q8_0
+    weighted = imatrix is not None and GGML_TYPES[qtype].uses_imatrix
     encoder, block, type_bytes, _, _, row_weights = _ENCODERS[qtype, weighted]
     x = np.ascontiguousarray(x, dtype=np.float32)
     qw = np.ascontiguousarray(imatrix, dtype=np.float32) if weighted else np.zeros(0, np.float32)

@@ -48,9 +48,7 @@ def _imatrix_weights(x: torch.Tensor, qw: torch.Tensor, sigma_factor: float) -> 
     return qw * sqrt(sigma2.unsqueeze(-1) + x * x)
 
 
-def _requantize(
-    x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, lo: int, hi: int
-) -> torch.Tensor:
+def _requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
     """L = clamp(nearest_int((x + dm)/d)) per sub-block, keeping the old L where d == 0.
 
     x, L: [B, S, n]; d, dm: [B, S] (float32, already fp16-rounded super scale times the 6/4-bit scale).

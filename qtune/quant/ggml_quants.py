@@ -13,68 +13,31 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
-from qtune.quant import ggml_kquants as kq
-from qtune.quant import ggml_legacy as lq
 from qtune.quant.ggml_search import div, seqsum, sqrt
+from qtune.quant.ggml_types import GGML_TYPES, ggml_type
 
 Q = GGMLQuantizationType
 
-SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (
-    Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
-)
+SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = tuple(GGML_TYPES)
 
 # Rows are quantized in chunks of about this many values (a few dozen float32 temporaries of a
 # chunk are alive at once). GPUs get bigger chunks: there the cost is per kernel launch.
 CHUNK_VALUES = 1 << 17
 CHUNK_VALUES_GPU = 1 << 22
 
-_KQUANT: dict[GGMLQuantizationType, Callable[..., torch.Tensor]] = {
-    Q.Q2_K: kq.quantize_q2_k,
-    Q.Q3_K: kq.quantize_q3_k,
-    Q.Q4_K: kq.quantize_q4_k,
-    Q.Q5_K: kq.quantize_q5_k,
-    Q.Q6_K: kq.quantize_q6_k,
-}
-_LEGACY_REF: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
-    Q.Q4_0: lq.quantize_q4_0,
-    Q.Q4_1: lq.quantize_q4_1,
-    Q.Q5_0: lq.quantize_q5_0,
-    Q.Q5_1: lq.quantize_q5_1,
-    Q.Q8_0: lq.quantize_q8_0,
-}
-_LEGACY_WEIGHTED: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    Q.Q4_0: lq.quantize_q4_0_weighted,
-    Q.Q4_1: lq.quantize_q4_1_weighted,
-    Q.Q5_0: lq.quantize_q5_0_weighted,
-    Q.Q5_1: lq.quantize_q5_1_weighted,
-}
-_DEQUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
-    Q.Q4_0: lq.dequantize_q4_0,
-    Q.Q4_1: lq.dequantize_q4_1,
-    Q.Q5_0: lq.dequantize_q5_0,
-    Q.Q5_1: lq.dequantize_q5_1,
-    Q.Q8_0: lq.dequantize_q8_0,
-    Q.Q2_K: kq.dequantize_q2_k,
-    Q.Q3_K: kq.dequantize_q3_k,
-    Q.Q4_K: kq.dequantize_q4_k,
-    Q.Q5_K: kq.dequantize_q5_k,
-    Q.Q6_K: kq.dequantize_q6_k,
-}
-
 
 def block_size(qtype: GGMLQuantizationType) -> int:
     """Values per block (1 for the float types)."""
-    return GGML_QUANT_SIZES[_check_type(qtype)][0]
+    return ggml_type(qtype).block_size
 
 
 def type_size(qtype: GGMLQuantizationType) -> int:
     """Bytes per block."""
-    return GGML_QUANT_SIZES[_check_type(qtype)][1]
+    return ggml_type(qtype).type_size
 
 
 def row_bytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
@@ -83,16 +46,15 @@ def row_bytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
     return n_per_row // block_size(qtype) * type_size(qtype)
 
 
-def quantize(
-    x: torch.Tensor, qtype: GGMLQuantizationType, imatrix: torch.Tensor | None = None
-) -> torch.Tensor:
+def quantize(x: torch.Tensor, qtype: GGMLQuantizationType, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize rows ``x`` [rows, n_per_row] to ggml ``qtype``: uint8 [rows, row_bytes].
 
     ``imatrix`` is the per-column importance vector [n_per_row] (llama.cpp's imatrix entry for this
     tensor). As in ggml it is ignored by F32/F16/BF16/Q8_0 and switches the other types to their
     importance-weighted search.
     """
-    qtype = _check_type(qtype)
+    entry = ggml_type(qtype)
+    qtype = entry.qtype
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"quantize expects a 2-D float tensor [rows, n_per_row], got {tuple(x.shape)} {x.dtype}")
     rows, n_per_row = x.shape
@@ -124,10 +86,10 @@ def quantize(
             # numba's OpenMP pool can reset the process-wide OpenMP thread count that torch reads
             torch.set_num_threads(threads)
         return out
-    bs = block_size(qtype)
-    weighted = imatrix is not None and qtype != Q.Q8_0
+    bs = entry.block_size
+    weighted = imatrix is not None and entry.uses_imatrix
     legacy_sigma2 = None
-    if weighted and qtype in _LEGACY_WEIGHTED:
+    if weighted and entry.family == "legacy":
         # quantize_row_q4_0_impl & co: sigma2 is the mean square over the whole row
         legacy_sigma2 = div(seqsum(x * x), float(n_per_row))
     step = max(1, (CHUNK_VALUES if x.device.type == "cpu" else CHUNK_VALUES_GPU) // n_per_row)
@@ -135,29 +97,27 @@ def quantize(
         xc = x[r0 : r0 + step]
         nr = xc.shape[0]
         blocks = xc.reshape(-1, bs)
-        if qtype in _KQUANT:
+        if entry.family == "k-quant":
             qw = imatrix.expand(nr, n_per_row).reshape(-1, bs) if weighted else None
-            data = _KQUANT[qtype](blocks, qw)
+            data = entry.encode(blocks, qw)
         elif weighted:
             sigma2 = legacy_sigma2[r0 : r0 + nr].view(nr, 1, 1)
             xb = xc.view(nr, -1, bs)
             weights = (imatrix.view(1, -1, bs) * sqrt(sigma2 + xb * xb)).reshape(-1, bs)
-            data = _LEGACY_WEIGHTED[qtype](blocks, weights)
+            data = entry.encode_weighted(blocks, weights)
         else:
-            data = _LEGACY_REF[qtype](blocks)
+            data = entry.encode(blocks)
         out[r0 : r0 + nr] = data.to(torch.uint8).view(nr, -1)
     return out
 
 
 def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType, n_per_row: int) -> torch.Tensor:
     """Decode ggml ``qtype`` rows (uint8 [rows, row_bytes]) to float32 [rows, n_per_row]."""
-    qtype = _check_type(qtype)
+    entry = ggml_type(qtype)
+    qtype = entry.qtype
     nbytes = row_bytes(qtype, n_per_row)
     if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != nbytes:
-        raise ValueError(
-            f"{qtype.name} rows of {n_per_row} values need uint8 data [rows, {nbytes}], "
-            f"got {data.dtype} {tuple(data.shape)}"
-        )
+        raise ValueError(f"{qtype.name} rows of {n_per_row} values need uint8 data [rows, {nbytes}], got {data.dtype} {tuple(data.shape)}")
     rows = data.shape[0]
     data = data.contiguous()
     if qtype == Q.F32:
@@ -166,8 +126,8 @@ def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType, n_per_row: int) 
         return data.view(torch.float16).to(torch.float32)
     if qtype == Q.BF16:
         return data.view(torch.bfloat16).to(torch.float32)
-    blocks = data.view(-1, type_size(qtype)).to(torch.int32)
-    return _DEQUANT[qtype](blocks).reshape(rows, n_per_row)
+    blocks = data.view(-1, entry.type_size).to(torch.int32)
+    return entry.decode(blocks).reshape(rows, n_per_row)
 
 
 def _use_compiled_encoder(x: torch.Tensor) -> bool:
@@ -178,23 +138,10 @@ def _use_compiled_encoder(x: torch.Tensor) -> bool:
     return choice == "compiled" and x.device.type == "cpu" and importlib.util.find_spec("numba") is not None
 
 
-def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
-    try:
-        qtype = GGMLQuantizationType(qtype)
-    except ValueError:
-        raise ValueError(f"unknown ggml type {qtype!r}") from None
-    if qtype not in SUPPORTED_TYPES:
-        names = ", ".join(t.name for t in SUPPORTED_TYPES)
-        raise ValueError(f"ggml type {qtype.name} is not supported (supported: {names})")
-    return qtype
-
-
 def _check_row_length(qtype: GGMLQuantizationType, n_per_row: int) -> None:
-    bs = GGML_QUANT_SIZES[qtype][0]
+    bs = ggml_type(qtype).block_size
     if n_per_row <= 0 or n_per_row % bs != 0:
-        raise ValueError(
-            f"{qtype.name} stores blocks of {bs} values: n_per_row={n_per_row} is not a multiple of {bs}"
-        )
+        raise ValueError(f"{qtype.name} stores blocks of {bs} values: n_per_row={n_per_row} is not a multiple of {bs}")
 
 
 def _to_f16_bits(x: torch.Tensor) -> torch.Tensor:

@@ -143,9 +143,7 @@ def signed_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return signed, amax
 
 
-def make_qx_quants(
-    x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants with rmse_type=1 (weights x**2, or ``qw`` when given).
 
     Returns (scale [B], L [B, n] in 0..2*nmax-1).
@@ -205,12 +203,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             nlf = new_l.to(torch.float32)
             slx_new = slx + wxi * nlf
             sl2_new = sl2 + (wi * nlf) * nlf
-            take = (
-                (slx > 0)
-                & (new_l != li)
-                & (sl2_new > 0)
-                & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
-            )
+            take = (slx > 0) & (new_l != li) & (sl2_new > 0) & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
             L[i] = torch.where(take, new_l, li)
             sumlx = torch.where(take, slx_new, sumlx)
             suml2 = torch.where(take, sl2_new, suml2)
@@ -325,12 +318,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
             nlf = new_l.to(torch.float32)
             slx_new = slx + wxi * nlf
             sl2_new = sl2 + (wi * nlf) * nlf
-            take = (
-                (slx > 0)
-                & (sl2 > 0)
-                & (new_l != li)
-                & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
-            )
+            take = (slx > 0) & (sl2 > 0) & (new_l != li) & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
             L[i] = torch.where(take, u8(new_l), li)
             sumlx = torch.where(take, slx_new, sumlx)
             suml2 = torch.where(take, sl2_new, suml2)

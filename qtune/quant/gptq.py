@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from qtune.quant import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZE
 from qtune.quant.rtn import (
     QuantizedWeight,
     check_bits,
     check_group_size,
     check_weight,
-    dequantize_grouped,
     dequantize_codes,
+    dequantize_grouped,
     gptq_grid,
     quantize_to_codes,
 )
@@ -85,7 +86,7 @@ def _inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, float
         lower, info = torch.linalg.cholesky_ex(hessian + current * mean_diag * eye)
         if int(info) == 0:
             # cholesky_solve against I gives the same inverse; cholesky_inverse is many times slower on
-            # multi-threaded CPU builds (measured: 6.7-12.8 s vs 0.5 s at 2 threads, Hessian 1536x1536).
+            # multi-threaded CPU builds (docs/benchmarks.md, "GPTQ and AWQ").
             inverse = torch.cholesky_solve(eye, lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0 and torch.isfinite(upper).all():
@@ -115,11 +116,11 @@ def group_aware_order(diag: Tensor, width: int) -> tuple[Tensor, Tensor]:
 def gptq_quantize(
     weight: Tensor,
     hessian: Tensor,
-    bits: int = 4,
-    group_size: int = 128,
+    bits: int = DEFAULT_BITS,
+    group_size: int = DEFAULT_GROUP_SIZE,
     sym: bool = True,
     act_order: bool = False,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     block_size: int = 128,
     group_aware: bool = False,
 ) -> GPTQResult:
@@ -225,4 +226,3 @@ def gptq_quantize(
         dead_columns=int(dead.sum()),
         perm=perm,
     )
-

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qtune.quant import DEFAULT_BITS, DEFAULT_GROUP_SIZE
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 CONVENTIONS = ("gptq", "awq")
 _FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
@@ -48,8 +50,13 @@ class QuantizedWeight:
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """A plain QuantizedWeight (subclass extras dropped) on ``device``."""
         return QuantizedWeight(
-            qweight_int=self.qweight_int.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device),
-            g_idx=self.g_idx.to(device), bits=self.bits, group_size=self.group_size, sym=self.sym,
+            qweight_int=self.qweight_int.to(device),
+            scales=self.scales.to(device),
+            zeros=self.zeros.to(device),
+            g_idx=self.g_idx.to(device),
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
         )
 
 
@@ -150,9 +157,7 @@ def check_weight(weight: Tensor, name: str = "weight") -> None:
         raise ValueError(f"{name} has {bad} non-finite values (nan/inf); refusing to quantize")
 
 
-def rtn_quantize(
-    weight: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, convention: str = "gptq"
-) -> QuantizedWeight:
+def rtn_quantize(weight: Tensor, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True, convention: str = "gptq") -> QuantizedWeight:
     """Round-to-nearest, group by group along the input dimension (last group may be partial)."""
     check_weight(weight)
     check_bits(bits)
@@ -178,7 +183,5 @@ def rtn_quantize(
     )
 
 
-def rtn_fake_quantize(
-    weight: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, convention: str = "gptq"
-) -> Tensor:
+def rtn_fake_quantize(weight: Tensor, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True, convention: str = "gptq") -> Tensor:
     return rtn_quantize(weight, bits, group_size, sym, convention).dequantize()

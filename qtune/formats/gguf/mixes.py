@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
+from qtune.quant.ggml_types import GGML_TYPES
+
 Q = GGMLQuantizationType
 F = LlamaFileType
 
@@ -35,6 +37,11 @@ class QuantMix:
     default_type: GGMLQuantizationType
     file_type: LlamaFileType  # general.file_type, and the ftype to give llama_model_quantize
     pure: bool  # True: every quantizable tensor gets default_type (llama-quantize --pure)
+
+    @property
+    def uses_imatrix(self) -> bool:
+        """Whether an importance matrix changes the file (every type of a mix uses it as its default type does)."""
+        return GGML_TYPES[self.default_type].uses_imatrix
 
 
 _MIXES = [
@@ -74,8 +81,7 @@ class Fallback:
     n_per_row: int
 
     def __str__(self) -> str:
-        return (f"{self.name}: rows of {self.n_per_row} are not a multiple of {GGML_QUANT_SIZES[self.wanted][0]} "
-                f"({self.wanted.name}), using {self.used.name}")
+        return f"{self.name}: rows of {self.n_per_row} are not a multiple of {GGML_QUANT_SIZES[self.wanted][0]} ({self.wanted.name}), using {self.used.name}"
 
 
 @dataclass(frozen=True)
@@ -159,9 +165,15 @@ def _category(name: str) -> str:
         return "token_embd"
     # attn_qkv and attn_kv_b count as attn_v (category_is_attn_v), and take its branch
     for part, category in (
-        ("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("attn_v.weight", "attn_v"),
-        ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
-        ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"),
+        ("attn_qkv.weight", "attn_v"),
+        ("attn_kv_b.weight", "attn_v"),
+        ("attn_v.weight", "attn_v"),
+        ("attn_k.weight", "attn_k"),
+        ("attn_q.weight", "attn_q"),
+        ("attn_output.weight", "attn_output"),
+        ("ffn_up", "ffn_up"),
+        ("ffn_gate", "ffn_gate"),
+        ("ffn_down", "ffn_down"),
     ):
         if part in name:
             return category

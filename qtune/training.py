@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -178,13 +179,23 @@ def _wait_for_claim(run_dir: Path, fingerprint: str, timeout: float = 600.0) -> 
     raise QtuneError(f"rank 0 did not claim {run_dir} within {timeout:.0f} s")
 
 
-def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train the recipe's adapter; returns the run directory. The final adapter lands in run_dir/adapter."""
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int | None  # None when the run directory already held a trained adapter
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / rundir.ADAPTER_DIR
+
+
+def train(loaded: LoadedRecipe, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train the recipe's adapter into run_dir/adapter (the run directory is the recipe's output.dir)."""
     with stage("train", loaded.output_dir):
         return _train(loaded, resume, overwrite)
 
 
-def _train(loaded: LoadedRecipe, resume: bool, overwrite: bool) -> Path:
+def _train(loaded: LoadedRecipe, resume: bool, overwrite: bool) -> TrainResult:
     from accelerate import PartialState
     from transformers import set_seed
 
@@ -201,7 +212,7 @@ def _train(loaded: LoadedRecipe, resume: bool, overwrite: bool) -> Path:
         _wait_for_claim(run_dir, rundir.fingerprint(recipe))
     if rundir.is_trained(run_dir) and not overwrite:
         log.info("%s already holds a trained adapter; nothing to train", run_dir)
-        return run_dir
+        return TrainResult(run_dir, None)
     resume_from = rundir.latest_checkpoint(run_dir) if resume else None
     if resume and resume_from is None:
         log.info("no complete checkpoint in %s yet; starting from the beginning", run_dir)
@@ -274,4 +285,4 @@ def _train(loaded: LoadedRecipe, resume: bool, overwrite: bool) -> Path:
             peak_memory_gb=round(peak_memory_gb(), 3),
         )
     state.wait_for_everyone()
-    return run_dir
+    return TrainResult(run_dir, trainer.state.global_step)
