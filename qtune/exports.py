@@ -230,7 +230,6 @@ def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, outp
             act_order=target.act_order,
             damp=target.damp,
             group_aware=target.group_aware,
-            arch=arch,
         )
         quantize_block, shapes = layerwise.gptq_block, lambda n, k, name: gptq_packed_shapes(n, k, target.bits, target.group_size)
         pack = lambda name, q: pack_gptq_layer(q, checkpoint_format, name)  # noqa: E731
@@ -238,7 +237,7 @@ def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, outp
     else:
         if target.bits != 4:
             raise ValueError(f"AWQ GEMM holds 4-bit weights only, got bits={target.bits}")
-        settings = dict(bits=target.bits, group_size=target.group_size, rounding=target.rounding, damp=target.damp, arch=arch)
+        settings = dict(bits=target.bits, group_size=target.group_size, rounding=target.rounding, damp=target.damp)
         quantize_block, shapes = layerwise.awq_block, lambda n, k, name: awq_packed_shapes(n, k, target.group_size, name)
         pack = lambda name, q: pack_awq_layer(q, name)  # noqa: E731
         config = awq_quantization_config(target.group_size, None)
@@ -255,7 +254,7 @@ def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, outp
         for index in range(len(streamed.layers)):
             fit_threads()
             layer = streamed.load_block(index)
-            block = quantize_block(layer, index, batches, device, **settings)
+            block = quantize_block(layer, index, batches, device, arch=arch, **settings)
             for name, tensor in collect_tensors(layer, block.quantized_layers, pack, saved_dtype, f"model.layers.{index}.").items():
                 writer.add(name, tensor)
             release(layer)

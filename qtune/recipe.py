@@ -245,7 +245,7 @@ class OutputSection(Section):
     dir: str = "runs/qtune"
     merge_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     merge_base: Literal["auto", "dequantized", "original"] = "auto"
-    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE  # per safetensors shard of the merged model, e.g. 5GB, 500MB, 2GiB
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE  # per safetensors shard of the merged model: 5GB, 500MB, 2GiB or bytes
 
     @field_validator("max_shard_size", mode="before")
     @classmethod

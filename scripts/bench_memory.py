@@ -120,15 +120,31 @@ def build_base(folder: Path, shape: Shape, layers: int, dtype: str) -> Path:
     return folder
 
 
-def write_recipe(work: Path, base: Path, exports: list[str]) -> Path:
+@dataclass(frozen=True)
+class Workload:
+    """How much data each stage sees. Memory growth with depth does not depend on it (the held-out rows'
+    and the calibration tokens' hidden states are carried one block at a time); time does."""
+
+    validation_rows: int | None = None  # None: the quickstart's 60
+    calibration_samples: int = 8
+    calibration_seq_len: int = 128
+
+
+def write_recipe(work: Path, base: Path, exports: list[str], workload: Workload = Workload()) -> Path:
     import yaml
 
+    validation = DATA / "quickstart_validation.jsonl"
+    if workload.validation_rows is not None:
+        rows = validation.read_text().splitlines()[: workload.validation_rows]
+        validation = work / "validation.jsonl"
+        validation.write_text("\n".join(rows) + "\n")
+    calibration = {"samples": workload.calibration_samples, "seq_len": workload.calibration_seq_len}
     recipe = {
         "model": {"base": str(base)},
         "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
         "data": {
             "train": str(DATA / "quickstart_train.jsonl"),
-            "validation": str(DATA / "quickstart_validation.jsonl"),
+            "validation": str(validation),
             "max_length": 128,
             "max_train_samples": 32,
         },
@@ -136,7 +152,7 @@ def write_recipe(work: Path, base: Path, exports: list[str]) -> Path:
         "tracking": {"backend": "none"},
         "output": {"dir": str(work / "run")},
         "evaluation": {"max_samples": 4, "max_new_tokens": 8},
-        "export": [EXPORTS[name] for name in exports],
+        "export": [{**EXPORTS[name], **(calibration if "samples" in EXPORTS[name] else {})} for name in exports],
     }
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -201,7 +217,8 @@ def run_stage(stage: str, recipe: Path) -> dict:
             from qtune.exports import export
             from qtune.recipe import ExportTarget
 
-            target = ExportTarget(**EXPORTS[stage.removeprefix("export:")])
+            wanted = ExportTarget(**EXPORTS[stage.removeprefix("export:")])
+            target = next(t for t in loaded.recipe.export if (t.format, t.quant) == (wanted.format, wanted.quant))  # with the recipe's calibration
             export(run_dir, target, run_dir / "exports" / target.default_name(), overwrite=True)
         elif stage == "eval":
             evaluate_run(run_dir, ["merged"])
@@ -215,7 +232,9 @@ def run_stage(stage: str, recipe: Path) -> dict:
     }
 
 
-def measure(work: Path, shape: Shape, depths: list[int], stages: list[str], dtype: str = "bfloat16", resume: bool = False) -> dict[int, dict[str, dict]]:
+def measure(
+    work: Path, shape: Shape, depths: list[int], stages: list[str], dtype: str = "bfloat16", resume: bool = False, workload: Workload = Workload()
+) -> dict[int, dict[str, dict]]:
     """depth -> stage -> {peak_anon_mb, hwm_mb, seconds}, each stage in a fresh process.
 
     Each stage's result is saved as it finishes (``layers-N/results.json``); with ``resume`` the stages
@@ -227,7 +246,7 @@ def measure(work: Path, shape: Shape, depths: list[int], stages: list[str], dtyp
         folder = work / f"layers-{depth}"
         folder.mkdir(parents=True, exist_ok=True)
         base = build_base(folder / "base", shape, depth, dtype)
-        recipe = write_recipe(folder, base, exports)
+        recipe = write_recipe(folder, base, exports, workload)
         saved = folder / "results.json"
         results[depth] = json.loads(saved.read_text()) if resume and saved.is_file() else {}
         trained = (folder / "run" / "adapter").is_dir()

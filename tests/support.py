@@ -121,8 +121,10 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def qtune_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def qtune_cli(*args: str, env: dict[str, str | None] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``qtune ARGS`` in a subprocess; ``env`` adds variables (None removes one)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "qtune", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
