@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("export")
     base = tiny_llama_dir(work / "llama", hidden=256)
     recipe = write_recipe(work / "recipe.yaml", tiny_recipe(base, work / "run", training={"max_steps": 2}))
-    return train(load_recipe(recipe))
+    return train(load_recipe(recipe)).run_dir
 
 
 def test_gguf_export_from_a_run_merges_calibrates_and_checks_the_chat_template(run_dir: Path):
@@ -174,7 +174,7 @@ def test_an_export_repeated_on_one_machine_is_the_same_bytes(run_dir: Path, tmp_
     outputs = []
     for attempt in ("first", "second"):
         name = "model.gguf" if target["format"] == "gguf" else target["format"]
-        outputs.append(export(run_dir, ExportTarget(**target), tmp_path / attempt / name))
+        outputs.append(export(run_dir, ExportTarget(**target), tmp_path / attempt / name).path)
     first, second = outputs
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file()) if first.is_dir() else [Path()]
     assert files

@@ -31,7 +31,7 @@ def tiny_base(tmp_path_factory) -> Path:
 def trained_run(tiny_base, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("trained")
     recipe = write_recipe(work / "recipe.yaml", tiny_recipe(tiny_base, work / "run"))
-    return train(load_recipe(recipe))
+    return train(load_recipe(recipe)).run_dir
 
 
 def _wandb_history(run_dir: Path) -> list[dict]:
