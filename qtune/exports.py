@@ -218,8 +218,7 @@ def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, outp
     calibration = _calibration(source, target, tokenizer)
     device = _device()
     streamed = StreamedModel(source.checkpoint, device, torch.float32)
-    arch = layerwise.model_architecture(streamed.model)
-    layerwise.decoder_layers(streamed.model, arch)
+    arch, _ = layerwise.quantizable_layers(streamed.model)
     saved_dtype = _checkpoint_dtype(source.checkpoint)
     if target.format == "gptq":
         checkpoint_format = "gptq" if target.sym else "gptq_v2"

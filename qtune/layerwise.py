@@ -73,6 +73,34 @@ def model_architecture(model: nn.Module) -> Architecture:
         raise ValueError(str(exc)) from None
 
 
+def quantizable_layers(model: nn.Module) -> tuple[Architecture, nn.ModuleList]:
+    """The model's registry entry and its decoder blocks, checked to hold every linear the entry quantizes
+    (a model without decoder blocks is named as such before its architecture is looked up)."""
+    decoder_layers(model)
+    arch = model_architecture(model)
+    return arch, decoder_layers(model, arch)
+
+
+def _quantize_blocks(
+    layers: nn.ModuleList,
+    device: torch.device,
+    method: str,
+    quantize_block: Callable[[nn.Module, int], LayerwiseResult],
+    progress: Callable[[str], None] | None,
+) -> LayerwiseResult:
+    """``quantize_block(layer, index)`` for each decoder block in turn, with the block on ``device``."""
+    result = LayerwiseResult(quantized_layers={}, method=method)
+    for index, layer in enumerate(layers):
+        fit_threads()
+        with _block_on(layer, device):
+            block = quantize_block(layer, index)
+        result.quantized_layers.update(block.quantized_layers)
+        result.stats.update(block.stats)
+        if progress is not None:
+            progress(f"{method}: layer {index + 1}/{len(layers)} done")
+    return result
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, Tensor):
         return value.to(device)
@@ -278,35 +306,28 @@ def _quantize_model_gptq(
     progress: Callable[[str], None] | None,
 ) -> LayerwiseResult:
     check_bits(bits)
-    decoder_layers(model)
-    arch = model_architecture(model)
-    layers = decoder_layers(model, arch)
+    arch, layers = quantizable_layers(model)
     device_ = _resolve_device(model, device)
     batches = capture_block_inputs(model, input_ids, attention_mask, batch_size, device_)
-    result = LayerwiseResult(quantized_layers={}, method="gptq")
-    for index, layer in enumerate(layers):
-        fit_threads()
-        with _block_on(layer, device_):
-            block = gptq_block(
-                layer,
-                index,
-                batches,
-                device_,
-                arch=arch,
-                bits=bits,
-                group_size=group_size,
-                sym=sym,
-                act_order=act_order,
-                damp=damp,
-                block_size=block_size,
-                group_aware=group_aware,
-                true_sequential=true_sequential,
-            )
-        result.quantized_layers.update(block.quantized_layers)
-        result.stats.update(block.stats)
-        if progress is not None:
-            progress(f"gptq: layer {index + 1}/{len(layers)} done")
-    return result
+
+    def quantize_block(layer: nn.Module, index: int) -> LayerwiseResult:
+        return gptq_block(
+            layer,
+            index,
+            batches,
+            device_,
+            arch=arch,
+            bits=bits,
+            group_size=group_size,
+            sym=sym,
+            act_order=act_order,
+            damp=damp,
+            block_size=block_size,
+            group_aware=group_aware,
+            true_sequential=true_sequential,
+        )
+
+    return _quantize_blocks(layers, device_, "gptq", quantize_block, progress)
 
 
 def gptq_block(
@@ -473,38 +494,31 @@ def _quantize_model_awq(
     progress: Callable[[str], None] | None,
 ) -> LayerwiseResult:
     check_bits(bits)  # any width for the math; the AWQ GEMM writer takes 4-bit only
-    decoder_layers(model)
-    arch = model_architecture(model)
-    layers = decoder_layers(model, arch)
+    arch, layers = quantizable_layers(model)
     device_ = _resolve_device(model, device)
     for index, layer in enumerate(layers):
         for name in arch.linear_names:
             linear = layer.get_submodule(name)
             awq_math.check_awq_group_size(linear.in_features, group_size, f"model.layers.{index}.{name}")
     batches = capture_block_inputs(model, input_ids, attention_mask, batch_size, device_)
-    result = LayerwiseResult(quantized_layers={}, method="awq")
-    for index, layer in enumerate(layers):
-        fit_threads()
-        with _block_on(layer, device_):
-            block = awq_block(
-                layer,
-                index,
-                batches,
-                device_,
-                arch=arch,
-                bits=bits,
-                group_size=group_size,
-                n_grid=n_grid,
-                duo_scaling=duo_scaling,
-                apply_clip=apply_clip,
-                rounding=rounding,
-                damp=damp,
-            )
-        result.quantized_layers.update(block.quantized_layers)
-        result.stats.update(block.stats)
-        if progress is not None:
-            progress(f"awq: layer {index + 1}/{len(layers)} done")
-    return result
+
+    def quantize_block(layer: nn.Module, index: int) -> LayerwiseResult:
+        return awq_block(
+            layer,
+            index,
+            batches,
+            device_,
+            arch=arch,
+            bits=bits,
+            group_size=group_size,
+            n_grid=n_grid,
+            duo_scaling=duo_scaling,
+            apply_clip=apply_clip,
+            rounding=rounding,
+            damp=damp,
+        )
+
+    return _quantize_blocks(layers, device_, "awq", quantize_block, progress)
 
 
 def awq_block(

@@ -251,14 +251,14 @@ def write_rtn(method: str, model_path: Path, dst: Path) -> dict:
 
     from qtune.formats.awq import write_awq_checkpoint
     from qtune.formats.gptq import write_gptq_checkpoint
-    from qtune.layerwise import decoder_layers, model_architecture
+    from qtune.layerwise import quantizable_layers
     from qtune.quant.rtn import rtn_quantize
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     t0 = time.perf_counter()
     layers = {}
-    arch = model_architecture(model)
-    for index, layer in enumerate(decoder_layers(model, arch)):
+    arch, blocks = quantizable_layers(model)
+    for index, layer in enumerate(blocks):
         for name in arch.linear_names:
             weight = layer.get_submodule(name).weight.data
             if method == "gptq":
