@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from qtune.formats.awq import AWQ_ORDER  # nibble i of a word holds column 8c + AWQ_ORDER[i]
+
 from .nf4 import HAS_TRITON
 
 if HAS_TRITON:
@@ -26,8 +28,7 @@ if HAS_TRITON:
 
 LAYOUTS = ("gptq", "gptq_v2", "awq")
 _LAYOUT_ID = {"gptq": 0, "gptq_v2": 1, "awq": 2}
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8c + AWQ_ORDER[i]
-AWQ_NIBBLE_OF_COLUMN = (0, 4, 1, 5, 2, 6, 3, 7)  # column 8c + j sits in nibble AWQ_NIBBLE_OF_COLUMN[j]
+AWQ_NIBBLE_OF_COLUMN = tuple(AWQ_ORDER.index(j) for j in range(8))  # column 8c + j sits in nibble AWQ_NIBBLE_OF_COLUMN[j]
 
 
 def _shapes(qweight: torch.Tensor, scales: torch.Tensor, layout: str) -> tuple[int, int]:

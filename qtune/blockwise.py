@@ -1,6 +1,6 @@
 """An HF causal LM run one decoder block at a time, its weights read from the checkpoint when needed.
 
-The model is built on the meta device, so it holds no weights at all. The embeddings load once to
+The model is built with its parameters on the meta device, so it holds no weights at all. The embeddings load once to
 turn token ids into the first block's inputs (and to catch every keyword argument each block is
 called with: the attention mask, the rotary position embeddings); then each block is loaded, run on
 the carried hidden states, and sent back to the meta device; the final norm and the head load last.
@@ -25,20 +25,38 @@ from qtune.shards import CheckpointReader
 TensorSource = Callable[[str], Tensor]
 
 
+def empty_model(config, **kwargs) -> nn.Module:
+    """``config``'s model class with its parameters on the meta device (no memory) and its buffers real:
+    those are computed from the config, not stored (rotary frequencies, Gemma's embedding scale)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
 def skeleton(checkpoint: Path, trust_remote_code: bool = False, attn_implementation: str | None = None) -> nn.Module:
-    """The checkpoint's model class built on the meta device: its structure, none of its weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The checkpoint's model class with none of its weights loaded (``empty_model``)."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
-    return model.eval()
+    return empty_model(config, trust_remote_code=trust_remote_code, **kwargs).eval()
+
+
+def _computed_buffers(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The buffers a module computes rather than stores (non-persistent: not in its state dict)."""
+    return [(sub, name) for sub in module.modules() for name in sub._non_persistent_buffers_set if sub._buffers.get(name) is not None]
+
+
+def move_computed_buffers(module: nn.Module, device: torch.device) -> None:
+    for sub, name in _computed_buffers(module):
+        sub._buffers[name] = sub._buffers[name].to(device)  # pyright: ignore[reportOptionalMemberAccess]
 
 
 def load_module(module: nn.Module, prefix: str, source: TensorSource, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Give ``module`` real tensors: ``source(prefix + name)`` for each of its parameters and buffers in
-    its state dict, floating ones cast to ``dtype``."""
+    its state dict, floating ones cast to ``dtype``; its computed buffers move to ``device``."""
     state = {}
     for name, placeholder in module.state_dict(keep_vars=True).items():
         tensor = source(prefix + name)
@@ -46,21 +64,15 @@ def load_module(module: nn.Module, prefix: str, source: TensorSource, device: to
             raise ValueError(f"{prefix + name} has shape {list(tensor.shape)}, the model expects {list(placeholder.shape)}")
         state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     module.load_state_dict(state, assign=True, strict=True)
+    move_computed_buffers(module, device)
     return module
 
 
-def rebuild_computed_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute what a model derives from its config rather than stores (the rotary inverse frequencies),
-    for a model built on the meta device."""
-    inner = model.model
-    rotary = getattr(inner, "rotary_emb", None)
-    if rotary is not None and any(buffer.is_meta for buffer in rotary.buffers()):
-        inner.rotary_emb = type(rotary)(config=model.config).to(device)
-
-
 def release(module: nn.Module) -> None:
-    """Free a module's tensors (they become meta tensors again) and hand the memory back to the system."""
-    module.to("meta")
+    """Free a module's loaded tensors (they become meta tensors again; its small computed buffers stay) and
+    hand the memory back to the system."""
+    kept = {id(sub._buffers[name]) for sub, name in _computed_buffers(module)}
+    module._apply(lambda t: t if id(t) in kept else t.to("meta"))
     return_freed_memory()
 
 
@@ -100,7 +112,6 @@ class StreamedModel:
         for name, child in inner.named_children():
             if name not in ("layers", "norm", "rotary_emb"):  # rotary frequencies are computed, not stored
                 load_module(child, f"model.{name}.", source, self.device, self.dtype)
-        rebuild_computed_buffers(self.model, self.device)
         try:
             return [capture_block_inputs(self.model, ids, mask, ids.shape[0], self.device)[0] for ids, mask in inputs]
         finally:

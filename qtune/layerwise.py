@@ -1,4 +1,4 @@
-"""Decoder-block-by-block GPTQ / AWQ over an HF causal LM (llama, mistral, qwen2 layouts).
+"""Decoder-block-by-block GPTQ / AWQ over an HF causal LM (the layouts of ``qtune.architectures``).
 
 Only one block and its calibration activations live on ``device`` at a time:
 1. the embeddings run once and the inputs (and every keyword argument, e.g.
@@ -412,25 +412,29 @@ def _scale_linear_inputs(linear: nn.Linear, scales: Tensor) -> None:
     linear.weight.data.copy_((linear.weight.data.float() * scales.unsqueeze(0)).to(linear.weight.dtype))
 
 
-def _scale_previous_op(previous: nn.Module, scales: Tensor) -> None:
-    """Divide the previous op's output channels by ``scales`` (norm weight or linear rows)."""
-    weight = previous.weight.data
+def _scale_previous_op(previous: nn.Module, scales: Tensor, norm_offset: float = 0.0) -> None:
+    """Divide the previous op's output channels by ``scales``: a norm's weight (which scales by
+    ``norm_offset + weight``), or a linear's last rows (all of them, or v of a fused qkv, or up of a fused gate_up)."""
+    weight: Tensor = previous.weight.data  # pyright: ignore[reportAssignmentType]
     if weight.dim() == 1:
-        weight.copy_((weight.float() / scales).to(weight.dtype))
+        weight.copy_(((weight.float() + norm_offset) / scales - norm_offset).to(weight.dtype))
     else:
-        weight.copy_((weight.float() / scales.unsqueeze(1)).to(weight.dtype))
+        rows = weight[-scales.numel() :]
+        rows.copy_((rows.float() / scales.unsqueeze(1)).to(weight.dtype))
     bias = getattr(previous, "bias", None)
     if bias is not None:
-        bias.data.copy_((bias.data.float() / scales).to(bias.dtype))
+        tail: Tensor = bias.data[-scales.numel() :]
+        tail.copy_((tail.float() / scales).to(tail.dtype))
 
 
 def _balance_groups(layer: nn.Module, arch: Architecture) -> list[tuple[str, tuple[str, ...], str]]:
     """(previous op, balanced linears, inspected module) for one decoder layer."""
     groups = []
     for group in arch.balance_groups:
-        if group.same_shape_only:  # with GQA, v has fewer outputs than o has inputs
+        if group.previous_rows:  # with GQA, v has fewer outputs than o has inputs
             previous, first = layer.get_submodule(group.previous), layer.get_submodule(group.linears[0])
-            if previous.weight.shape != first.weight.shape:
+            assert isinstance(previous, nn.Linear) and isinstance(first, nn.Linear)
+            if previous.out_features != group.previous_rows * first.in_features:
                 continue
         groups.append((group.previous, group.linears, group.inspected))
     return groups
@@ -596,7 +600,7 @@ def awq_block(
                 duo_scaling=duo_scaling,
             )
             scales = search.scales.to(device)
-            _scale_previous_op(layer.get_submodule(previous_name), scales)
+            _scale_previous_op(layer.get_submodule(previous_name), scales, arch.norm_offset)
             for linear in linears:
                 _scale_linear_inputs(linear, scales)
             features[feature_key] = [(x.float() / scales).to(x.dtype) for x in inputs]

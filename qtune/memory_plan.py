@@ -14,10 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qtune.architectures import ARCHITECTURES
+
 GB = 2**30
 BASELINE_HOST = 1.2 * GB  # python, torch, transformers, tokenizer and data, measured on the quickstart
 BASELINE_CUDA = 0.8 * GB  # CUDA context and allocator reserve
 MERGE_MEASURE_TOKENS = 32768  # held-out tokens the merge bases are compared on (their hidden states: 512 MB each at H=4096)
+_FUSED = {name for name, arch in ARCHITECTURES.items() if arch.fused_qkv}
 OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8}
 
 
@@ -31,6 +34,7 @@ class ModelShape:
     vocab: int
     tied: bool
     head_dim: int
+    fused: bool = False  # one linear for q, k, v and one for gate, up (Phi-3)
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
@@ -46,13 +50,16 @@ class ModelShape:
             int(text["vocab_size"]),
             bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
             int(text.get("head_dim") or hidden // heads),
+            text.get("model_type", config.get("model_type")) in _FUSED,
         )
 
     @property
     def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of each linear of one decoder block: q, k, v, o, gate, up, down."""
+        """(in, out) of each linear of one decoder block: q, k, v, o, gate, up, down (or qkv, o, gate_up, down)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         h, i = self.hidden, self.intermediate
+        if self.fused:
+            return [(h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)]
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
     @property

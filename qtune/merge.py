@@ -34,7 +34,7 @@ from qtune.checkpoint_files import copy_generation_config
 from qtune.context import load_context
 from qtune.errors import QtuneError, stage
 from qtune.memory_plan import MERGE_MEASURE_TOKENS
-from qtune.metrics import Divergence, ReferenceOutputs, divergence_sum, streamed_outputs
+from qtune.metrics import Divergence, ReferenceOutputs, capped, divergence_sum, streamed_outputs
 from qtune.models import bnb_config, compute_dtype, device_map
 from qtune.paths import atomic_dir, write_text_atomic
 from qtune.recipe import ModelSection, QuantizationSection, parse_size
@@ -310,7 +310,7 @@ def measure_candidates(streamed: StreamedModel, sources: dict[str, Callable[[str
 
         def candidate_logits(index: int, batch: dict, hidden=hidden, head=head) -> Callable[[Tensor], Tensor]:
             flat = hidden[index].flatten(0, 1)
-            return lambda positions: head(flat[positions.to(flat.device)])
+            return lambda positions: capped(head(flat[positions.to(flat.device)]), reference.cap)
 
         try:
             results[name] = divergence_sum(reference, candidate_logits)

@@ -138,14 +138,24 @@ def head_inputs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return decoder()(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).last_hidden_state
 
 
+def logit_cap(config) -> float | None:
+    """The soft cap a model's forward puts on its logits after the head (Gemma 2's ``final_logit_softcapping``)."""
+    return getattr(config, "final_logit_softcapping", None) or None
+
+
+def capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(logits / cap)``, as the model's own forward computes it; the logits unchanged without a cap."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def token_logits(model, batch: dict[str, torch.Tensor]):
     """A batch's logits a chunk of tokens at a time where the model allows it: a callable of flat
     [b*s] positions; otherwise (llama.cpp) the whole [b, s, vocab] tensor."""
     hidden = head_inputs(model, batch)
     if hidden is None:
         return _logits(model, batch)
-    head, flat = model.get_output_embeddings(), hidden.flatten(0, 1)
-    return lambda positions: head(flat[positions.to(flat.device)])
+    head, flat, cap = model.get_output_embeddings(), hidden.flatten(0, 1), logit_cap(model.config)
+    return lambda positions: capped(head(flat[positions.to(flat.device)]), cap)
 
 
 @torch.no_grad()
@@ -232,10 +242,11 @@ class ReferenceOutputs:
     head: torch.nn.Module
     hidden: list[torch.Tensor]  # per batch: [b, s, hidden], what the head is applied to
     batches: list[dict[str, torch.Tensor]]
+    cap: float | None = None  # the model's soft cap on its logits (logit_cap)
 
     def logits(self, batch_index: int, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.hidden[batch_index].flatten(0, 1)
-        return self.head(hidden[positions.to(hidden.device)].to(self.head.weight.device))
+        return capped(self.head(hidden[positions.to(hidden.device)].to(self.head.weight.device)), self.cap)
 
 
 @torch.no_grad()
@@ -246,7 +257,7 @@ def model_reference(model, rows: Sequence[dict], pad_token_id: int, batch_size: 
     hidden = [head_inputs(model, batch) for batch in kept]
     if any(h is None for h in hidden):
         raise ValueError(f"{type(model).__name__} gives no head inputs to use as a reference")
-    return ReferenceOutputs(model.get_output_embeddings(), hidden, kept)
+    return ReferenceOutputs(model.get_output_embeddings(), hidden, kept, logit_cap(model.config))
 
 
 @torch.no_grad()
@@ -257,7 +268,7 @@ def streamed_outputs(streamed, rows: Sequence[dict], pad_token_id: int, source=N
     hidden = streamed.final_hidden(kept, source)
     if on_host:
         hidden = [h.cpu() for h in hidden]
-    return ReferenceOutputs(streamed.output_head(source), hidden, kept)
+    return ReferenceOutputs(streamed.output_head(source), hidden, kept, logit_cap(streamed.config))
 
 
 @torch.no_grad()

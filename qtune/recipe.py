@@ -93,7 +93,8 @@ class ModelSection(Section):
     base: str = Field("smollm2-135m-instruct", min_length=1)
     revision: str | None = None
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # None: transformers' choice, sdpa where the architecture allows it, else eager (Gemma 2's soft-capped attention)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
 
 
 class QuantizationSection(Section):

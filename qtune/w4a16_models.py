@@ -33,9 +33,9 @@ def kernel_layout(quant: dict) -> str:
 def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | str | None = None) -> nn.Module:
     """An HF causal LM for a GPTQ/AWQ checkpoint written by qtune (or by GPTQModel/AutoAWQ in the same
     layouts), its quantized linears packed, on ``device`` (default: CUDA when there is one)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from qtune.blockwise import rebuild_computed_buffers
+    from qtune.blockwise import empty_model, move_computed_buffers
     from qtune.kernels.w4a16 import QuantLinearW4A16
     from qtune.models import compute_in_float32
 
@@ -46,8 +46,7 @@ def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | s
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = empty_model(config)
     reader = CheckpointReader(path)
     prefixes = [key.removesuffix(".qweight") for key in reader.keys() if key.endswith(".qweight")]
     for prefix in prefixes:
@@ -64,7 +63,7 @@ def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | s
         raise ValueError(f"checkpoint {path} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    rebuild_computed_buffers(model, device)
+    move_computed_buffers(model, device)
     if device.type == "cpu":
         if backend == "auto":  # per-token unpacking is slow on CPU: dequantize once, to fp16 as the GPU kernels round
             for prefix in prefixes:

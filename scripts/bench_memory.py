@@ -159,18 +159,15 @@ def write_recipe(work: Path, base: Path, exports: list[str], workload: Workload 
     return path
 
 
-LLAMA31_8B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "tie_word_embeddings": False,
-}
-LLAMA31_70B = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64}
-PLAN_MACHINES = {"8b": (LLAMA31_8B, 24 * 2**30, 32 * 2**30), "70b": (LLAMA31_70B, 80 * 2**30, 64 * 2**30)}
+PLAN_MACHINES = {"8b": (24 * 2**30, 32 * 2**30), "70b": (80 * 2**30, 64 * 2**30)}  # (GPU, host) each model is planned for
+
+
+def plan_config(which: str) -> dict:
+    """The real model's config (tests/support.py holds it)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from support import LLAMA31_8B, LLAMA31_70B
+
+    return {"8b": LLAMA31_8B, "70b": LLAMA31_70B}[which]
 
 
 def planned(recipe: Path, config: dict, gpu_bytes: int | None, host_bytes: int) -> dict[str, tuple[float, float]]:
@@ -357,7 +354,7 @@ def _print_extrapolation(rows: list[dict], low: int, high: int, depths: list[int
 
 
 def _print_scaled_plan(recipe: Path, which: str) -> None:
-    config, gpu, host = PLAN_MACHINES[which]
+    config, (gpu, host) = plan_config(which), PLAN_MACHINES[which]
     print(
         f"\nplan for {which} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}) on a "
         f"{gpu / 2**30:.0f} GB GPU with {host / 2**30:.0f} GB of host memory, this benchmark's recipe:"

@@ -12,6 +12,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "recipes" / "data"
+# real models' configs, for memory plans (the benchmark scripts import them from here too)
+LLAMA31_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+LLAMA31_70B = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64}
 
 
 def builtin_tokenizer():
@@ -39,17 +51,26 @@ def label_spans(tokenizer, labels) -> list[str]:
     return spans
 
 
-def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0, tied: bool = True, max_shard_size: str | None = None) -> Path:
-    """A randomly initialised llama with the built-in model's tokenizer, saved as a normal checkpoint
-    (in shards of ``max_shard_size`` when given)."""
+def tiny_model_dir(
+    path: Path,
+    model_type: str = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    tied: bool = True,
+    max_shard_size: str | None = None,
+    **config: object,
+) -> Path:
+    """A randomly initialised model of ``model_type`` with the built-in model's tokenizer, saved as a normal
+    checkpoint (in shards of ``max_shard_size`` when given); ``config`` overrides its config."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if (path / "config.json").is_file():
         return path
     tokenizer = builtin_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -62,7 +83,7 @@ def tiny_llama_dir(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**settings, **config}))
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return path
@@ -107,9 +128,9 @@ FULL_RUN_EXPORTS = [
 FULL_RUN_EXPORT_NAMES = ["model-Q8_0.gguf", "model-Q4_K_M.gguf", "gptq-4bit-g32", "awq-4bit-g32"]
 
 
-def full_run_recipe(work: Path, out_dir: Path) -> dict:
+def full_run_recipe(work: Path, out_dir: Path, model_type: str = "llama", hidden: int = 128, **config: object) -> dict:
     """A tiny model through every stage of ``qtune run``: 4 training steps, every export format, gates open."""
-    base = tiny_llama_dir(work / "llama", hidden=128)
+    base = tiny_model_dir(work / model_type, model_type, hidden=hidden, **config)
     recipe = tiny_recipe(base, out_dir, training={"max_steps": 4})
     recipe["export"] = FULL_RUN_EXPORTS
     recipe["evaluation"]["gates"] = {"max_kl_vs_merged": 10.0, "min_task_ratio": 0.0}

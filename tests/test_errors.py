@@ -13,7 +13,7 @@ import torch
 
 from qtune import errors, evaluate, merge
 from qtune.checkpoint_files import check_checkpoint
-from support import REPO, tiny_llama_dir
+from support import REPO, tiny_model_dir
 from test_fuzz_inputs import run_cli
 
 
@@ -99,7 +99,7 @@ def test_a_full_disk_is_named(run_dir, monkeypatch, exc):
 
 
 def test_damaged_checkpoint_files_are_named(tmp_path):
-    checkpoint = tiny_llama_dir(tmp_path / "tiny", hidden=32, layers=1)
+    checkpoint = tiny_model_dir(tmp_path / "tiny", hidden=32, layers=1)
     check_checkpoint(checkpoint)  # intact
     weights = checkpoint / "model.safetensors"
     whole = weights.read_bytes()
@@ -114,7 +114,7 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
 
 
 def test_a_sharded_checkpoint_missing_a_shard_is_named(tmp_path):
-    checkpoint = tiny_llama_dir(tmp_path / "tiny", hidden=32, layers=1)
+    checkpoint = tiny_model_dir(tmp_path / "tiny", hidden=32, layers=1)
     index = {
         "metadata": {},
         "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"},
@@ -126,7 +126,7 @@ def test_a_sharded_checkpoint_missing_a_shard_is_named(tmp_path):
 
 
 def test_a_damaged_merged_model_is_named_when_exporting(tmp_path):
-    checkpoint = tiny_llama_dir(tmp_path / "tiny", hidden=32, layers=1)
+    checkpoint = tiny_model_dir(tmp_path / "tiny", hidden=32, layers=1)
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     code, output = run_cli("export", str(checkpoint), "--format", "gguf", "--quant", "Q8_0")

@@ -13,13 +13,13 @@ from qtune.exports import export
 from qtune.formats.gptq import load_dequantized_gptq_model
 from qtune.recipe import ExportTarget, RecipeError, load_recipe
 from qtune.training import train
-from support import qtune_cli, tiny_llama_dir, tiny_recipe, write_recipe
+from support import qtune_cli, tiny_model_dir, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("export")
-    base = tiny_llama_dir(work / "llama", hidden=256)
+    base = tiny_model_dir(work / "llama", hidden=256)
     recipe = write_recipe(work / "recipe.yaml", tiny_recipe(base, work / "run", training={"max_steps": 2}))
     return train(load_recipe(recipe)).run_dir
 

@@ -2,7 +2,7 @@
 
 llama.cpp oracles need llama-cpp-python: build and install it with scripts/build_llama_cpp.sh; without
 it those tests skip. The tokenizer is the built-in model's (SmolLM2, BPE "smollm"), saved next to tiny
-random llama / mistral / qwen2 models.
+random models of every architecture in qtune.architectures.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from qtune.quant.ggml_quants import dequantize, row_bytes
 from support import convert_with_llama_cpp
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+Q8_0_KL_LIMIT = 1e-2  # measured 0.9e-3 to 2.7e-3 on the tiny models (random weights, 49k vocabulary)
 needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -62,9 +63,11 @@ def make_model(
     kv_heads: int = 2,
     tied: bool = True,
     seed: int = 0,
+    norm_noise: float = 0.0,
     **extra,
 ) -> Path:
-    """A tiny random HF checkpoint (weights fp16-representable) with the built-in tokenizer."""
+    """A tiny random HF checkpoint (weights fp16-representable) with the built-in tokenizer; ``norm_noise``
+    moves the norms' weights off their initial constant, so that a swapped or unshifted norm shows."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -89,6 +92,8 @@ def make_model(
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, 0.1)  # HF starts biases at zero, which would hide a wrong permutation
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * norm_noise)
             p.copy_(p.half().float())
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
@@ -103,6 +108,32 @@ MODEL_SPECS: dict[str, dict] = {
     "llama-odd": dict(hidden=320, inter=600, heads=5, kv_heads=1, layers=4, tied=False, attention_bias=True),
     "mistral": dict(model_type="mistral", layers=3, tied=False, seed=1),
     "qwen2": dict(model_type="qwen2", layers=3, seed=2),
+    # per-head q/k norms; heads x head_dim (384) wider than hidden (256), as in Qwen3-0.6B
+    "qwen3": dict(model_type="qwen3", layers=3, seed=5, head_dim=96, norm_noise=0.2),
+    # phi3: fused qkv and gate_up, MHA as Phi-3-mini, and GQA as Phi-3-medium. Not named "phi3": llama.cpp
+    # gives a model so named Phi-3's own tokenizer attributes, and fails on the built-in tokenizer's vocabulary
+    "fused-qkv": dict(model_type="phi3", layers=3, kv_heads=4, tied=False, seed=6, norm_noise=0.2),
+    "fused-qkv-gqa": dict(model_type="phi3", layers=2, tied=False, seed=7),
+    # norms storing weight - 1, soft-capped attention and logits, GELU, tied, every other layer a 16-token
+    # sliding window (shorter than the prompts); llama.cpp scales queries by head_dim, so the scalar is head_dim
+    "gemma2": dict(model_type="gemma2", layers=3, seed=8, head_dim=64, query_pre_attn_scalar=64, sliding_window=16, norm_noise=0.2),
+    # Gemma 3's text model: q/k norms, local RoPE base for the sliding layers, linear scaling on the global
+    # ones, and a layer pattern other than llama.cpp's default (written out); -6: the default pattern
+    "gemma3": dict(
+        model_type="gemma3_text",
+        layers=3,
+        seed=9,
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+        },
+        norm_noise=0.2,
+    ),
+    "gemma3-6": dict(model_type="gemma3_text", layers=6, seed=10, head_dim=64, query_pre_attn_scalar=64, sliding_window=16, norm_noise=0.2),
     "llama3-rope": dict(
         layers=2,
         seed=3,
@@ -208,6 +239,16 @@ def llama_cpp_model(path: Path, n_ctx: int = 256):
 
     # F32 KV cache: the default F16 cache alone moves logits by ~1e-3
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
+
+
+def llama_cpp_kl_to_hf(model_dir: Path, gguf_path: Path, ids: list[int]):
+    """Mean KL per token of llama.cpp's logits on ``gguf_path`` from transformers' on ``model_dir``, and the
+    llama.cpp model (for more use)."""
+    ref = log_softmax(hf_logits(model_dir, ids))
+    llm = llama_cpp_model(gguf_path)
+    llm.eval(ids)
+    got = log_softmax(np.array(llm.scores[: len(ids)], dtype=np.float64))
+    return float((np.exp(ref) * (ref - got)).sum(-1).mean()), llm
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -421,15 +462,21 @@ def test_failed_write_leaves_no_file(tmp_path, models, monkeypatch):
 @needs_llama_cpp
 @pytest.mark.parametrize(
     "model",
-    ["llama", "qwen2", "llama-odd", "llama3-rope", pytest.param("mistral", marks=pytest.mark.slow), pytest.param("linear-rope", marks=pytest.mark.slow)],
+    [
+        "llama",
+        "qwen2",
+        "llama-odd",
+        "llama3-rope",
+        "qwen3",
+        "fused-qkv",
+        "gemma2",
+        "gemma3",
+        *[pytest.param(m, marks=pytest.mark.slow) for m in ("mistral", "linear-rope", "fused-qkv-gqa", "gemma3-6")],
+    ],
 )
 def test_llama_cpp_f16_matches_hf(models, exported, builtin_dir, model):
     ids = prompt_ids(builtin_dir)
-    ref = log_softmax(hf_logits(models[model], ids))
-    llm = llama_cpp_model(exported[model, "F16"])
-    llm.eval(ids)
-    got = log_softmax(np.array(llm.scores[: len(ids)], dtype=np.float64))
-    kl = (np.exp(ref) * (ref - got)).sum(-1).mean()
+    kl, llm = llama_cpp_kl_to_hf(models[model], exported[model, "F16"], ids)
     assert kl <= 1e-4, kl
 
     from transformers import AutoModelForCausalLM
@@ -448,6 +495,13 @@ def test_llama_cpp_f16_matches_hf(models, exported, builtin_dir, model):
         cpp_out.append(token)
         llm.eval([token])
     assert cpp_out == hf_out
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model", ["llama", "qwen3", "fused-qkv", "gemma2", "gemma3"])
+def test_llama_cpp_q8_0_is_close_to_hf(models, exported, builtin_dir, model):
+    kl, _ = llama_cpp_kl_to_hf(models[model], exported[model, "Q8_0"], prompt_ids(builtin_dir))
+    assert kl <= Q8_0_KL_LIMIT, kl
 
 
 @needs_llama_cpp
@@ -474,6 +528,10 @@ def test_llama_cpp_tokenizes_like_hf(models, exported, model):
         ("llama-odd", "Q4_K_M"),
         ("qwen2", "Q4_K_M"),
         ("llama-odd", "Q2_K"),
+        ("qwen3", "Q4_K_M"),
+        ("fused-qkv", "Q4_K_M"),
+        ("gemma2", "Q4_K_M"),
+        ("gemma3", "Q4_K_M"),
         *[
             pytest.param(m, q, marks=pytest.mark.slow)
             for m, q in [
@@ -488,6 +546,8 @@ def test_llama_cpp_tokenizes_like_hf(models, exported, model):
                 ("llama", "Q5_1"),
                 ("qwen2", "F16"),
                 ("llama", "BF16"),
+                ("qwen3", "Q3_K_M"),
+                ("fused-qkv", "Q5_K_M"),
             ]
         ],
     ],
@@ -570,16 +630,26 @@ def test_modelfile(tmp_path, models, exported):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["llama-odd", "mistral", "llama3-rope"])
+@pytest.mark.parametrize("model", ["llama-odd", "mistral", "llama3-rope", "qwen3", "fused-qkv", "gemma3-6"])
 def test_f32_equals_convert_hf_to_gguf(models, exported, tmp_path, model):
     """Our F32 file against llama.cpp's own converter: same tensors (bytes), same model and tokenizer keys."""
-    theirs = convert_with_llama_cpp(models[model], tmp_path / "convert.gguf", "--outtype", "f32")
+    checkpoint = models[model]
+    if MODEL_SPECS[model].get("model_type") == "phi3":
+        # llama.cpp's Phi-3 converter reads a BPE vocabulary only under tokenizer_class GPT2Tokenizer (Phi-4's)
+        checkpoint = tmp_path / "checkpoint"
+        shutil.copytree(models[model], checkpoint)
+        tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+        (checkpoint / "tokenizer_config.json").write_text(json.dumps(tokenizer_config | {"tokenizer_class": "GPT2Tokenizer"}))
+    theirs = convert_with_llama_cpp(checkpoint, tmp_path / "convert.gguf", "--outtype", "f32")
     ours = read_tensors(exported[model, "F32"])
     assert sorted(ours) == sorted(read_tensors(theirs))
     assert ours == read_tensors(theirs)
     # naming keys (general.name/basename/size_label/version) are cosmetic; we also state add_eos_token
     cosmetic = {"general.name", "general.basename", "general.size_label", "general.version", "tokenizer.ggml.add_eos_token"}
     ka, kb = read_kv(exported[model, "F32"]), read_kv(theirs)
+    # we always state whether the tokenizer adds BOS (HF's behaviour); the converter only does for some architectures
+    if "tokenizer.ggml.add_bos_token" not in kb:
+        cosmetic.add("tokenizer.ggml.add_bos_token")
     assert {k: v for k, v in ka.items() if k not in cosmetic} == {k: v for k, v in kb.items() if k not in cosmetic}
 
 
@@ -701,7 +771,18 @@ def test_lora_adapter_layout(models, tmp_path, model, settings):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("model,settings", [("llama", {}), ("qwen2", {}), ("llama", {"use_rslora": True})])
+@pytest.mark.parametrize(
+    "model,settings",
+    [
+        ("llama", {}),
+        ("qwen2", {}),
+        ("llama", {"use_rslora": True}),
+        ("qwen3", {"target_modules": "all-linear"}),
+        ("fused-qkv", {"target_modules": "all-linear"}),
+        ("gemma2", {"target_modules": "all-linear"}),
+        ("gemma3", {"target_modules": "all-linear"}),
+    ],
+)
 def test_llama_cpp_applies_lora_like_peft(models, exported, builtin_dir, tmp_path, model, settings):
     """Base GGUF + our LoRA GGUF in llama.cpp against the PEFT model (unmerged) in transformers."""
     import llama_cpp

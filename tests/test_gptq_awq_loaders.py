@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from qtune.formats.awq import load_dequantized_awq_model, write_awq_checkpoint
 from qtune.formats.gptq import load_dequantized_gptq_model, write_gptq_checkpoint
@@ -90,6 +90,10 @@ def build_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
         torch.manual_seed(seed)
         return LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
 
+    def of_type(model_type: str, seed: int, **overrides: object) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **overrides})).eval()
+
     gptq_cases = {
         "gptq_sym_v1": (llama(1), dict(bits=4, group_size=32)),
         "gptq_asym_v2_act_order": (llama(2), dict(bits=4, group_size=32, sym=False, act_order=True)),
@@ -100,6 +104,10 @@ def build_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
         "gptq_8bit": (llama(4), dict(bits=8, group_size=64)),
         "gptq_3bit_act_order": (llama(5), dict(bits=3, group_size=32, act_order=True)),
         "gptq_2bit_asym": (llama(7), dict(bits=2, group_size=32, sym=False)),
+        "gptq_qwen3_asym": (of_type("qwen3", 10, head_dim=24), dict(bits=4, group_size=32, sym=False)),
+        "gptq_gemma2": (of_type("gemma2", 14, head_dim=16, query_pre_attn_scalar=16, sliding_window=8), dict(bits=4, group_size=32)),
+        "gptq_gemma3": (of_type("gemma3_text", 16, head_dim=16, query_pre_attn_scalar=16, sliding_window=8), dict(bits=4, group_size=32, sym=False)),
+        "gptq_phi3_act_order": (of_type("phi3", 11, pad_token_id=0, eos_token_id=1), dict(bits=4, group_size=32, act_order=True)),
     }
     for name, (model, options) in gptq_cases.items():
         result = quantize_model_gptq(model, ids, mask, **options)
@@ -109,6 +117,10 @@ def build_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
     awq_cases = {
         "awq_llama_mha": llama(6, num_key_value_heads=4),
         "awq_qwen2_gqa_tied": Qwen2ForCausalLM(Qwen2Config(**{**TINY, "tie_word_embeddings": True})).eval(),
+        "awq_qwen3": of_type("qwen3", 12, head_dim=24),
+        "awq_gemma2_mha": of_type("gemma2", 15, num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=8),
+        "awq_gemma3": of_type("gemma3_text", 17, head_dim=16, query_pre_attn_scalar=16, sliding_window=8),
+        "awq_phi3_mha": of_type("phi3", 13, num_key_value_heads=4, pad_token_id=0, eos_token_id=1),  # scales folded into qkv's v rows
     }
     for name, model in awq_cases.items():
         result = quantize_model_awq(model, ids, mask, group_size=32)
@@ -151,8 +163,16 @@ def oracle_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
         "gptq_8bit",
         "gptq_3bit_act_order",
         "gptq_2bit_asym",
+        "gptq_qwen3_asym",
+        "gptq_phi3_act_order",
+        "gptq_gemma2",
+        "gptq_gemma3",
         "awq_llama_mha",
         "awq_qwen2_gqa_tied",
+        "awq_qwen3",
+        "awq_phi3_mha",
+        "awq_gemma2_mha",
+        "awq_gemma3",
     ],
 )
 def test_gptqmodel_reads_our_checkpoint(oracle_results: dict, name: str) -> None:

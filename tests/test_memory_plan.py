@@ -9,17 +9,8 @@ import pytest
 
 from qtune import memory_plan
 from qtune.recipe import load_recipe
-from support import REPO, qtune_cli
+from support import LLAMA31_8B, LLAMA31_70B, REPO, qtune_cli
 
-LLAMA31_8B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "tie_word_embeddings": False,
-}
 GiB = 2**30
 
 
@@ -30,6 +21,16 @@ def _plan(recipe: str, config: dict, gpu: int | None, host: int) -> memory_plan.
 def test_the_shape_counts_llama_8b_parameters():
     shape = memory_plan.ModelShape.from_config(LLAMA31_8B)
     assert shape.params == pytest.approx(8.03e9, rel=0.01)  # Llama-3.1-8B's published size
+
+
+def test_the_shape_of_a_fused_phi3_model():
+    """Phi-3-mini (fused qkv and gate_up): 3.82B parameters, and its largest linear is gate_up."""
+    config = {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32}
+    config |= {"num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064, "tie_word_embeddings": False}
+    shape = memory_plan.ModelShape.from_config(config)
+    assert shape.params == pytest.approx(3.821e9, rel=1e-3)
+    assert max(a * b for a, b in shape.linear_shapes) == 3072 * 2 * 8192
+    assert len(shape.linear_shapes) == 4
 
 
 def test_the_8b_recipe_fits_one_24gb_gpu_with_32gb_of_host_memory():
@@ -68,9 +69,6 @@ def test_validate_prints_the_plan_and_run_refuses_before_training(tmp_path: Path
     assert not (tmp_path / "run").exists(), "nothing may start when the plan says no"
     bad = qtune_cli("validate", recipe, "--host-memory", "lots")
     assert bad.returncode != 0 and "--host-memory" in bad.stderr and "Traceback" not in bad.stderr
-
-
-LLAMA31_70B = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64}
 
 
 def test_a_70b_model_exports_on_one_80gb_gpu_with_64gb_of_host_memory():

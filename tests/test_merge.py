@@ -19,13 +19,13 @@ from qtune.metrics import divergence
 from qtune.recipe import load_recipe
 from qtune.shards import CheckpointReader
 from qtune.training import train
-from support import tiny_llama_dir, tiny_recipe, write_recipe
+from support import tiny_model_dir, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
 def merged_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("merge")
-    base = tiny_llama_dir(work / "llama", hidden=128)
+    base = tiny_model_dir(work / "llama", hidden=128)
     recipe = write_recipe(work / "recipe.yaml", tiny_recipe(base, work / "run", training={"max_steps": 4, "learning_rate": 5e-3}))
     run_dir = train(load_recipe(recipe)).run_dir
     merge_run(run_dir)
@@ -136,7 +136,7 @@ def test_streamed_adapter_model_is_the_adapter_model(merged_run: Path):
 def test_dora_rslora_merge_of_a_sharded_untied_base(tmp_path: Path):
     """DoRA with rsLoRA scaling, on a base in many shards with its own output head: the streamed adapter
     model is peft's, the merge into it passes its gate, and the head is merged and stored."""
-    base = tiny_llama_dir(tmp_path / "llama", hidden=128, tied=False, max_shard_size="1MB")
+    base = tiny_model_dir(tmp_path / "llama", hidden=128, tied=False, max_shard_size="1MB")
     assert len(list(base.glob("*.safetensors"))) > 3
     recipe = tiny_recipe(base, tmp_path / "run", training={"max_steps": 2, "learning_rate": 5e-3}, lora={"use_dora": True, "use_rslora": True})
     run_dir = train(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe))).run_dir

@@ -13,7 +13,7 @@ import pytest
 
 from qtune.gguf_model import LLAMA_CPP, gguf_runtime
 from support import FULL_RUN_EXPORT_NAMES as EXPORT_NAMES
-from support import qtune_cli, tiny_llama_dir, wandb_records
+from support import qtune_cli, tiny_model_dir, wandb_records
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -25,8 +25,8 @@ def test_perplexity_from_the_divergence_pass_equals_perplexity(tmp_path: Path):
 
     from qtune.metrics import divergence, perplexity
 
-    a = AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path / "a", hidden=64, seed=1), dtype=torch.float32)
-    b = AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path / "b", hidden=64, seed=2), dtype=torch.float32)
+    a = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp_path / "a", hidden=64, seed=1), dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp_path / "b", hidden=64, seed=2), dtype=torch.float32)
     rows = [
         {"input_ids": ids, "labels": [-100] * 3 + ids[3:], "num_real_tokens": len(ids)}
         for ids in ([5, 17, 300, 41, 9, 77], [8, 1200, 6, 90, 33, 4, 501, 2], [60, 61, 62, 63])

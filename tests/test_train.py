@@ -19,12 +19,12 @@ from qtune import rundir
 from qtune.errors import NonFiniteLossError, QtuneError
 from qtune.recipe import load_recipe
 from qtune.training import train
-from support import qtune_cli, step_losses, tiny_llama_dir, tiny_recipe, wandb_records, write_recipe
+from support import qtune_cli, step_losses, tiny_model_dir, tiny_recipe, wandb_records, write_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "llama")
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
 
 
 @pytest.fixture(scope="module")

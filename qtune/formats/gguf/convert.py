@@ -3,7 +3,7 @@
 The tensors are quantized by qtune's own ggml quantizers (``qtune.quant.ggml_quants``), with the
 per-tensor types of llama.cpp's mixes (``qtune.formats.gguf.mixes``), written in llama.cpp's tensor
 order. Without an imatrix the result equals, tensor for tensor, what ``llama_model_quantize`` makes
-from our F32 file. Supported architectures: llama, mistral (written as llama) and qwen2.
+from our F32 file. Supported architectures: those of ``qtune.architectures``.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _write_gguf(
 
     shapes = {name: src.shape for name, src in sources.items()} | {n: tuple(t.shape) for n, t in extra.items()}
     order = llama_tensor_order(shapes)
-    is_70b = hp["n_layer"] == 80 and (arch.gguf_arch == "qwen2" or hp["n_head"] != hp["n_head_kv"])
+    is_70b = arch.gguf_is_70b(hp["n_layer"], hp["n_head"], hp["n_head_kv"])
     choice = choose_types(mix.name, [(n, shapes[n]) for n in order], hp["n_layer"], is_70b=is_70b)
     importance = _imatrix_by_gguf_name(imatrix, arch, shapes) if imatrix else {}
 
@@ -185,9 +185,27 @@ def _add_model_metadata(writer: gguf.GGUFWriter, config: dict, checkpoint_dir: P
     if hp["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(hp["rope"]["factor"]))
-    if arch.gguf_arch == "llama":
-        writer.add_vocab_size(hp["vocab_size"])
-        writer.add_rope_dimension_count(hp["head_dim"])
+    swa = [kind == "sliding_attention" for kind in config.get("layer_types") or []]
+    optional = {  # gguf-py's add_<key>; None: not written
+        "vocab_size": hp["vocab_size"],
+        "rope_dimension_count": hp["rope_dim"],
+        "rope_scaling_orig_ctx_len": int(config.get("original_max_position_embeddings") or hp["n_ctx"]),
+        "sliding_window": int(config.get("sliding_window") or 0),
+        "attn_logit_softcapping": config.get("attn_logit_softcapping"),
+        "final_logit_softcapping": config.get("final_logit_softcapping"),
+        "rope_freq_base_swa": hp.get("rope_swa", {}).get("rope_theta"),
+        # llama.cpp's default pattern unless the config's layers differ from it
+        "sliding_window_pattern": swa if swa and swa != _default_swa(arch, len(swa)) else None,
+    }
+    for key in arch.gguf_keys:
+        if optional[key] is not None:
+            getattr(writer, f"add_{key}")(optional[key])
+
+
+def _default_swa(arch: Architecture, n_layer: int) -> list[bool]:
+    """llama.cpp's sliding-window layers by default: all but every ``gguf_swa_period``-th."""
+    period = arch.gguf_swa_period or 1
+    return [i % period < period - 1 for i in range(n_layer)]
 
 
 @dataclass
@@ -196,6 +214,7 @@ class _Source:
     key: str
     shape: tuple[int, ...]
     permute_heads: int | None  # Q/K rows to reorder for llama.cpp's RoPE layout
+    offset: float = 0.0  # added to a norm's weight (llama.cpp's norms scale by the weight itself)
 
     def load(self, device: str | torch.device) -> torch.Tensor:
         from safetensors import safe_open
@@ -205,6 +224,8 @@ class _Source:
         t = t.to(device=device, dtype=torch.float32)
         if self.permute_heads:
             t = permute_for_rope(t, self.permute_heads)
+        if self.offset:
+            t = t + self.offset
         return t.contiguous()
 
 
@@ -231,7 +252,8 @@ def _tensor_sources(checkpoint_dir: Path, config: dict, arch: Architecture) -> d
                     continue
                 name = hf_to_gguf_name(key, config["model_type"])
                 permute = arch.rope_heads(key, n_head, n_head_kv)
-                sources[name] = _Source(file, key, tuple(f.get_slice(key).get_shape()), permute)
+                offset = arch.norm_offset if key.endswith("norm.weight") else 0.0
+                sources[name] = _Source(file, key, tuple(f.get_slice(key).get_shape()), permute, offset)
     if config.get("tie_word_embeddings", False):
         sources.pop("output.weight", None)
     if "token_embd.weight" not in sources:

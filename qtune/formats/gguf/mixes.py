@@ -128,7 +128,7 @@ def choose_types(
     """Types for ``tensors`` ((GGUF name, numpy shape) pairs) under mix ``quant``.
 
     Tensors that are not quantized (1-D norms and the like) stay F32. ``n_layer`` is the model's
-    block count; ``is_70b`` is llama.cpp's LLM_TYPE_70B (llama/qwen2 with 80 layers and GQA), which
+    block count; ``is_70b`` is llama.cpp's LLM_TYPE_70B (``Architecture.gguf_is_70b``), which
     gives attn_v more bits.
     """
     mix = quant_mix(quant)

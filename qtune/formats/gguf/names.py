@@ -49,7 +49,13 @@ def hyperparameters(config: dict) -> dict:
         "vocab_size": config["vocab_size"],
         "head_dim": config.get("head_dim") or config["hidden_size"] // n_head,
     }
+
     rope = dict(config.get("rope_parameters") or {})
+    if "full_attention" in rope:  # per layer type (Gemma 3): the global layers' RoPE, and the local ones' base
+        hp["rope_swa"] = dict(rope.get("sliding_attention") or {})
+        if hp["rope_swa"].get("rope_type", "default") != "default":
+            raise QtuneError(f"GGUF export supports sliding-window layers with default RoPE, not '{hp['rope_swa'].get('rope_type')}'")
+        rope = dict(rope["full_attention"])
     if config.get("rope_scaling"):
         rope.update(config["rope_scaling"])
     rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
@@ -57,6 +63,7 @@ def hyperparameters(config: dict) -> dict:
     if rope_type not in ("default", "linear", "llama3"):
         raise QtuneError(f"GGUF export supports RoPE types default, linear and llama3, not '{rope_type}'")
     hp["rope"], hp["rope_type"] = rope, rope_type
+    hp["rope_dim"] = int(hp["head_dim"] * rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
     return hp
 
 
