@@ -15,6 +15,7 @@ Dtypes follow bitsandbytes' Linear4bit + peft's LoRA Linear4bit exactly:
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -267,25 +268,65 @@ def qlora_linear_reference(
 # peft integration.
 
 
+def _unfusable_reason(layer: torch.nn.Module) -> str | None:
+    """Why a LoRA layer over a bitsandbytes 4-bit linear cannot take the fused path at all, or None."""
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    if not isinstance(layer, LoraLinear4bit):
+        return f"peft wrapped it as {type(layer).__name__}, not its bitsandbytes LoRA layer"
+    if any(getattr(layer, "use_dora", {}).values()) or getattr(layer, "lora_variant", {}):
+        return "DoRA (and other LoRA variants) keep peft's own path"
+    if any(getattr(layer, "lora_bias", {}).values()):
+        return "a LoRA bias keeps peft's own path"
+    quant_state = getattr(layer.get_base_layer().weight, "quant_state", None)
+    if quant_state is None:
+        return "its weight is not quantized yet"
+    if quant_state.quant_type != "nf4":
+        return f"quant type {quant_state.quant_type} (the kernels cover nf4)"
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        return "bitsandbytes repacked it for CPU inference"
+    if len(quant_state.shape) != 2:
+        return f"a {len(quant_state.shape)}-D weight"
+    return None
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """The model's LoRA layers over bitsandbytes 4-bit linears: which take the fused path, which do not and why."""
+
+    fusable: tuple[str, ...]
+    left_out: dict[str, str]
+
+    @property
+    def layers(self) -> int:
+        return len(self.fusable) + len(self.left_out)
+
+
+def lora_4bit_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every peft LoRA layer whose base layer is a bitsandbytes Linear4bit, whatever class peft wrapped it in."""
+    from bitsandbytes.nn import Linear4bit
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), Linear4bit)]
+
+
+def fusion_plan(model: torch.nn.Module) -> FusionPlan:
+    fusable, left_out = [], {}
+    for name, layer in lora_4bit_layers(model):
+        reason = _unfusable_reason(layer)
+        if reason is None:
+            fusable.append(name)
+        else:
+            left_out[name] = reason
+    return FusionPlan(tuple(fusable), left_out)
+
+
 def _fusable(layer: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Per call: the layer's state now (adapters switched, merged or disabled) and the call's arguments."""
     if args or kwargs or layer.disable_adapters or layer.merged:
         return False
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(adapters) != 1:
-        return False
-    adapter = adapters[0]
-    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
-        return False  # DoRA and other variants keep peft's own path
-    if getattr(layer, "lora_bias", {}).get(adapter, False):
-        return False
-    weight = layer.get_base_layer().weight
-    quant_state = getattr(weight, "quant_state", None)
-    return (
-        quant_state is not None
-        and quant_state.quant_type == "nf4"
-        and not getattr(quant_state, "packing_format_for_cpu", False)  # bnb's CPU inference repack
-        and len(quant_state.shape) == 2
-    )
+    return len(adapters) == 1 and _unfusable_reason(layer) is None
 
 
 def _fused_lora_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -313,23 +354,20 @@ def _fused_lora_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kw
 
 
 def patch_peft_model(model: torch.nn.Module, backend: str = "auto") -> int:
-    """Route every peft LoRA layer over a bitsandbytes NF4 Linear4bit through the fused op.
+    """Route every fusable peft LoRA layer over a bitsandbytes NF4 Linear4bit (``fusion_plan``) through the fused op.
 
     Layers fall back to peft's own forward, call by call, when fusion does not apply (several active
-    adapters, DoRA, LoRA bias, merged or disabled adapters, extra forward arguments). Returns the
-    number of layers patched; patching twice is harmless. `unpatch_peft_model` undoes it.
+    adapters, merged or disabled adapters, extra forward arguments). Returns the number of layers
+    patched; patching twice is harmless. `unpatch_peft_model` undoes it.
     """
-    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LoraLinear4bit):
-            if "_qtune_unfused_forward" not in module.__dict__:
-                module._qtune_unfused_forward = module.forward
-                module.forward = types.MethodType(_fused_lora_forward, module)
-            module._qtune_backend = backend
-            count += 1
-    return count
+    modules = dict(model.named_modules())
+    for name in fusion_plan(model).fusable:
+        module = modules[name]
+        if "_qtune_unfused_forward" not in module.__dict__:
+            module._qtune_unfused_forward = module.forward
+            module.forward = types.MethodType(_fused_lora_forward, module)
+        module._qtune_backend = backend
+    return sum("_qtune_unfused_forward" in m.__dict__ for m in model.modules())
 
 
 def unpatch_peft_model(model: torch.nn.Module) -> int:

@@ -7,6 +7,7 @@ Adding an architecture means adding its entry here (and its tests); see docs/arc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from qtune.errors import QtuneError
 
@@ -106,8 +107,11 @@ def _llama_family(
     permute_qk: bool,
     gguf_layer_extra: dict[str, str] | None = None,
     gguf_keys: tuple[str, ...] = (),
-    gguf_70b_at_80_layers: str | None = None,
+    **differences: Any,
 ) -> Architecture:
+    """Llama's block (q, k, v, o; gate, up, down) under its HF names; `differences` are other Architecture fields."""
+    fields: dict[str, Any] = dict(balance_groups=_LLAMA_BALANCE, gguf_layer_tensors=_LLAMA_GGUF_LAYER) | differences
+    fields["gguf_layer_tensors"] = fields["gguf_layer_tensors"] | (gguf_layer_extra or {})
     return Architecture(
         model_type=model_type,
         gguf_arch=gguf_arch,
@@ -115,13 +119,11 @@ def _llama_family(
         query="self_attn.q_proj",
         key="self_attn.k_proj",
         sequential_groups=_LLAMA_GROUPS,
-        balance_groups=_LLAMA_BALANCE,
         attention="self_attn",
         unclipped=("self_attn.q_proj", "self_attn.k_proj"),
-        gguf_layer_tensors=_LLAMA_GGUF_LAYER | (gguf_layer_extra or {}),
         gguf_global_tensors=_LLAMA_GGUF_GLOBAL,
         gguf_keys=gguf_keys,
-        gguf_70b_at_80_layers=gguf_70b_at_80_layers,
+        **fields,
     )
 
 
@@ -172,22 +174,11 @@ _GEMMA_GGUF_LAYER = {
 
 
 def _gemma(model_type: str, gguf_arch: str, gguf_layer_extra: dict[str, str], gguf_keys: tuple[str, ...], swa_period: int) -> Architecture:
-    return Architecture(
-        model_type=model_type,
-        gguf_arch=gguf_arch,
-        permute_qk=False,  # llama.cpp runs Gemma with NEOX (rotate-half) RoPE
-        query="self_attn.q_proj",
-        key="self_attn.k_proj",
-        sequential_groups=_LLAMA_GROUPS,
-        balance_groups=_GEMMA_BALANCE,
-        attention="self_attn",
-        unclipped=("self_attn.q_proj", "self_attn.k_proj"),
-        gguf_layer_tensors=_GEMMA_GGUF_LAYER | gguf_layer_extra,
-        gguf_global_tensors=_LLAMA_GGUF_GLOBAL,
-        gguf_keys=gguf_keys,
-        gguf_swa_period=swa_period,
-        norm_offset=1.0,
-    )
+    # llama.cpp runs Gemma with NEOX (rotate-half) RoPE: no q/k permutation
+    return _llama_family(
+        model_type, gguf_arch, False, gguf_layer_extra, gguf_keys,
+        balance_groups=_GEMMA_BALANCE, gguf_layer_tensors=_GEMMA_GGUF_LAYER, gguf_swa_period=swa_period, norm_offset=1.0,
+    )  # fmt: skip
 
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -42,18 +42,67 @@ def optimizer_name(training: TrainingSection) -> str:
     return unpaged
 
 
-def use_fused_kernels(model, recipe: Recipe) -> int:
-    """Route the 4-bit LoRA layers through qtune's fused NF4 kernels (on by default on CUDA)."""
-    switch = recipe.training.fused_kernels
-    if switch == "off" or (switch == "auto" and not torch.cuda.is_available()):
-        return 0
-    if not recipe.quantization.load_in_4bit or recipe.quantization.quant_type != "nf4":
-        return 0
-    from qtune.kernels.qlora_linear import patch_peft_model
+@dataclass(frozen=True)
+class FusedKernels:
+    """What `use_fused_kernels` did: how many of the model's 4-bit LoRA layers it routed through the fused
+    kernels, which it left on peft's path and why, and why the kernels are off when they are."""
 
-    patched = patch_peft_model(model)
-    log.info("fused NF4 QLoRA kernels on %d layers", patched)
-    return patched
+    patched: int
+    layers: int
+    left_out: dict[str, str]
+    off_because: str = ""
+
+
+def use_fused_kernels(model, recipe: Recipe) -> FusedKernels:
+    """Route the 4-bit LoRA layers through qtune's fused NF4 kernels as ``training.fused_kernels`` says
+    (``auto``: on CUDA), once they have passed their self-check on this device (see `fuse`)."""
+    switch = recipe.training.fused_kernels
+    device = next(model.parameters()).device
+    if switch == "off":
+        return FusedKernels(0, 0, {}, "training.fused_kernels is off")
+    if device.type != "cuda" and switch == "auto":
+        return FusedKernels(0, 0, {}, "no CUDA device (auto turns them on with CUDA)")
+    if not recipe.quantization.load_in_4bit or recipe.quantization.quant_type != "nf4":
+        return FusedKernels(0, 0, {}, "the base is not loaded in 4-bit NF4")
+    dtype = models.compute_dtype(recipe.quantization)  # training_arguments' mixed precision
+    autocast = dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
+    return fuse(model, required=switch == "on", autocast=autocast)
+
+
+def fuse(model, required: bool, autocast: torch.dtype | None) -> FusedKernels:
+    """Patch the model's fusable 4-bit LoRA layers, after the kernel configurations they use have passed
+    their self-check on the model's device (``qtune.kernels.selfcheck``, cached per device and versions).
+
+    Not required (``auto``): on a failed check, or when no layer can take the kernels, log why and leave
+    the model on peft + bitsandbytes. Required (``on``): raise instead, and also when any 4-bit LoRA
+    layer is left out. Either way the layers left out are named, with the reason.
+    """
+    from qtune.kernels import qlora_linear, selfcheck
+
+    device = next(model.parameters()).device
+    plan = qlora_linear.fusion_plan(model)
+    left_out = "; ".join(f"{name}: {why}" for name, why in plan.left_out.items())
+    problem = ""
+    if not plan.fusable:
+        problem = f"none of the model's {plan.layers} 4-bit LoRA layers can take them" + (f" ({left_out})" if left_out else "")
+    elif required and plan.left_out:
+        problem = f"{len(plan.left_out)} of {plan.layers} 4-bit LoRA layers cannot take them: {left_out}"
+    else:
+        failed = [v for v in selfcheck.check(selfcheck.configs_for(model, plan.fusable, autocast), device) if not v.ok]
+        if failed:
+            problem = f"they failed their self-check on {device} ({failed[0].config.describe()}): {failed[0].reason}"
+    if problem:
+        if required:
+            raise QtuneError(f"training.fused_kernels is on, but {problem}; set it to auto to train on peft + bitsandbytes")
+        log.warning("fused NF4 QLoRA kernels off: %s; training runs on peft + bitsandbytes", problem)
+        return FusedKernels(0, plan.layers, plan.left_out, problem)
+    patched = qlora_linear.patch_peft_model(model)
+    if patched != len(plan.fusable):
+        raise RuntimeError(f"patched {patched} layers where {len(plan.fusable)} were fusable")
+    if plan.left_out:
+        log.warning("%d of %d 4-bit LoRA layers keep peft's path: %s", len(plan.left_out), plan.layers, left_out)
+    log.info("fused NF4 QLoRA kernels on %d of %d 4-bit LoRA layers", patched, plan.layers)
+    return FusedKernels(patched, plan.layers, plan.left_out)
 
 
 def _trainer_class():

@@ -17,7 +17,6 @@ Without CUDA (and without --smoke-cpu) it prints "no CUDA device" and exits 0.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import statistics
@@ -47,14 +46,7 @@ def import_qtune_kernels():
     try:
         import qtune.kernels  # noqa: F401
     except ImportError:
-        sys.path.insert(0, str(ROOT))
-        import qtune
-
-        spec = importlib.util.spec_from_file_location("qtune.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qtune.kernels"] = module
-        spec.loader.exec_module(module)
-        qtune.kernels = module
+        sys.path.insert(0, str(ROOT))  # qtune/kernels links to kernels/, a namespace package of qtune
     from qtune.kernels import nf4, qlora_linear, w4a16
 
     return nf4, w4a16, qlora_linear
@@ -356,8 +348,9 @@ def build_qlora_llama(config, device, compute_dtype):
             del linear
     model.is_loaded_in_4bit = True  # what peft reads to wrap bnb layers
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # init_lora_weights=False: B random, not peft's zeros, so the LoRA output and grad A are not zero on both sides
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[n.split(".")[1] for n in names],
-                      task_type="CAUSAL_LM")  # fmt: skip
+                      task_type="CAUSAL_LM", init_lora_weights=False)  # fmt: skip
     model = get_peft_model(model, lora)
     model.train()
     return model

@@ -92,7 +92,8 @@ def run_variant(variant: str, model: str, seq_len: int, batch: int, steps: int, 
         from qtune.training import _trainer_class, use_fused_kernels
 
         net = attach_lora(net, lora, gradient_checkpointing=True)
-        use_fused_kernels(net, Recipe())
+        fused = use_fused_kernels(net, Recipe())
+        print(f"fused kernels on {fused.patched} of {fused.layers} 4-bit LoRA layers {fused.off_because}".rstrip(), file=sys.stderr)
         trainer_cls = _trainer_class()
         collator = Collator(tokenizer.pad_token_id)
     else:

@@ -19,7 +19,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit definitions
 
-from qtune.kernels import nf4, qlora_linear, w4a16  # noqa: E402
+from qtune.kernels import nf4, qlora_linear, selfcheck, w4a16  # noqa: E402
 
 try:
     import bitsandbytes.functional as bnb_functional
@@ -509,6 +509,145 @@ def test_patched_layers_fall_back_when_fusion_does_not_apply(tiny_qlora_model):
     finally:
         layer._qtune_unfused_forward = original
         qlora_linear.unpatch_peft_model(model)
+
+
+# ------------------------------------------------------------------------------------------ self-check and fallback
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QTUNE_CACHE", str(tmp_path))
+    monkeypatch.delenv(selfcheck.RECHECK_ENV, raising=False)
+    return tmp_path / "kernel-checks"
+
+
+def unpatched(model) -> bool:
+    return not any("_qtune_unfused_forward" in m.__dict__ for m in model.modules())
+
+
+@needs_bnb
+@pytest.mark.parametrize(
+    "config",
+    [
+        selfcheck.KernelConfig("float32", "bfloat16", "float32", None, 64, True, True),
+        selfcheck.KernelConfig("float32", "float32", "float32", None, 64, False, False),
+        selfcheck.KernelConfig("bfloat16", "bfloat16", "float32", "bfloat16", 64, True, False),
+        selfcheck.KernelConfig("float16", "float16", "float32", "float16", 128, True, True),
+    ],
+    ids=lambda c: c.describe(),
+)
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # on CPU auto is bitsandbytes' own dequant op
+def test_self_check_passes_against_peft_and_bitsandbytes(config, backend):
+    assert selfcheck.run_check(config, torch.device(DEVICE), backend) == ""
+
+
+@needs_bnb
+def test_self_check_catches_one_wrong_value_and_a_wrong_gradient(monkeypatch):
+    config = selfcheck.KernelConfig("bfloat16", "bfloat16", "float32", "bfloat16", 64, True, False)
+    dequantize = qlora_linear.dequantize_nf4
+
+    def one_value_off(packed, quant_state, dtype, backend):
+        weight = dequantize(packed, quant_state, dtype, backend).clone()
+        weight.view(-1)[5] *= 1.5
+        return weight
+
+    monkeypatch.setattr(qlora_linear, "dequantize_nf4", one_value_off)
+    assert "NF4 dequant: 1 of" in selfcheck.run_check(config, torch.device(DEVICE))
+    monkeypatch.setattr(qlora_linear, "dequantize_nf4", dequantize)
+    backward = qlora_linear._qlora_backward
+
+    def grad_a_off(*args):
+        grad_x, grad_x_lora, grad_A, grad_B, grad_bias = backward(*args)
+        return grad_x, grad_x_lora, grad_A * 1.1, grad_B, grad_bias
+
+    monkeypatch.setattr(qlora_linear, "_qlora_backward", grad_a_off)
+    assert selfcheck.run_check(config, torch.device(DEVICE)).startswith("grad A: relative error")
+
+
+def test_self_check_verdicts_are_cached_per_device_and_versions(kernel_cache, monkeypatch):
+    config = selfcheck.KernelConfig("float32", "float32", "float32", None, 64, True, False)
+    calls = []
+    monkeypatch.setattr(selfcheck, "run_check", lambda c, d, b="auto": calls.append(c) or "")
+    device = torch.device("cpu")
+    assert [(v.ok, v.cached) for v in selfcheck.check([config], device)] == [(True, False)]
+    assert [(v.ok, v.cached) for v in selfcheck.check([config], device)] == [(True, True)]
+    assert len(calls) == 1 and len(list(kernel_cache.glob("*.json"))) == 1
+    monkeypatch.setenv(selfcheck.RECHECK_ENV, "1")
+    selfcheck.check([config], device)
+    monkeypatch.delenv(selfcheck.RECHECK_ENV)
+    assert len(calls) == 2
+    fingerprint = selfcheck.fingerprint(device)
+    monkeypatch.setattr(selfcheck, "fingerprint", lambda d: {**fingerprint, "triton": "9.9.9"})  # an upgrade
+    assert [(v.ok, v.cached) for v in selfcheck.check([config], device)] == [(True, False)]
+    assert len(calls) == 3
+
+
+@needs_bnb
+def test_fuse_patches_every_4bit_lora_layer_after_its_self_check(tiny_qlora_model, kernel_cache):
+    from qtune.training import fuse
+
+    model = tiny_qlora_model
+    try:
+        result = fuse(model, required=True, autocast=None)
+        assert (result.patched, result.layers, result.left_out, result.off_because) == (14, 14, {}, "")
+        assert len(list(kernel_cache.glob("*.json"))) == 1  # one configuration: fp32 x, bf16 compute, nested
+    finally:
+        qlora_linear.unpatch_peft_model(model)
+
+
+@needs_bnb
+def test_fuse_falls_back_when_a_kernel_fails_to_compile(tiny_qlora_model, kernel_cache, monkeypatch):
+    from qtune.errors import QtuneError
+    from qtune.training import fuse
+
+    def compile_error(*args):
+        raise RuntimeError("CompilationError: at 12:4: simulated failure to compile")
+
+    monkeypatch.setattr(qlora_linear, "dequantize_nf4", compile_error)
+    result = fuse(tiny_qlora_model, required=False, autocast=None)
+    assert result.patched == 0 and result.layers == 14 and unpatched(tiny_qlora_model)
+    assert "failed their self-check" in result.off_because and "simulated failure to compile" in result.off_because
+    with pytest.raises(QtuneError, match="fused_kernels is on, but they failed their self-check.*simulated"):
+        fuse(tiny_qlora_model, required=True, autocast=None)
+    assert unpatched(tiny_qlora_model)
+
+
+@needs_bnb
+def test_fuse_names_the_layers_it_leaves_out(tiny_qlora_model, kernel_cache):
+    """As when peft wraps a 4-bit linear in its plain LoRA layer (a model quantized after get_peft_model)."""
+    from peft.tuners.lora.layer import Linear as PlainLoraLinear
+
+    from qtune.errors import QtuneError
+    from qtune.training import fuse
+
+    name = "base_model.model.model.layers.1.mlp.down_proj"
+    layer = tiny_qlora_model.get_submodule(name)
+    real_class = type(layer)
+    layer.__class__ = PlainLoraLinear
+    try:
+        result = fuse(tiny_qlora_model, required=False, autocast=None)
+        assert (result.patched, result.layers) == (13, 14)
+        assert result.left_out == {name: "peft wrapped it as Linear, not its bitsandbytes LoRA layer"}
+        assert "_qtune_unfused_forward" not in layer.__dict__
+        qlora_linear.unpatch_peft_model(tiny_qlora_model)
+        with pytest.raises(QtuneError, match=f"1 of 14 4-bit LoRA layers cannot take them: {name}: peft wrapped"):
+            fuse(tiny_qlora_model, required=True, autocast=None)
+    finally:
+        layer.__class__ = real_class
+        qlora_linear.unpatch_peft_model(tiny_qlora_model)
+
+
+@needs_bnb
+def test_fused_kernels_switch(tiny_qlora_model, kernel_cache):
+    from qtune.recipe import Recipe
+    from qtune.training import use_fused_kernels
+
+    off = use_fused_kernels(tiny_qlora_model, Recipe(training={"fused_kernels": "off"}))
+    assert (off.patched, off.off_because) == (0, "training.fused_kernels is off")
+    auto = use_fused_kernels(tiny_qlora_model, Recipe(training={"fused_kernels": "auto"}))
+    assert auto.patched == (14 if CUDA else 0)
+    assert CUDA or auto.off_because.startswith("no CUDA device")
+    qlora_linear.unpatch_peft_model(tiny_qlora_model)
 
 
 # ------------------------------------------------------------------------------------------ compiled for Hopper
