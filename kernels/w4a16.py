@@ -12,6 +12,7 @@ reference checkpoints' torch kernels do), then y = x @ W (+ bias) with fp32 accu
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -115,14 +116,18 @@ if HAS_TRITON:
         stride_xm, stride_om,
         LAYOUT: tl.constexpr,  # 0 gptq (v1), 1 gptq_v2, 2 awq
         ALIGNED_GROUPS: tl.constexpr,  # group = k // group_size and BLOCK_K divides group_size
+        HAS_G_IDX: tl.constexpr,  # groups_ptr holds each input channel's group; else k // group_size
         HAS_BIAS: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,  # only under the interpreter, whose dot misreads bf16
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,  # >1: program (m, n, s) sums K-slice s into out_ptr[s] (fp32 partials)
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_k = tl.program_id(2)
+        # int64 offsets: M x N outputs, K x N/8 words and the like pass 2^31 on large layers and batches
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
         mask_n = offs_n < N
         n_packed = N // 8
@@ -133,13 +138,16 @@ if HAS_TRITON:
         else:
             nibble = offs_n % 8
             word_shifts = 4 * eighth
-        offs_words_n = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        offs_words_n = pid_n.to(tl.int64) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         if BLOCK_M == 1:
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K  # whole tiles per slice
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             mask_k = offs_k < K
             # each packed word is loaded once and expanded to its 8 codes
             if LAYOUT == 2:  # words [BLOCK_K, BLOCK_N / 8], along N
@@ -148,7 +156,7 @@ if HAS_TRITON:
                 codes = (words[:, :, None] >> word_shifts[None, None, :]) & 15
                 codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
             else:  # words [BLOCK_K / 8, BLOCK_N], along K
-                offs_words_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                offs_words_k = k0 // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
                 words = tl.load(qweight_ptr + offs_words_k[:, None] * N + offs_n[None, :],
                                 mask=(offs_words_k < K // 8)[:, None] & mask_n[None, :], other=0)  # fmt: skip
                 codes = (words[:, None, :] >> word_shifts[None, :, None]) & 15
@@ -159,8 +167,11 @@ if HAS_TRITON:
                 scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0)
                 zeros = zeros[None, :]
                 scale = scale[None, :]
-            else:  # act-order g_idx: gather per input channel
-                groups = tl.load(groups_ptr + offs_k, mask=mask_k, other=0)
+            else:  # act-order g_idx, or groups that straddle tiles: per input channel
+                if HAS_G_IDX:
+                    groups = tl.load(groups_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+                else:
+                    groups = offs_k // group_size
                 mask_kn = mask_k[:, None] & mask_n[None, :]
                 zword = tl.load(qzeros_ptr + groups[:, None] * n_packed + (offs_n // 8)[None, :], mask=mask_kn, other=0)
                 zeros = (zword >> (nibble * 4)[None, :]) & 15
@@ -171,7 +182,7 @@ if HAS_TRITON:
             w = cast_rtne((codes - zeros).to(tl.float32) * scale.to(tl.float32), scales_ptr.dtype.element_ty)
             w = cast_rtne(w, x_ptr.dtype.element_ty)
             if BLOCK_M == 1:
-                xk = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=mask_k, other=0.0)
+                xk = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k, mask=mask_k, other=0.0)
                 acc += tl.sum(xk.to(tl.float32)[:, None] * w.to(tl.float32), axis=0)
             else:
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -180,14 +191,16 @@ if HAS_TRITON:
                     acc = tl.dot(xt.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xt, w, acc)
-        if HAS_BIAS:
+        if HAS_BIAS and SPLIT_K == 1:  # split-K adds the bias after summing the slices
             b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             if BLOCK_M == 1:
                 acc += b
             else:
                 acc += b[None, :]
+        if SPLIT_K > 1:  # fp32 partials [SPLIT_K, M, N]; out_ptr's dtype is float32
+            out_ptr = out_ptr + pid_k.to(tl.int64) * M * stride_om
         if BLOCK_M == 1:
-            tl.store(out_ptr + pid_m * stride_om + offs_n, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(out_ptr + pid_m.to(tl.int64) * stride_om + offs_n, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_n)
         else:
             out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
             tl.store(out_ptrs, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -202,6 +215,22 @@ def default_blocks(m: int) -> tuple[int, int, int]:
     if m <= 64:
         return 64, 64, 64
     return 128, 128, 64
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_split_k(x: torch.Tensor, m: int, out_features: int, in_features: int, blocks: tuple[int, int, int]) -> int:
+    """Slices of K for a GEMV whose output tiles alone would leave SMs idle (4096 outputs in 32-wide tiles
+    are 128 programs on an H100's 132 SMs): enough for about two programs per SM, at most one per K tile."""
+    _, block_n, block_k = blocks
+    if m != 1 or not x.is_cuda:
+        return 1
+    tiles = -(-out_features // block_n)
+    wanted = -(-2 * _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device()) // tiles)
+    return max(1, min(wanted, -(-in_features // block_k)))
 
 
 def trivial_group_size(g_idx: torch.Tensor) -> int | None:
@@ -225,13 +254,17 @@ def w4a16_matmul_triton(
     out: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1). x is [..., K] fp16 or bf16.
 
     blocks = (BLOCK_M, BLOCK_N, BLOCK_K), BLOCK_M = 1 being the dot-free GEMV; BLOCK_N and BLOCK_K are
-    multiples of 8. With g_idx None the groups are k // group_size and, when BLOCK_K divides group_size,
-    each tile reads one row of zeros and scales; a g_idx is always gathered (pass None for a trivial one,
-    see trivial_group_size). `out` is [M, N] contiguous.
+    multiples of 8. With g_idx None the groups are k // group_size, computed in the kernel, and, when
+    BLOCK_K divides group_size, each tile reads one row of zeros and scales; a g_idx (int32 on x's
+    device, as `QuantLinearW4A16` keeps it, for no copy per call) is always gathered (pass None for a
+    trivial one, see trivial_group_size). `split_k` slices K across programs and sums fp32 partials
+    (default: `default_split_k`). `out` is [M, N] contiguous. Nothing here reads a tensor on the host
+    or copies one to the device, so a call can be captured in a CUDA graph.
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -240,31 +273,47 @@ def w4a16_matmul_triton(
         raise ValueError(f"x has {x.shape[-1]} features, the weight {in_features}")
     if in_features % 8 or out_features % 8:
         raise ValueError("in_features and out_features must be multiples of 8")
-    groups = group_index(in_features, scales.shape[0], layout, g_idx, group_size).to(x.device)
-    if g_idx is None and group_size is None:
-        group_size = in_features // scales.shape[0]
+    n_groups = scales.shape[0]
+    if g_idx is None:
+        if group_size is None:
+            if layout != "awq":
+                raise ValueError("GPTQ without g_idx needs group_size")
+            group_size = in_features // n_groups
+        if -(-in_features // group_size) != n_groups:
+            raise ValueError(f"group_size {group_size} gives {-(-in_features // group_size)} groups, scales has {n_groups}")
+    elif layout == "awq":
+        raise ValueError("AWQ has no g_idx")
+    elif g_idx.dtype != torch.int32 or g_idx.device != x.device:
+        g_idx = g_idx.to(device=x.device, dtype=torch.int32)
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if out is None:
-        out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k = blocks or default_blocks(m)
+    block_m, block_n, block_k = blocks = blocks or default_blocks(m)
     if block_n % 8 or block_k % 8:
         raise ValueError("BLOCK_N and BLOCK_K must be multiples of 8")
+    split_k = split_k or default_split_k(x, m, out_features, in_features, blocks)
+    if out is None:
+        out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    target = out if split_k == 1 else torch.empty(split_k, m, out_features, dtype=torch.float32, device=x.device)
     aligned = g_idx is None and group_size % block_k == 0
-    grid = (triton.cdiv(m, block_m), triton.cdiv(out_features, block_n))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(out_features, block_n), split_k)
     if num_warps is None:  # 4 warps spill registers on 128x128 tiles (sm_90 resource report)
         num_warps = 8 if block_m * block_n >= 64 * 128 else 4
     launch = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     _w4a16_kernel[grid](
-        x2, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), groups.contiguous(),
-        bias if bias is not None else scales, out,
-        m, out_features, in_features, group_size or 1, x2.stride(0), out.stride(0),
-        LAYOUT=_LAYOUT_ID[layout], ALIGNED_GROUPS=aligned, HAS_BIAS=bias is not None,
+        x2, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx if g_idx is not None else scales,
+        bias if bias is not None else scales, target,
+        m, out_features, in_features, group_size or 1, x2.stride(0), target.stride(-2),
+        LAYOUT=_LAYOUT_ID[layout], ALIGNED_GROUPS=aligned, HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None,
         DOT_IN_FP32=os.environ.get("TRITON_INTERPRET") == "1" and x.dtype == torch.bfloat16,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, **launch,
     )  # fmt: skip
+    if split_k > 1:
+        summed = target.sum(0)
+        if bias is not None:
+            summed += bias.float()
+        out.copy_(summed)  # one rounding, to nearest even
     return out.reshape(*x.shape[:-1], out_features)
 
 
@@ -319,7 +368,7 @@ class QuantLinearW4A16(torch.nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("qzeros", qzeros)
         self.register_buffer("scales", scales)
-        self.register_buffer("g_idx", g_idx)
+        self.register_buffer("g_idx", None if g_idx is None else g_idx.to(torch.int32))  # the kernel's dtype: no cast per call
         self.register_buffer("bias", bias)
 
     @classmethod

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
-import pathlib
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,13 +26,13 @@ from gguf import GGMLQuantizationType
 
 from qtune.quant.ggml_quants import quantize, row_bytes
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracles import libggml_base  # noqa: E402 - the tests' oracles
+
 
 def load_ggml_quantize_chunk():
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        return None
-    path = pathlib.Path(spec.origin).parent / "lib" / "libggml-base.so"
-    if not path.exists():
+    path = libggml_base()
+    if path is None:
         return None
     fn = ctypes.CDLL(str(path)).ggml_quantize_chunk
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]

@@ -20,9 +20,8 @@ Needs llama-cpp-python (scripts/build_llama_cpp.sh) and the built-in model (llm-
 from __future__ import annotations
 
 import argparse
-import ctypes
-import importlib.util
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,11 +31,12 @@ import torch
 
 from qtune.formats.gguf.convert import export_gguf
 from qtune.formats.gguf.imatrix import to_gguf_names
-from qtune.formats.gguf.mixes import QUANT_MIXES
 from qtune.imatrix import collect_imatrix
 from qtune.models import builtin_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from oracles import convert_with_llama_cpp, llama_cpp_source, llama_quantize  # noqa: E402 - the tests' oracles
 
 
 def texts() -> tuple[str, str]:
@@ -45,26 +45,6 @@ def texts() -> tuple[str, str]:
     held_files = [ROOT / "README.md", *sorted((ROOT / "tests").glob("test_*.py"))]
     held = "\n\n".join(p.read_text(errors="replace") for p in held_files if p.is_file())
     return calib, held
-
-
-def llama_quantize(src: Path, dst: Path, quant: str, threads: int, imatrix: dict[str, np.ndarray] | None = None) -> None:
-    import llama_cpp
-
-    mix = QUANT_MIXES[quant]
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.pure, params.nthread = int(mix.file_type), mix.pure, threads
-    keep = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, values) in enumerate(imatrix.items()):
-            values = np.ascontiguousarray(values, dtype=np.float32)
-            key = name.encode()
-            keep += [values, key]
-            entries[i].name, entries[i].size = key, values.size
-            entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        params.imatrix = entries
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize failed for {dst}")
 
 
 def log_probs(path: Path, ids: list[int], threads: int) -> np.ndarray:
@@ -122,9 +102,6 @@ def main() -> None:
 
     ckpt = args.model.resolve() if args.model else builtin_checkpoint("smollm2-135m-instruct")
     if args.dense:
-        import sys
-
-        sys.path.insert(0, str(ROOT / "tests"))
         from support import dense_wide_llama_dir
 
         ckpt = dense_wide_llama_dir(ckpt, ROOT / ".cache" / "dense-smollm2-768")
@@ -176,7 +153,7 @@ def quality(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path, quants: 
             if who == "qtune":
                 export_gguf(ckpt, out, quant, imatrix=im)
             else:
-                llama_quantize(f32, out, quant, args.threads, im)
+                llama_quantize(f32, out, quant, im, threads=args.threads)
             rows.append((quant, who, "yes" if im else "no", *score(out)))
             out.unlink()
 
@@ -189,22 +166,11 @@ def quality(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path, quants: 
 
 def convert_and_quantize(ckpt: Path, tmp: Path, threads: int) -> float | None:
     """Seconds for llama.cpp's own route from an HF checkpoint: convert_hf_to_gguf.py to F32, then quantize."""
-    import os
-    import subprocess
-    import sys
-
-    sources = sorted(ROOT.glob(".cache/sdist/llama_cpp_python-*/vendor/llama.cpp"))
-    if not sources or importlib.util.find_spec("sentencepiece") is None:
-        return None  # the converter needs llama.cpp's sources (scripts/setup.sh --test) and sentencepiece
-    converted = tmp / "converted.gguf"
+    if llama_cpp_source() is None:
+        return None  # the converter needs llama.cpp's sources (scripts/setup.sh --test)
     t = time.perf_counter()
-    subprocess.run(
-        [sys.executable, str(sources[-1] / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f32", "--outfile", str(converted)],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(sources[-1] / "gguf-py")},
-    )
-    llama_quantize(converted, tmp / "converted-Q4_K_M.gguf", "Q4_K_M", threads)
+    converted = convert_with_llama_cpp(ckpt, tmp / "converted.gguf", "--outtype", "f32")
+    llama_quantize(converted, tmp / "converted-Q4_K_M.gguf", "Q4_K_M", threads=threads)
     return time.perf_counter() - t
 
 
@@ -219,7 +185,7 @@ def speed(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path) -> None:
         export_gguf(ckpt, tmp / "ours.gguf", "Q4_K_M")
         ours_t.append(time.perf_counter() - t)
         t = time.perf_counter()
-        llama_quantize(f32, tmp / "theirs.gguf", "Q4_K_M", args.threads)
+        llama_quantize(f32, tmp / "theirs.gguf", "Q4_K_M", threads=args.threads)
         theirs_t.append(time.perf_counter() - t)
     same = (tmp / "ours.gguf").read_bytes() == (tmp / "theirs.gguf").read_bytes()
     from_hf = convert_and_quantize(ckpt, tmp, args.threads)

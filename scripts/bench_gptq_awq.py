@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from oracles import gptqmodel_python  # noqa: E402 - the tests' oracles
 
 GPTQ_GROUP = 128
 AWQ_GROUP = 64  # AWQ needs group | K, and K = 576 on SmolLM2-135M
@@ -555,7 +556,7 @@ def main() -> None:
     parser.add_argument("--oracle-damp", default="default")
     parser.add_argument("--oracle-batch-size", type=int, default=1)
     parser.add_argument("--oracle-awq-dtype", default="bfloat16", help="GPTQModel's AWQ packer (AwqTorchLinear) refuses float32; bfloat16 is its CPU default")
-    parser.add_argument("--oracle-python", default=str(REPO / ".cache/oracle-venv/bin/python"))
+    parser.add_argument("--oracle-python", default=None, help="an interpreter with GPTQModel (default: the tests' oracle venv)")
     parser.add_argument("--work", default=str(REPO / ".cache/bench-gptq-awq"))
     parser.add_argument("--out", type=Path, default=REPO / "docs/bench_gptq_awq.md")
     parser.add_argument("--fresh", action="store_true")
@@ -576,6 +577,9 @@ def main() -> None:
     if args.worker:
         qtune_worker(args)
         return
+    args.oracle_python = args.oracle_python or gptqmodel_python()
+    if args.oracle_python is None and "gptqmodel" in args.tools.split(","):
+        parser.error("no interpreter with GPTQModel: bash scripts/setup.sh --test builds .cache/oracle-venv, or pass --oracle-python")
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     command = " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), ".venv/bin/python", "scripts/bench_gptq_awq.py", *sys.argv[1:]])

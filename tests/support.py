@@ -51,6 +51,27 @@ def label_spans(tokenizer, labels) -> list[str]:
     return spans
 
 
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **config: object):  # noqa: ANN201 - a transformers model
+    """A randomly initialised model of ``model_type`` in memory, in eval mode: ``TINY_CONFIG`` with ``config``
+    over it. Every tiny model in the tests is built here (on disk: `tiny_model_dir`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY_CONFIG, **config})).eval()
+
+
 def tiny_model_dir(
     path: Path,
     model_type: str = "llama",
@@ -61,29 +82,23 @@ def tiny_model_dir(
     max_shard_size: str | None = None,
     **config: object,
 ) -> Path:
-    """A randomly initialised model of ``model_type`` with the built-in model's tokenizer, saved as a normal
-    checkpoint (in shards of ``max_shard_size`` when given); ``config`` overrides its config."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """A `tiny_model` with the built-in model's tokenizer (and its vocabulary), saved as a normal checkpoint
+    (in shards of ``max_shard_size`` when given); ``config`` overrides its config."""
     if (path / "config.json").is_file():
         return path
     tokenizer = builtin_tokenizer()
-    torch.manual_seed(seed)
     settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**settings, **config}))
+    model = tiny_model(model_type, seed, **{**settings, **config})
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return path
@@ -269,35 +284,3 @@ def dense_wide_llama_dir(src: Path, dst: Path, hidden: int = 768, heads: int = 1
     save_file({k: v.to(torch.float32).contiguous() for k, v in out.items()}, dst / "model.safetensors", metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
-
-
-def llama_cpp_source() -> Path | None:
-    """llama.cpp's sources (for convert_hf_to_gguf.py): $LLAMA_CPP_SRC or the sdist unpacked under .cache/sdist."""
-    env = os.environ.get("LLAMA_CPP_SRC")
-    candidates = [Path(env)] if env else sorted(REPO.glob(".cache/sdist/llama_cpp_python-*/vendor/llama.cpp"))
-    return next((c for c in candidates if (c / "convert_hf_to_gguf.py").is_file()), None)
-
-
-def convert_with_llama_cpp(checkpoint: Path, outfile: Path, *args: str) -> Path:
-    """Run llama.cpp's own convert_hf_to_gguf.py on a checkpoint (skips the test when its sources are absent)."""
-    import importlib.util
-
-    import pytest
-
-    source = llama_cpp_source()
-    if source is None:
-        pytest.skip("llama.cpp sources not found: unpack the llama-cpp-python sdist into .cache/sdist or set LLAMA_CPP_SRC")
-    paths = [str(source / "gguf-py")]
-    if importlib.util.find_spec("sentencepiece") is None:
-        # the converter imports sentencepiece before noticing there is no tokenizer.model
-        stub = outfile.parent / "sentencepiece-stub"
-        stub.mkdir(exist_ok=True)
-        (stub / "sentencepiece.py").write_text("class SentencePieceProcessor:\n    pass\n")
-        paths.append(str(stub))
-    subprocess.run(
-        [sys.executable, str(source / "convert_hf_to_gguf.py"), str(checkpoint), *args, "--outfile", str(outfile)],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"},
-    )
-    return outfile

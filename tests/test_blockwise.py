@@ -6,26 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from qtune.blockwise import StreamedModel
 from qtune.metrics import batches
+from support import tiny_model
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_streamed_forward_from_many_shards_equals_the_whole_model(tmp_path: Path, tied: bool):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=500,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tied,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama", 0, vocab_size=500, num_hidden_layers=3, max_position_embeddings=128, tie_word_embeddings=tied)
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 3 and (tmp_path / "model.safetensors.index.json").is_file()
     rows = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n)), "num_real_tokens": n} for n in (7, 12, 3)]

@@ -21,7 +21,7 @@ from qtune.data import (
 )
 from qtune.errors import QtuneError
 from qtune.recipe import DataSection, DataSource
-from support import REPO, decode, label_spans
+from support import REPO, decode, label_spans, tiny_model
 
 QUICKSTART_TRAIN = REPO / "recipes" / "data" / "quickstart_train.jsonl"
 END_OF_TURN = "<|im_end|>\n"  # how SmolLM2's ChatML template closes every turn
@@ -487,28 +487,21 @@ def test_packing_in_prepare_data(tmp_path, smol_tokenizer):
 
 def test_packed_examples_do_not_attend_to_each_other(tmp_path, smol_tokenizer):
     """The loss of a packed row equals the summed token losses of its examples run one by one."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     records = [json.loads(line) for line in QUICKSTART_TRAIN.read_text().splitlines()[:6]]
     unpacked = prepare(tmp_path, smol_tokenizer, records, max_length=256).train
     row = pack_examples([Example(r["input_ids"], r["labels"]) for r in unpacked], 256, smol_tokenizer.pad_token_id)[0]
     count = len(segments_of(row))
     assert count >= 2
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    model = tiny_model(
+        "llama",
+        0,
         vocab_size=len(smol_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         use_cache=False,
         attn_implementation="sdpa",
         dtype=torch.float32,
     )
-    model = LlamaForCausalLM(config).eval()
     assert model.config._attn_implementation == "sdpa"
 
     def summed_nll(input_ids, labels, position_ids=None) -> tuple[float, int]:

@@ -10,7 +10,6 @@ with scripts/build_llama_cpp.sh. Without it those tests skip; the gguf-py and pr
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import pathlib
 
 import gguf
@@ -19,6 +18,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from oracles import libggml_base
 from qtune.quant.ggml_quants import SUPPORTED_TYPES, block_size, dequantize, quantize, row_bytes, type_size
 
 QUANT_TYPES = [t for t in SUPPORTED_TYPES if t not in (Q.F32, Q.F16, Q.BF16)]
@@ -86,17 +86,9 @@ class GGML:
         return out
 
 
-def _find_libggml() -> pathlib.Path | None:
-    spec = importlib.util.find_spec("llama_cpp")  # locate without importing (no libllama load)
-    if spec is None or spec.origin is None:
-        return None
-    path = pathlib.Path(spec.origin).parent / "lib" / "libggml-base.so"
-    return path if path.exists() else None
-
-
 @pytest.fixture(scope="module")
 def ggml() -> GGML:
-    path = _find_libggml()
+    path = libggml_base()
     if path is None:
         pytest.skip("llama-cpp-python (libggml-base.so) is not installed: run scripts/build_llama_cpp.sh")
     return GGML(path)

@@ -7,7 +7,6 @@ random models of every architecture in qtune.architectures.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import shutil
@@ -19,19 +18,20 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from oracles import convert_with_llama_cpp, llama_quantize
 from qtune.errors import QtuneError
 from qtune.formats.gguf import convert as gguf_convert
 from qtune.formats.gguf import vocab as gguf_vocab
 from qtune.formats.gguf.convert import export_gguf
 from qtune.formats.gguf.imatrix import read_imatrix, to_gguf_names, write_imatrix
-from qtune.formats.gguf.mixes import QUANT_MIXES, choose_types, llama_tensor_order
+from qtune.formats.gguf.mixes import choose_types, llama_tensor_order
 from qtune.formats.gguf.names import hf_to_gguf_name
 from qtune.formats.gguf.reader import read_gguf_header
 from qtune.formats.gguf.vocab import check_chat_roundtrip
 from qtune.imatrix import collect_imatrix
 from qtune.modelfile import modelfile_text, write_modelfile
 from qtune.quant.ggml_quants import dequantize, row_bytes
-from support import convert_with_llama_cpp
+from support import tiny_model
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 Q8_0_KL_LIMIT = 1e-2  # measured 0.9e-3 to 2.7e-3 on the tiny models (random weights, 49k vocabulary)
@@ -68,11 +68,9 @@ def make_model(
 ) -> Path:
     """A tiny random HF checkpoint (weights fp16-representable) with the built-in tokenizer; ``norm_noise``
     moves the norms' weights off their initial constant, so that a swapped or unshifted norm shows."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(
+    model = tiny_model(
         model_type,
+        seed,
         vocab_size=49152,
         hidden_size=hidden,
         intermediate_size=inter,
@@ -86,8 +84,7 @@ def make_model(
         pad_token_id=2,
         initializer_range=0.08,
         **extra,
-    )
-    model = AutoModelForCausalLM.from_config(config).float().eval()
+    ).float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -200,30 +197,6 @@ def assert_same_file(ours: Path, theirs: Path) -> None:
     ka, kb = read_kv(ours), read_kv(theirs)
     assert ka == kb, [k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)]
     raise AssertionError("same tensors and keys, but the files differ (key order or padding)")
-
-
-def llama_quantize(src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None = None) -> None:
-    """llama.cpp's llama_model_quantize with the ftype (and --pure) of qtune's mix ``quant``."""
-    import llama_cpp
-
-    mix = QUANT_MIXES[quant]
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(mix.file_type)
-    params.pure = mix.pure
-    params.nthread = 1
-    keep = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, values) in enumerate(imatrix.items()):
-            values = np.ascontiguousarray(values, dtype=np.float32)
-            key = name.encode()
-            keep += [values, key]
-            entries[i].name = key
-            entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entries[i].size = values.size
-        params.imatrix = entries
-        keep.append(entries)
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
 
 
 def hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:

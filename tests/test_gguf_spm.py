@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 
+from oracles import convert_with_llama_cpp
 from qtune.errors import QtuneError
 from qtune.formats.gguf.convert import export_gguf
 from qtune.formats.gguf.reader import read_gguf_header
 from qtune.formats.gguf.vocab import _read_sentencepiece_model, check_chat_roundtrip, tokenizer_metadata
-from support import convert_with_llama_cpp
+from support import tiny_model
 
 spm = pytest.importorskip("sentencepiece", reason="sentencepiece is not installed (pip install sentencepiece)")
 
@@ -104,25 +105,19 @@ def hf_tokenizer_dir(tmp_path_factory, spm_model) -> Path:
 
 
 def _make_model(out: Path, tokenizer_dir: Path, spm_model: Path | None, model_type: str, pad: int, seed: int) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     n_vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(
+    model = tiny_model(
         model_type,
+        seed,
         vocab_size=n_vocab + pad,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
         initializer_range=0.1,
-    )
-    model = AutoModelForCausalLM.from_config(config).float().eval()
+    ).float()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())  # F16-exact, so the F16 GGUF holds the same weights

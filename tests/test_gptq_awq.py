@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import LlamaForCausalLM
 
 import qtune.formats.gptq as gptq_format
+import support
 from qtune.formats.awq import (
     dequantize_awq_checkpoint,
     load_dequantized_awq_model,
@@ -38,20 +36,11 @@ from qtune.quant.rtn import awq_grid, gptq_grid, rtn_fake_quantize, rtn_quantize
 
 torch.set_num_threads(1)
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-)
+TINY = support.TINY_CONFIG
 
 
 def tiny_llama(seed: int = 0, **overrides: object) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
+    return support.tiny_model("llama", seed, **overrides)
 
 
 _PHI3_TOKENS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}  # its defaults (32000) lie outside a tiny vocabulary
@@ -76,11 +65,8 @@ TINY_ARCHS = {
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random model of ``arch`` (TINY_ARCHS)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     model_type, overrides, _, _ = TINY_ARCHS[arch]
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **overrides})).eval()
+    return support.tiny_model(model_type, seed, **overrides)
 
 
 def calibration(n: int = 8, seq: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

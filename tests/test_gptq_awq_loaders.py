@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import support
+from oracles import gptqmodel_python
 from qtune.formats.awq import load_dequantized_awq_model, write_awq_checkpoint
 from qtune.formats.gptq import load_dequantized_gptq_model, write_gptq_checkpoint
 from qtune.layerwise import quantize_model_awq, quantize_model_gptq
-from support import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -49,28 +47,7 @@ for path, out in zip(sys.argv[2::2], sys.argv[3::2]):
     torch.save({"logits": logits, "kernels": kernels}, out)
 """
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-)
-
-
-@lru_cache(maxsize=1)
-def oracle_python() -> str | None:
-    candidates = [os.environ.get("QTUNE_ORACLE_PYTHON"), str(REPO / ".cache/oracle-venv/bin/python"), sys.executable]
-    probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('gptqmodel') and u.find_spec('optimum') else 1)"
-    for candidate in candidates:
-        if candidate and Path(candidate).exists():
-            if subprocess.run([candidate, "-c", probe], capture_output=True).returncode == 0:
-                return candidate
-    return None
+TINY = {**support.TINY_CONFIG, "initializer_range": 0.1, "tie_word_embeddings": False}
 
 
 def mean_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
@@ -86,13 +63,11 @@ def build_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
     mask[0, :8] = 0
     made: dict[str, tuple[Path, str]] = {}
 
-    def llama(seed: int, **overrides: object) -> LlamaForCausalLM:
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
+    def llama(seed: int, **overrides: object) -> torch.nn.Module:
+        return support.tiny_model("llama", seed, **{**TINY, **overrides})
 
     def of_type(model_type: str, seed: int, **overrides: object) -> torch.nn.Module:
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **overrides})).eval()
+        return support.tiny_model(model_type, seed, **{**TINY, **overrides})
 
     gptq_cases = {
         "gptq_sym_v1": (llama(1), dict(bits=4, group_size=32)),
@@ -113,10 +88,9 @@ def build_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
         result = quantize_model_gptq(model, ids, mask, **options)
         made[name] = (write_gptq_checkpoint(model, result.quantized_layers, root / name), "gptq")
 
-    torch.manual_seed(6)
     awq_cases = {
         "awq_llama_mha": llama(6, num_key_value_heads=4),
-        "awq_qwen2_gqa_tied": Qwen2ForCausalLM(Qwen2Config(**{**TINY, "tie_word_embeddings": True})).eval(),
+        "awq_qwen2_gqa_tied": of_type("qwen2", 8, tie_word_embeddings=True),
         "awq_qwen3": of_type("qwen3", 12, head_dim=24),
         "awq_gemma2_mha": of_type("gemma2", 15, num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=8),
         "awq_gemma3": of_type("gemma3_text", 17, head_dim=16, query_pre_attn_scalar=16, sliding_window=8),
@@ -130,7 +104,7 @@ def build_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
 
 @pytest.fixture(scope="module")
 def oracle_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.Tensor, dict]]:
-    python = oracle_python()
+    python = gptqmodel_python()
     if python is None:
         pytest.skip("gptqmodel + optimum not installed (see this file's docstring for the oracle venv)")
     root = tmp_path_factory.mktemp("oracle")

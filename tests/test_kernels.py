@@ -315,6 +315,53 @@ def test_w4a16_triton_dequant_is_exact(layout, group_size):
     assert_bitwise_equal(w4a16.w4a16_matmul_triton(eye[3:4], *args, blocks=(1, 16, 16)), weight[3:4])
 
 
+@needs_triton
+@pytest.mark.parametrize("m,blocks", [(1, (1, 16, 16)), (5, (16, 16, 16))])
+@pytest.mark.parametrize("layout,act_order,group_size", [("gptq", True, 8), ("gptq_v2", False, 24), ("awq", False, 8)])
+def test_w4a16_split_k_matches_the_reference(layout, act_order, group_size, m, blocks):
+    t, _ = random_w4a16(layout, 136, 40, group_size, act_order, seed=3, bias=True)
+    g_idx = t["g_idx"] if act_order else None
+    x = torch.randn(m, 136, generator=_gen(4)).half().to(DEVICE)
+    args = (t["qweight"], t["qzeros"], t["scales"], g_idx, layout, group_size, t["bias"])
+    expected = w4a16.w4a16_matmul_reference(x, *args)
+    tol = w4a16_tolerance(torch.float16)
+    for split_k in (2, 3, 17):  # 17 slices of 9 K tiles: the last ones are empty
+        out = torch.full((m, 40), float("nan"), dtype=torch.float16, device=DEVICE)
+        actual = w4a16.w4a16_matmul_triton(x, *args, blocks=blocks, out=out, split_k=split_k)
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"], atol=tol["rtol"] * expected.abs().max().item() * 0.5)
+
+
+def test_w4a16_default_split_k_fills_the_gpu(monkeypatch):
+    monkeypatch.setattr(w4a16, "_multiprocessors", lambda index: 132)
+    cuda = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
+    # 4096 outputs in 32-wide tiles: 128 programs for 132 SMs without a split
+    assert w4a16.default_split_k(cuda, 1, 4096, 14336, (1, 32, 128)) == 3
+    assert w4a16.default_split_k(cuda, 1, 14336, 4096, (1, 32, 128)) == 1  # 448 tiles already
+    assert w4a16.default_split_k(cuda, 1, 64, 256, (1, 32, 128)) == 2  # never more slices than K tiles
+    assert w4a16.default_split_k(cuda, 64, 4096, 14336, (64, 64, 64)) == 1  # batches: no split
+    assert w4a16.default_split_k(torch.zeros(1), 1, 4096, 14336, (1, 32, 128)) == 1  # not on CUDA
+
+
+@needs_triton
+@pytest.mark.parametrize("act_order", [True, False])
+def test_w4a16_module_call_does_no_host_work(act_order, monkeypatch):
+    """What a CUDA graph needs: no tensor built on the host or copied per call (g_idx is int32 at load)."""
+    t, _ = random_w4a16("gptq", 48, 32, 16, act_order=act_order, seed=9, bias=True)
+    state_dict = {f"layer.{k}": v.to(torch.int64) if k == "g_idx" else v for k, v in t.items() if v is not None}
+    module = w4a16.QuantLinearW4A16.from_state_dict(state_dict, "layer", "gptq", backend="triton")
+    assert module.g_idx.dtype == torch.int32
+    x = torch.randn(1, 48, generator=_gen(2)).half().to(DEVICE)
+    expected = module(x)
+
+    def host_work(*args, **kwargs):
+        raise AssertionError("built a tensor on the host during the call")
+
+    for name in ("arange", "tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, host_work)
+    monkeypatch.setattr(w4a16, "group_index", host_work)
+    assert torch.equal(module(x), expected)
+
+
 def test_trivial_group_size():
     assert w4a16.trivial_group_size(torch.arange(40) // 16) == 16
     assert w4a16.trivial_group_size(torch.zeros(40, dtype=torch.int32)) == 40
@@ -446,13 +493,12 @@ def tiny_qlora_model():
     if bnb_functional is None:
         pytest.skip("bitsandbytes is not importable")
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=72, intermediate_size=136, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    from support import tiny_model
+
     with tempfile.TemporaryDirectory() as tmp:
-        LlamaForCausalLM(config).save_pretrained(tmp)
+        tiny_model("llama", 0, vocab_size=97, hidden_size=72, intermediate_size=136, max_position_embeddings=2048).save_pretrained(tmp)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
         placement = {"device_map": {"": DEVICE}} if CUDA else {}
@@ -665,25 +711,45 @@ def ptx(kernel, signature, constexprs, options):
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
-nf4_signature = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
-                 "offset_ptr": "*fp32", "nf4_code_ptr": "*fp32", "out_ptr": "*bf16", "numel": "i32",
-                 "nested_blocksize": "i32", "BLOCKSIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr",
+def nf4_ptx(out, nested):
+    signature = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "nested_absmax_ptr": "*fp32",
+                 "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "nf4_code_ptr": "*fp32", "out_ptr": out,
+                 "numel": "i32", "nested_blocksize": "i32", "BLOCKSIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr",
                  "NESTED": "constexpr"}
-nf4_ptx = ptx(nf4._nf4_dequant_kernel, nf4_signature, {"BLOCKSIZE": 64, "BLOCKS_PER_PROGRAM": 32, "NESTED": True},
-              dict(nf4.NF4_COMPILE_OPTIONS, num_warps=4))
-w4_signature = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
-                "groups_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
-                "group_size": "i32", "stride_xm": "i32", "stride_om": "i32", "LAYOUT": "constexpr",
-                "ALIGNED_GROUPS": "constexpr", "HAS_BIAS": "constexpr", "DOT_IN_FP32": "constexpr",
-                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-w4_ptx = {layout: ptx(w4a16._w4a16_kernel, w4_signature,
-                      {"LAYOUT": layout, "ALIGNED_GROUPS": True, "HAS_BIAS": True, "DOT_IN_FP32": False,
-                       "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, {"num_warps": 8})
-          for layout in (0, 2)}
+    return ptx(nf4._nf4_dequant_kernel, signature, {"BLOCKSIZE": 64, "BLOCKS_PER_PROGRAM": 32, "NESTED": nested},
+               dict(nf4.NF4_COMPILE_OPTIONS, num_warps=4))
+
+def w4_ptx(dtype, layout, aligned, g_idx, blocks, split_k):
+    out = "*fp32" if split_k > 1 else dtype
+    signature = {"x_ptr": dtype, "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": dtype,
+                 "groups_ptr": "*i32", "bias_ptr": dtype, "out_ptr": out, "M": "i32", "N": "i32", "K": "i32",
+                 "group_size": "i32", "stride_xm": "i32", "stride_om": "i32", "LAYOUT": "constexpr",
+                 "ALIGNED_GROUPS": "constexpr", "HAS_G_IDX": "constexpr", "HAS_BIAS": "constexpr",
+                 "DOT_IN_FP32": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                 "SPLIT_K": "constexpr"}
+    constexprs = {"LAYOUT": layout, "ALIGNED_GROUPS": aligned, "HAS_G_IDX": g_idx, "HAS_BIAS": True, "DOT_IN_FP32": False,
+                  "BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2], "SPLIT_K": split_k}
+    return ptx(w4a16._w4a16_kernel, signature, constexprs, {"num_warps": 8 if blocks[0] * blocks[1] >= 64 * 128 else 4})
+
+# every output dtype and both NF4 layouts training can ask for
+nf4_ptxs = {f"{out} nested={nested}": nf4_ptx(out, nested) for out in ("*bf16", "*fp16", "*fp32") for nested in (True, False)}
+# every tile shape default_blocks picks, both dtypes, aligned/act-order/straddling groups, split-K GEMV
+w4_cases = {}
+for dtype in ("*fp16", "*bf16"):
+    for layout in (0, 1, 2):
+        for blocks in ((1, 32, 128), (16, 64, 64), (64, 64, 64), (128, 128, 64)):
+            w4_cases[f"{dtype} layout={layout} blocks={blocks} aligned"] = w4_ptx(dtype, layout, True, False, blocks, 1)
+        w4_cases[f"{dtype} layout={layout} split-K GEMV"] = w4_ptx(dtype, layout, True, False, (1, 32, 128), 3)
+        w4_cases[f"{dtype} layout={layout} straddling groups"] = w4_ptx(dtype, layout, False, False, (16, 64, 64), 1)
+    w4_cases[f"{dtype} act-order GEMV"] = w4_ptx(dtype, 0, False, True, (1, 32, 128), 1)
+    w4_cases[f"{dtype} act-order"] = w4_ptx(dtype, 0, False, True, (128, 128, 64), 1)
 print(json.dumps({
-    "nf4_fma": len(re.findall(r"\bfma\.rn\.f32", nf4_ptx)),
-    "nf4_wide_stores": len(re.findall(r"st\.global\.v4\.b32", nf4_ptx)),
-    "w4a16_wgmma": [len(re.findall(r"wgmma\.mma_async", p)) for p in w4_ptx.values()],
+    "nf4_fma": {k: len(re.findall(r"\bfma\.rn\.f32", v)) for k, v in nf4_ptxs.items()},
+    "nf4_wide_stores": len(re.findall(r"st\.global\.v4\.b32", nf4_ptxs["*bf16 nested=True"])),
+    # tensor-core instructions per tile: wgmma for 64+ rows, mma.sync below (the GEMV has no dot)
+    "w4a16_mma": {k: [len(re.findall(r"wgmma\.mma_async", v)), len(re.findall(r"\bmma\.sync", v))]
+                  for k, v in w4_cases.items() if "(1, " not in k and "GEMV" not in k},
+    "w4a16_compiled": len(w4_cases),
 }))
 """
 
@@ -698,12 +764,15 @@ def test_kernels_compile_for_sm90():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", SM90_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-c", SM90_CHECK], capture_output=True, text=True, env=env, timeout=900)
     if run.returncode and "ImportError" in run.stderr and "triton" in run.stderr:
         pytest.skip(f"this triton has no ahead-of-time compile API: {run.stderr[-300:]}")
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     # bitsandbytes rounds code2[q] * absmax2 before adding the offset: a fused multiply-add would not
-    assert result["nf4_fma"] == 0
+    assert set(result["nf4_fma"].values()) == {0}, result["nf4_fma"]
     assert result["nf4_wide_stores"] > 0, "NF4 output stores are not 16 bytes wide"
-    assert all(n > 0 for n in result["w4a16_wgmma"]), "W4A16 tiles do not use Hopper's wgmma"
+    assert result["w4a16_compiled"] == 2 * (3 * 6 + 2)
+    wide = {k: wgmma for k, (wgmma, _) in result["w4a16_mma"].items() if "(16, " not in k and "straddling" not in k}
+    assert all(n > 0 for n in wide.values()), f"W4A16 tiles of 64+ rows without Hopper's wgmma: {wide}"
+    assert all(w + m > 0 for w, m in result["w4a16_mma"].values()), f"W4A16 tiles without tensor cores: {result['w4a16_mma']}"

@@ -19,7 +19,7 @@ from qtune.metrics import divergence
 from qtune.recipe import load_recipe
 from qtune.shards import CheckpointReader
 from qtune.training import train
-from support import tiny_model_dir, tiny_recipe, write_recipe
+from support import tiny_model, tiny_model_dir, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_sharded_merge_converts_with_llama_cpp(sharded_run: Path, merged_run: Pa
     holds the very tensors it makes from the single-file merge."""
     import gguf
 
-    from support import convert_with_llama_cpp
+    from oracles import convert_with_llama_cpp
 
     def tensors(checkpoint: Path, name: str) -> dict[str, bytes]:
         (tmp_path / name).mkdir()
@@ -329,16 +329,12 @@ def test_partly_offloaded_model_computes_what_the_whole_model_does(tmp_path: Pat
     """Half of the float32 weights in host memory, the rest on disk: the same logits and the same greedy
     answer as the half-precision model computing in float32. (A small vocabulary, so that no single
     module outweighs the rest: accelerate keeps room for the largest one beside what it places.)"""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from qtune import memory_plan
     from qtune.recipe import ModelSection
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128
-    )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    tiny_model("llama", 0, vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=6, max_position_embeddings=128).to(
+        torch.bfloat16
+    ).save_pretrained(tmp_path / "model")
     whole = models.load_for_eval(tmp_path / "model", ModelSection(base=str(tmp_path / "model")))
     weights = 4 * sum(p.numel() for p in whole.parameters())
     offload = memory_plan.Offload(0, weights // 2, weights - weights // 2)
