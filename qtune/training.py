@@ -26,9 +26,21 @@ from qtune.recipe import LoadedRecipe, Recipe, TrainingSection, unsupported_expo
 log = logging.getLogger(__name__)
 
 
+def paged_memory_bytes() -> int:
+    """CUDA managed memory held by bitsandbytes' paged optimizer states. torch's allocator never sees it
+    (bitsandbytes takes it with cudaMallocManaged), so max_memory_allocated leaves it out. The states
+    live from their first step to the end of training, so what is held now is also the peak."""
+    try:
+        from bitsandbytes.functional import GlobalPageManager
+    except ImportError:
+        return 0
+    return sum(t.numel() * t.element_size() for t in GlobalPageManager.get_instance().paged_tensors)
+
+
 def peak_memory_gb() -> float:
+    """Peak GPU memory (torch's allocator plus paged optimizer states) on CUDA, else peak resident memory."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+        return (torch.cuda.max_memory_allocated() + paged_memory_bytes()) / 2**30
     # ru_maxrss is in KiB on Linux: the process's peak resident memory.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 

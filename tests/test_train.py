@@ -260,3 +260,18 @@ def test_builtin_model_is_a_real_chat_model():
     ids = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+def test_peak_memory_counts_paged_optimizer_states(monkeypatch):
+    """Paged optimizers keep their states in CUDA managed memory, which torch's allocator statistics omit."""
+    from bitsandbytes.functional import GlobalPageManager
+
+    from qtune import training
+
+    # the shapes of an 8-bit paged AdamW's states: a float32 buffer and uint8 codes (stand-ins, on the host)
+    states = [torch.empty(1024, 256), torch.empty(4096, dtype=torch.uint8)]
+    monkeypatch.setattr(GlobalPageManager.get_instance(), "paged_tensors", states)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 3 * 2**30)
+    assert training.paged_memory_bytes() == 1024 * 256 * 4 + 4096
+    assert training.peak_memory_gb() == (3 * 2**30 + 1024 * 256 * 4 + 4096) / 2**30
