@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -122,13 +123,8 @@ def fingerprint(device: torch.device) -> dict[str, str | None]:
         where = {"device": props.name, "capability": f"{props.major}.{props.minor}", "driver": _nvidia_driver(), "cuda": torch.version.cuda}
     else:
         where = {"device": device.type, "processor": platform.machine()}
-    libraries = {name: _library_version(name) for name in ("torch", "triton", "bitsandbytes", "peft")}
+    libraries = {name: _library_version(name) for name in ("torch", "triton", "bitsandbytes", "peft", "transformers", "liger-kernel")}
     return {**where, **libraries, "kernels": sources.hexdigest()[:16]}
-
-
-def _cache_file(device_fingerprint: dict, config: KernelConfig) -> Path:
-    key = hashlib.sha256(json.dumps([device_fingerprint, asdict(config)], sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / "kernel-checks" / f"{key}.json"
 
 
 class _OneLinear(torch.nn.Module):
@@ -230,34 +226,40 @@ def run_check(config: KernelConfig, device: torch.device, backend: str = "auto")
     return ""
 
 
+def cached_verdict(what: str, key: dict, run: Callable[[], str]) -> tuple[str, bool]:
+    """(reason, cached): `run()`'s verdict ('' = passed) for `key` (device fingerprint and configuration),
+    from the cache when one is there (``QTUNE_KERNEL_RECHECK=1`` ignores it). Any exception from `run`
+    is a failure with its message; out-of-memory is reported but not remembered (the device was busy)."""
+    file = cache_dir() / "kernel-checks" / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
+    if file.exists() and os.environ.get(RECHECK_ENV) != "1":
+        try:
+            return str(json.loads(file.read_text())["reason"]), True
+        except (OSError, ValueError, KeyError):
+            pass  # an unreadable verdict is checked again
+    started = time.perf_counter()
+    transient = False
+    try:
+        reason = run()
+    except torch.cuda.OutOfMemoryError as exc:
+        reason, transient = f"out of memory during the check ({exc})", True
+    except Exception as exc:  # a compile error, a missing library, a launch failure: all mean "do not use"
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+    log.info("self-check of %s: %s in %.1f s", what, reason or "passed", time.perf_counter() - started)
+    if not transient:
+        try:
+            write_text_atomic(file, json.dumps({"ok": not reason, "reason": reason, **key}, indent=2))
+        except OSError as exc:
+            log.warning("could not cache the self-check verdict in %s: %s", file, exc)
+    return reason, False
+
+
 def check(configs: list[KernelConfig], device: torch.device, backend: str = "auto") -> list[Verdict]:
     """One verdict per configuration, from the cache when this device, driver, library and kernel set has one."""
     device_fingerprint = fingerprint(device)
-    recheck = os.environ.get(RECHECK_ENV) == "1"
     verdicts = []
     for config in configs:
-        file = _cache_file(device_fingerprint, config)
-        if file.exists() and not recheck:
-            try:
-                saved = json.loads(file.read_text())
-                verdicts.append(Verdict(config, bool(saved["ok"]), str(saved["reason"]), cached=True))
-                continue
-            except (OSError, ValueError, KeyError):
-                pass  # an unreadable verdict is checked again
-        started = time.perf_counter()
-        transient = False
-        try:
-            reason = run_check(config, device, backend)
-        except torch.cuda.OutOfMemoryError as exc:  # the device was busy: say so, but do not remember it
-            reason, transient = f"out of memory during the check ({exc})", True
-        except Exception as exc:  # a compile error, a missing library, a launch failure: all mean "do not use"
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
-        log.info("fused-kernel self-check (%s) on %s: %s in %.1f s", config.describe(), device, reason or "passed", time.perf_counter() - started)
-        if not transient:
-            record = {"ok": not reason, "reason": reason, "config": asdict(config), "fingerprint": device_fingerprint}
-            try:
-                write_text_atomic(file, json.dumps(record, indent=2))
-            except OSError as exc:
-                log.warning("could not cache the kernel self-check verdict in %s: %s", file, exc)
-        verdicts.append(Verdict(config, not reason, reason, cached=False))
+        key = {"fingerprint": device_fingerprint, "config": asdict(config)}
+        reason, cached = cached_verdict(f"the fused QLoRA kernels ({config.describe()}) on {device}", key,
+                                        lambda config=config: run_check(config, device, backend))  # fmt: skip
+        verdicts.append(Verdict(config, not reason, reason, cached))
     return verdicts

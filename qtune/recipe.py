@@ -230,6 +230,7 @@ class TrainingSection(Section):
     logging_steps: int = Field(10, ge=1)
     dataloader_workers: int = Field(0, ge=0)
     fused_kernels: Literal["auto", "on", "off"] = "auto"
+    liger: Literal["auto", "on", "off"] = "auto"
 
 
 class TrackingSection(Section):
@@ -600,6 +601,10 @@ def check_rules(recipe: Recipe, base_dir: Path) -> list[RecipeProblem]:
         problems.append(RecipeProblem(("training", "fused_kernels"), "the fused QLoRA kernels need a CUDA GPU; use auto or off on CPU"))
     if training.fused_kernels == "on" and (not quant.load_in_4bit or quant.quant_type != "nf4" or recipe.lora.use_dora):
         problems.append(RecipeProblem(("training", "fused_kernels"), "the fused QLoRA kernels cover NF4 bases with plain LoRA (no DoRA)"))
+    if training.liger == "on" and not _cuda_available():
+        problems.append(RecipeProblem(("training", "liger"), "liger-kernel's kernels need a CUDA GPU; use auto or off on CPU"))
+    if training.liger == "on" and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(RecipeProblem(("training", "liger"), "liger-kernel is not installed: pip install 'qtune[gpu]', or use auto or off"))
     if recipe.tracking.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         problems.append(RecipeProblem(("tracking", "mode"), "online tracking needs WANDB_API_KEY in the environment; use offline or auto"))
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from qtune import data as qdata
-from qtune import memory_plan, models, rundir, tracking
+from qtune import liger, memory_plan, models, rundir, tracking
 from qtune.cpu import fit_threads
 from qtune.errors import NonFiniteLossError, QtuneError, stage
 from qtune.host_memory import map_large_allocations
+from qtune.liger import LigerResult
 from qtune.paths import atomic_dir, fsync_tree, write_text_atomic
 from qtune.recipe import LoadedRecipe, Recipe, TrainingSection, unsupported_export_message
 
@@ -76,9 +77,25 @@ def use_fused_kernels(model, recipe: Recipe) -> FusedKernels:
         return FusedKernels(0, 0, {}, "no CUDA device (auto turns them on with CUDA)")
     if not recipe.quantization.load_in_4bit or recipe.quantization.quant_type != "nf4":
         return FusedKernels(0, 0, {}, "the base is not loaded in 4-bit NF4")
-    dtype = models.compute_dtype(recipe.quantization)  # training_arguments' mixed precision
-    autocast = dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
-    return fuse(model, required=switch == "on", autocast=autocast)
+    return fuse(model, required=switch == "on", autocast=autocast_dtype(recipe, device))
+
+
+def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    """The mixed precision training_arguments turns on: bf16 or fp16 autocast on CUDA, none otherwise."""
+    dtype = models.compute_dtype(recipe.quantization)
+    return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
+
+
+def use_liger(model, recipe: Recipe) -> LigerResult:
+    """liger-kernel's fused linear cross-entropy, RMSNorm and gated MLP on the (not yet LoRA-wrapped) base,
+    as ``training.liger`` says (``auto``: on CUDA), once they have passed their self-check (qtune.liger)."""
+    switch = recipe.training.liger
+    device = next(model.parameters()).device
+    if switch == "off":
+        return LigerResult(False, "training.liger is off")
+    if device.type != "cuda" and switch == "auto":
+        return LigerResult(False, "no CUDA device (auto turns it on with CUDA)")
+    return liger.enable(model, required=switch == "on", autocast=autocast_dtype(recipe, device))
 
 
 def fuse(model, required: bool, autocast: torch.dtype | None) -> FusedKernels:
@@ -296,8 +313,9 @@ def _train(loaded: LoadedRecipe, resume: bool, overwrite: bool) -> TrainResult:
     if models.device().type == "cpu":  # each step dequantizes every weight; see host_memory
         map_large_allocations()
     base = models.load_base(checkpoint, recipe.model, recipe.quantization)
+    liger_result = use_liger(base, recipe)
     model = models.attach_lora(base, recipe.lora, recipe.training.gradient_checkpointing)
-    use_fused_kernels(model, recipe)
+    fused = use_fused_kernels(model, recipe)
 
     run = tracking.start_run(recipe, run_dir) if state.is_main_process else None
     report_to = ["wandb"] if run is not None else []
@@ -344,6 +362,13 @@ def _train(loaded: LoadedRecipe, resume: bool, overwrite: bool) -> TrainResult:
             final_loss=losses[-1] if losses else None,
             tokens_seen=trainer.tokens_seen * args.world_size,
             peak_memory_gb=round(peak_memory_gb(), 3),
+            kernels={
+                "fused_qlora_layers": fused.patched,
+                "lora_4bit_layers": fused.layers,
+                "fused_qlora_off_because": fused.off_because,
+                "liger": liger_result.applied,
+                "liger_off_because": liger_result.off_because,
+            },
         )
     state.wait_for_everyone()
     return TrainResult(run_dir, trainer.state.global_step)

@@ -11,8 +11,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$ROOT/device_deps"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
-# pydantic and its parts, and gguf: qtune.recipe imports them (the fused-kernel switch test and the training benchmarks)
-PACKAGES=(bitsandbytes==0.50.2 peft==0.21.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 gguf==0.19.0)
+# pydantic and its parts, and gguf: qtune.recipe imports them (the fused-kernel switch test and the training benchmarks);
+# liger-kernel: training.liger
+PACKAGES=(bitsandbytes==0.50.2 peft==0.21.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 gguf==0.19.0 liger-kernel==0.8.5)
 KEEP_LIB=libbitsandbytes_cuda130.so
 
 WHEELS="$(mktemp -d)"
