@@ -317,11 +317,14 @@ def bench_w4a16(w4a16, timer: Timer, device: str, bandwidth: float, smoke: bool,
                        f"{statistics.median([100 * r[6] / r[5] for r in sel]):.0f}% of the bandwidth floor")  # fmt: skip
 
 
-def build_qlora_llama(config, device, compute_dtype):
-    """A randomly initialised Llama with NF4 (double quant) decoder linears and LoRA r=16 on all of them."""
+LORA_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+
+
+def build_nf4_llama(config, device, compute_dtype):
+    """A randomly initialised Llama built on `device`, its decoder linears NF4 with double quant (as loading does)."""
     import bitsandbytes as bnb
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -332,10 +335,8 @@ def build_qlora_llama(config, device, compute_dtype):
             model = LlamaForCausalLM(config).to(compute_dtype)
     finally:
         torch.set_default_dtype(default_dtype)
-    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
     for layer in model.model.layers:
-        for name in names:
+        for name in LORA_TARGETS:
             parent_name, child = name.split(".")
             parent = getattr(layer, parent_name)
             linear = getattr(parent, child)
@@ -346,14 +347,28 @@ def build_qlora_llama(config, device, compute_dtype):
                                                  quant_type="nf4", module=quantized).to(device)  # fmt: skip
             setattr(parent, child, quantized)
             del linear
-    model.is_loaded_in_4bit = True  # what peft reads to wrap bnb layers
+    model.is_loaded_in_4bit = True  # what peft reads to wrap bnb layers in its bitsandbytes LoRA layer
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # init_lora_weights=False: B random, not peft's zeros, so the LoRA output and grad A are not zero on both sides
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[n.split(".")[1] for n in names],
+    return model
+
+
+def attach_random_lora(model):
+    """LoRA r=16 on every decoder linear, with a random B (init_lora_weights=False), not peft's zeros, so the
+    LoRA output and grad A are not zero on both sides of a comparison."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[n.split(".")[1] for n in LORA_TARGETS],
                       task_type="CAUSAL_LM", init_lora_weights=False)  # fmt: skip
     model = get_peft_model(model, lora)
     model.train()
     return model
+
+
+def build_qlora_llama(config, device, compute_dtype):
+    """A randomly initialised Llama with NF4 (double quant) decoder linears and LoRA r=16 on all of them."""
+    return attach_random_lora(build_nf4_llama(config, device, compute_dtype))
 
 
 def bench_train(qlora_linear, timer: Timer, device: str, args, summary: list):
