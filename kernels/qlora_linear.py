@@ -2,9 +2,12 @@
 
     y = x @ dequant(W)^T + bias + scaling * (dropout(x) @ A^T) @ B^T
 
-The backward dequantizes W again instead of keeping the [out, in] weight alive between forward and
-backward, and returns gradients for x, A, B and the bias, never for W. Dropout is applied outside
-(the caller passes x_lora = dropout(x)), so any LoRA dropout works and autograd routes its gradient.
+On the Triton backend (CUDA), x @ W^T and the input gradient g @ W run as GEMMs that dequantize W tile by
+tile (kernels/nf4_matmul.py), so no [out, in] weight is ever formed; elsewhere, or when a quantization
+block straddles two rows, W is dequantized whole for each matmul. Nothing dequantized is kept between
+forward and backward either way. The backward is written by hand and returns gradients for x, A, B and
+the bias, never for W. Dropout is applied outside (the caller passes x_lora = dropout(x)), so any LoRA
+dropout works and autograd routes its gradient.
 
 Dtypes follow bitsandbytes' Linear4bit + peft's LoRA Linear4bit exactly:
   base = linear(x.to(compute_dtype), W (dequantized to compute_dtype), bias).to(x.dtype)
@@ -21,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .nf4 import dequantize_nf4, dequantize_nf4_reference
+from .nf4 import HAS_TRITON, dequantize_nf4, dequantize_nf4_reference
+from .nf4_matmul import nf4_linear, nf4_linear_grad
 
 # ---------------------------------------------------------------------------------------------
 # NF4 weight as plain custom-op arguments (custom ops take tensors and scalars, not QuantState).
@@ -86,25 +90,82 @@ def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_bloc
     return packed.new_empty((out_features, in_features), dtype=dtype)
 
 
+@torch.library.custom_op("qtune::nf4_matmul", mutates_args=())
+def nf4_matmul_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    out_features: int,
+    in_features: int,
+    transposed: bool,
+) -> torch.Tensor:
+    """x @ dequant(W)^T, or x @ dequant(W) when transposed (the input gradient), W read in place (nf4_matmul)."""
+    state = _NF4StateView(absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, (out_features, in_features), x.dtype)
+    return (nf4_linear_grad if transposed else nf4_linear)(x, packed, state)
+
+
+@nf4_matmul_op.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features, in_features, transposed):
+    return x.new_empty((*x.shape[:-1], in_features if transposed else out_features))
+
+
+class _NF4Matmuls:
+    """The base weight as the fused NF4 matmuls read it: in place, tile by tile, never dequantized whole."""
+
+    def __init__(self, nf4_args: tuple):
+        self.nf4_args = nf4_args  # nf4_weight_args(...)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qtune.nf4_matmul(x, *self.nf4_args, False)
+
+    def input_grad(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qtune.nf4_matmul(g, *self.nf4_args, True)
+
+
+def _base_weight(nf4_args: tuple, compute_dtype: torch.dtype, backend: str) -> torch.Tensor | _NF4Matmuls:
+    """What the base matmul reads: the fused NF4 matmuls where the Triton backend runs and no quantization
+    block straddles two rows (nf4_matmul.supports), else the dequantized [out, in] weight."""
+    packed, blocksize, in_features = nf4_args[0], nf4_args[5], nf4_args[8]
+    triton_backend = backend == "triton" or (backend == "auto" and packed.is_cuda and HAS_TRITON)
+    if triton_backend and HAS_TRITON and in_features % blocksize == 0:
+        return _NF4Matmuls(nf4_args)
+    return torch.ops.qtune.dequantize_nf4(*nf4_args, compute_dtype, backend)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward and backward math, shared by the autograd.Function and the custom op.
 
 
 def _qlora_forward(x, x_lora, weight, lora_A, lora_B, bias, scaling, compute_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y, x_lora @ A^T); the second is kept for backward (it is [tokens, r], small)."""
-    base = F.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype)).to(x.dtype)
+    """Returns (y, x_lora @ A^T); the second is kept for backward (it is [tokens, r], small).
+    `weight` is the dequantized base weight or the fused NF4 matmuls (`_base_weight`)."""
+    xc = x.to(compute_dtype)
+    if isinstance(weight, _NF4Matmuls):
+        base = weight.linear(xc)
+        if bias is not None:
+            base = base + bias.to(compute_dtype)
+    else:
+        base = F.linear(xc, weight, None if bias is None else bias.to(compute_dtype))
+    base = base.to(x.dtype)
     xa = F.linear(x_lora.to(lora_A.dtype), lora_A)
     lora = (F.linear(xa, lora_B) * scaling).to(x.dtype)
     return base + lora, xa
 
 
 def _qlora_backward(grad_y, x_dtype, x_lora, weight_fn, lora_A, lora_B, xa, bias_dtype, scaling, compute_dtype, needs):
-    """needs = (x, x_lora, A, B, bias) flags; weight_fn() dequantizes W again, only if grad x is wanted."""
+    """needs = (x, x_lora, A, B, bias) flags; weight_fn() gives the base weight again (`_base_weight`), only if
+    grad x is wanted: dequantized, or the fused NF4 matmuls, which never form it."""
     need_x, need_x_lora, need_A, need_B, need_bias = needs
     grad_x = grad_x_lora = grad_A = grad_B = grad_bias = None
     grad_base = grad_y.to(compute_dtype)
     if need_x:
-        grad_x = (grad_base @ weight_fn()).to(x_dtype)
+        weight = weight_fn()
+        grad_x = (weight.input_grad(grad_base) if isinstance(weight, _NF4Matmuls) else grad_base @ weight).to(x_dtype)
     if need_bias:
         grad_bias = grad_base.reshape(-1, grad_base.shape[-1]).sum(0).to(bias_dtype)
     if need_x_lora or need_A or need_B:
@@ -145,11 +206,8 @@ def qlora_linear_op(
     backend: str,
 ) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
-        weight = dequantize_nf4_op(
-            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-            out_features, in_features, compute_dtype, backend,
-        )  # fmt: skip
-        return _qlora_forward(x, x_lora, weight, lora_A, lora_B, bias, scaling, compute_dtype)[0]
+        nf4_args = (packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features, in_features)
+        return _qlora_forward(x, x_lora, _base_weight(nf4_args, compute_dtype, backend), lora_A, lora_B, bias, scaling, compute_dtype)[0]
 
 
 @qlora_linear_op.register_fake
@@ -175,10 +233,8 @@ def _op_backward(ctx, grad_y):
     with torch.autocast(grad_y.device.type, enabled=False):
 
         def weight_fn():
-            return torch.ops.qtune.dequantize_nf4(
-                packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                out_features, in_features, compute_dtype, backend,
-            )  # fmt: skip
+            nf4_args = (packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features, in_features)
+            return _base_weight(nf4_args, compute_dtype, backend)
 
         xa = F.linear(x_lora.to(lora_A.dtype), lora_A)  # recomputed: [tokens, r], cheap
         grads = _qlora_backward(
@@ -221,9 +277,9 @@ class QLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, packed, quant_state, lora_A, lora_B, bias, scaling, compute_dtype, backend):
         compute_dtype = compute_dtype or x.dtype
-        weight = dequantize_nf4(packed, quant_state, compute_dtype, backend).reshape(quant_state.shape)
+        weight = _base_weight(nf4_weight_args(packed, quant_state), compute_dtype, backend)
         y, xa = _qlora_forward(x, x_lora, weight, lora_A, lora_B, bias, scaling, compute_dtype)
-        del weight  # the point: backward dequantizes again rather than holding [out, in]
+        del weight  # the point: backward reads W again rather than holding [out, in]
         ctx.save_for_backward(x_lora, packed, lora_A, lora_B, xa)
         ctx.quant_state, ctx.x_dtype, ctx.scaling = quant_state, x.dtype, scaling
         ctx.compute_dtype, ctx.backend = compute_dtype, backend
@@ -236,7 +292,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         qs = ctx.quant_state
 
         def weight_fn():
-            return dequantize_nf4(packed, qs, ctx.compute_dtype, ctx.backend).reshape(qs.shape)
+            return _base_weight(nf4_weight_args(packed, qs), ctx.compute_dtype, ctx.backend)
 
         needs = ctx.needs_input_grad
         grads = _qlora_backward(

@@ -138,13 +138,18 @@ class _OneLinear(torch.nn.Module):
         return self.proj(x)
 
 
-def _lora_layer(config: KernelConfig, device: torch.device, seed: int) -> torch.nn.Module:
+# The test layer's widths: a multiple of the NF4 block, which the fused GEMMs take (every real model's
+# widths are), and one whose blocks straddle rows, which falls back to dequantizing W whole.
+IN_FEATURES = (lambda blocksize: 4 * blocksize, lambda blocksize: 3 * blocksize + 40)
+
+
+def _lora_layer(config: KernelConfig, in_features: int, device: torch.device, seed: int) -> torch.nn.Module:
     """One peft LoRA layer over a bitsandbytes NF4 Linear4bit, quantized on `device`, with random A and B."""
     import bitsandbytes as bnb
     from peft import LoraConfig, inject_adapter_in_model
 
     generator = torch.Generator().manual_seed(seed)
-    out_features, in_features = 96, 3 * config.blocksize + 40  # blocks that straddle rows, a partial last block
+    out_features = 96
     compute = _dtype(config.compute_dtype)
     linear = bnb.nn.Linear4bit(in_features, out_features, bias=config.bias, compute_dtype=compute,
                                compress_statistics=config.nested, quant_type="nf4")  # fmt: skip
@@ -185,8 +190,17 @@ def _forward_backward(model: torch.nn.Module, x: torch.Tensor, grad_y: torch.Ten
 
 
 def run_check(config: KernelConfig, device: torch.device, backend: str = "auto") -> str:
-    """Compare the fused path with peft + bitsandbytes for one configuration; returns why it failed, or ''."""
-    model = _lora_layer(config, device, seed=0)
+    """Compare the fused path with peft + bitsandbytes for one configuration, at both IN_FEATURES widths;
+    returns why it failed, or ''."""
+    for width in IN_FEATURES:
+        in_features = width(config.blocksize)
+        reason = _check_layer(config, _lora_layer(config, in_features, device, seed=in_features), device, backend)
+        if reason:
+            return f"{reason} (a {in_features}-wide layer)"
+    return ""
+
+
+def _check_layer(config: KernelConfig, model: torch.nn.Module, device: torch.device, backend: str) -> str:
     generator = torch.Generator().manual_seed(1)
     in_features, out_features = model.proj.in_features, model.proj.out_features
     x = torch.randn(3, 17, in_features, generator=generator).to(_dtype(config.x_dtype)).to(device)
@@ -202,6 +216,13 @@ def run_check(config: KernelConfig, device: torch.device, backend: str = "auto")
     if dequantized.shape != reference.shape or not torch.equal(dequantized.view(bits), reference.view(bits)):
         wrong = int((dequantized != reference).sum())
         return f"NF4 dequant: {wrong} of {reference.numel()} values differ from bitsandbytes' (it must be bit-identical)"
+    matmuls = qlora_linear._base_weight(qlora_linear.nf4_weight_args(weight.data, weight.quant_state), compute, backend)
+    if isinstance(matmuls, qlora_linear._NF4Matmuls):  # x = I: each output is one product, so bits must match
+        eye_in = torch.eye(in_features, dtype=compute, device=device)
+        eye_out = torch.eye(out_features, dtype=compute, device=device)
+        for what, got, want in [("forward", matmuls.linear(eye_in), reference.t()), ("input gradient", matmuls.input_grad(eye_out), reference)]:
+            if got.shape != want.shape or not torch.equal(got.contiguous().view(bits), want.contiguous().view(bits)):
+                return f"fused NF4 GEMM ({what}): the weight it reads differs from bitsandbytes' dequant"
     expected = _forward_backward(model, x, grad_y, autocast)
     if not expected["grad A"].abs().sum() > 0:
         return "the reference LoRA gradient is zero: the check would prove nothing"

@@ -48,6 +48,12 @@ def group_index(in_features: int, n_groups: int, layout: str, g_idx: torch.Tenso
         if layout == "awq":
             raise ValueError("AWQ has no g_idx")
         return g_idx.to(torch.int32)
+    group_size = checked_group_size(in_features, n_groups, layout, group_size)
+    return torch.div(torch.arange(in_features, dtype=torch.int32), group_size, rounding_mode="floor")
+
+
+def checked_group_size(in_features: int, n_groups: int, layout: str, group_size: int | None) -> int:
+    """The group size of a weight without g_idx (AWQ's from its scales), checked against the number of groups."""
     if group_size is None:
         if layout != "awq":
             # ceil(K / G) is ambiguous for GPTQ when G does not divide K; the checkpoint's g_idx or config says.
@@ -55,7 +61,7 @@ def group_index(in_features: int, n_groups: int, layout: str, g_idx: torch.Tenso
         group_size = in_features // n_groups
     if -(-in_features // group_size) != n_groups:
         raise ValueError(f"group_size {group_size} gives {-(-in_features // group_size)} groups, scales has {n_groups}")
-    return torch.div(torch.arange(in_features, dtype=torch.int32), group_size, rounding_mode="floor")
+    return group_size
 
 
 def unpack_w4a16_reference(qweight: torch.Tensor, qzeros: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,12 +281,7 @@ def w4a16_matmul_triton(
         raise ValueError("in_features and out_features must be multiples of 8")
     n_groups = scales.shape[0]
     if g_idx is None:
-        if group_size is None:
-            if layout != "awq":
-                raise ValueError("GPTQ without g_idx needs group_size")
-            group_size = in_features // n_groups
-        if -(-in_features // group_size) != n_groups:
-            raise ValueError(f"group_size {group_size} gives {-(-in_features // group_size)} groups, scales has {n_groups}")
+        group_size = checked_group_size(in_features, n_groups, layout, group_size)
     elif layout == "awq":
         raise ValueError("AWQ has no g_idx")
     elif g_idx.dtype != torch.int32 or g_idx.device != x.device:

@@ -318,7 +318,7 @@ def test_w4a16_triton_dequant_is_exact(layout, group_size):
 @needs_triton
 @pytest.mark.parametrize("m,blocks", [(1, (1, 16, 16)), (5, (16, 16, 16))])
 @pytest.mark.parametrize("layout,act_order,group_size", [("gptq", True, 8), ("gptq_v2", False, 24), ("awq", False, 8)])
-def test_w4a16_split_k_matches_the_reference(layout, act_order, group_size, m, blocks):
+def test_w4a16_triton_split_k_matches_the_reference(layout, act_order, group_size, m, blocks):
     t, _ = random_w4a16(layout, 136, 40, group_size, act_order, seed=3, bias=True)
     g_idx = t["g_idx"] if act_order else None
     x = torch.randn(m, 136, generator=_gen(4)).half().to(DEVICE)
@@ -344,7 +344,7 @@ def test_w4a16_default_split_k_fills_the_gpu(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("act_order", [True, False])
-def test_w4a16_module_call_does_no_host_work(act_order, monkeypatch):
+def test_w4a16_triton_module_call_does_no_host_work(act_order, monkeypatch):
     """What a CUDA graph needs: no tensor built on the host or copied per call (g_idx is int32 at load)."""
     t, _ = random_w4a16("gptq", 48, 32, 16, act_order=act_order, seed=9, bias=True)
     state_dict = {f"layer.{k}": v.to(torch.int64) if k == "g_idx" else v for k, v in t.items() if v is not None}
@@ -445,6 +445,47 @@ def test_qlora_linear_gradients_match_autograd(backend, x_dtype, compute_dtype):
             torch.testing.assert_close(a, e, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=f"{name} {what}")
 
 
+@needs_triton
+@needs_bnb
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,blocksize,nested", [((40, 128), 64, True), ((24, 256), 128, False), ((72, 64), 32, True)])
+def test_nf4_triton_matmuls_read_the_weight_bit_exactly(shape, blocksize, nested, dtype):
+    """With x = I every output of the fused GEMMs is one product w * 1: the tiles they dequantize inside
+    the GEMM are bitsandbytes' values bit for bit, in both the forward and the input-gradient kernel."""
+    from qtune.kernels import nf4_matmul
+
+    weight = torch.randn(shape, generator=_gen(blocksize)) * 0.05
+    packed, qs = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+    qs.dtype = dtype
+    expected = bnb_dequant(packed, qs).to(DEVICE)  # bitsandbytes' own dequant, on the host
+    qs.to(DEVICE)  # QuantState moves in place
+    packed = packed.to(DEVICE)
+    assert nf4_matmul.supports(qs)
+    assert_bitwise_equal(nf4_matmul.nf4_linear(torch.eye(shape[1], dtype=dtype, device=DEVICE), packed, qs), expected.t().contiguous())
+    assert_bitwise_equal(nf4_matmul.nf4_linear_grad(torch.eye(shape[0], dtype=dtype, device=DEVICE), packed, qs), expected)
+    x = torch.randn(3, 5, shape[1], generator=_gen(1)).to(dtype).to(DEVICE)
+    torch.testing.assert_close(nf4_matmul.nf4_linear(x, packed, qs).float(), (x.float() @ expected.float().t()), rtol=1e-2, atol=1e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("x_dtype,compute_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)])
+def test_qlora_linear_on_the_triton_nf4_matmuls_matches_autograd(x_dtype, compute_dtype):
+    packed, qs, x, lora_A, lora_B, bias, grad_y = qlora_case(x_dtype, compute_dtype, seed=11, in_features=128)
+    nf4_args = qlora_linear.nf4_weight_args(packed, qs)
+    assert isinstance(qlora_linear._base_weight(nf4_args, compute_dtype, "triton"), qlora_linear._NF4Matmuls)
+    assert not isinstance(qlora_linear._base_weight(nf4_args, compute_dtype, "torch"), qlora_linear._NF4Matmuls)
+    leaves = [x, lora_A, lora_B, bias]
+    expected = forward_backward(lambda: independent_qlora(x, packed, qs, lora_A, lora_B, bias, 0.5, compute_dtype), leaves, grad_y)
+    for name, fn in [
+        ("op", lambda: qlora_linear.qlora_linear(x, x, packed, qs, lora_A, lora_B, 0.5, bias, compute_dtype, "triton")),
+        ("function", lambda: qlora_linear.QLoRALinearFunction.apply(x, x, packed, qs, lora_A, lora_B, bias, 0.5, compute_dtype, "triton")),
+    ]:
+        tol = 1e-5 if x_dtype == compute_dtype == torch.float32 else 2e-2
+        for what, a, e in zip(["y", "grad x", "grad A", "grad B", "grad bias"], forward_backward(fn, leaves, grad_y), expected):
+            assert a.dtype == e.dtype, (name, what)
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item(), msg=f"{name} {what}")
+
+
 def test_qlora_linear_with_dropout_routes_the_dropout_gradient():
     packed, qs, x, lora_A, lora_B, bias, grad_y = qlora_case(torch.float32, torch.float32, seed=4, bias=False)
     leaves = [x, lora_A, lora_B]
@@ -538,6 +579,47 @@ def test_patch_peft_model_matches_peft(tiny_qlora_model, autocast):
         assert err < tol, (name, err)
 
 
+@needs_triton
+@needs_bnb
+def test_triton_nf4_matmuls_in_a_peft_model_match_peft_with_dropout_and_rslora(monkeypatch):
+    """Widths that are multiples of the NF4 block take the fused GEMMs: logits and every LoRA gradient
+    against peft + bitsandbytes, with LoRA dropout (the same mask on both sides) and rsLoRA's scaling."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from support import tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_model("llama", 3, vocab_size=97).save_pretrained(tmp)  # hidden 64, intermediate 128
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+        placement = {"device_map": {"": DEVICE}} if CUDA else {}
+        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=torch.float32, **placement)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1, use_rslora=True, init_lora_weights=False)
+    model = get_peft_model(model, lora).train()
+    ids = torch.randint(0, 97, (2, 9), generator=_gen(5)).to(DEVICE)
+
+    def step():
+        torch.manual_seed(7)  # the same dropout masks on both sides
+        return training_step(model, ids)
+
+    expected_logits, expected_grads = step()
+    calls = []
+    fused_linear = qlora_linear.nf4_linear
+    monkeypatch.setattr(qlora_linear, "nf4_linear", lambda *a: calls.append(1) or fused_linear(*a))
+    try:
+        assert qlora_linear.patch_peft_model(model, backend="triton") == 14
+        logits, grads = step()
+    finally:
+        qlora_linear.unpatch_peft_model(model)
+    assert len(calls) == 14  # every layer's forward ran the fused GEMM
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4 * expected_logits.abs().max().item())
+    assert grads.keys() == expected_grads.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        err = ((grad - expected_grads[name]).norm() / expected_grads[name].norm()).item()
+        assert err < 1e-4, (name, err)
+
+
 def test_patched_layers_fall_back_when_fusion_does_not_apply(tiny_qlora_model):
     model = tiny_qlora_model
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -582,9 +664,26 @@ def unpatched(model) -> bool:
     ],
     ids=lambda c: c.describe(),
 )
-@pytest.mark.parametrize("backend", ["auto", "torch"])  # on CPU auto is bitsandbytes' own dequant op
+@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=needs_triton)])  # CPU auto: bitsandbytes' op
 def test_self_check_passes_against_peft_and_bitsandbytes(config, backend):
     assert selfcheck.run_check(config, torch.device(DEVICE), backend) == ""
+
+
+@needs_triton
+@needs_bnb
+def test_self_check_catches_a_wrong_triton_gemm(monkeypatch):
+    config = selfcheck.KernelConfig("float32", "float32", "float32", None, 64, True, False)
+    fused_linear = qlora_linear.nf4_linear
+
+    def one_tile_off(x, packed, state):
+        y = fused_linear(x, packed, state)
+        y[..., :4] *= 1.001  # one output column tile slightly off
+        return y
+
+    monkeypatch.setattr(qlora_linear, "nf4_linear", one_tile_off)
+    assert selfcheck.run_check(config, torch.device(DEVICE), "triton") == (
+        "fused NF4 GEMM (forward): the weight it reads differs from bitsandbytes' dequant (a 256-wide layer)"
+    )
 
 
 @needs_bnb
@@ -703,7 +802,7 @@ import json, re, sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import compile as triton_compile
-from qtune.kernels import nf4, w4a16
+from qtune.kernels import nf4, nf4_matmul, w4a16
 
 def ptx(kernel, signature, constexprs, options):
     # as a launch with 16-byte aligned pointers and sizes specializes it
@@ -731,8 +830,24 @@ def w4_ptx(dtype, layout, aligned, g_idx, blocks, split_k):
                   "BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2], "SPLIT_K": split_k}
     return ptx(w4a16._w4a16_kernel, signature, constexprs, {"num_warps": 8 if blocks[0] * blocks[1] >= 64 * 128 else 4})
 
+def nf4_gemm_ptx(kernel, dtype, nested, blocks):
+    signature = {"x_ptr": dtype, "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "nested_absmax_ptr": "*fp32",
+                 "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "nf4_code_ptr": "*fp32", "out_ptr": dtype,
+                 "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "nested_blocksize": "i32",
+                 "BLOCKSIZE": "constexpr", "NESTED": "constexpr", "DOT_IN_FP32": "constexpr", "BLOCK_M": "constexpr",
+                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    if kernel is nf4_matmul._nf4_linear_grad_kernel:
+        signature = {("g_ptr" if k == "x_ptr" else "stride_gm" if k == "stride_xm" else k): v for k, v in signature.items()}
+    block_m, block_n, block_k, warps = blocks
+    constexprs = {"BLOCKSIZE": 64, "NESTED": nested, "DOT_IN_FP32": dtype == "*fp32", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    return ptx(kernel, signature, constexprs, dict(nf4.NF4_COMPILE_OPTIONS, num_warps=warps))
+
 # every output dtype and both NF4 layouts training can ask for
 nf4_ptxs = {f"{out} nested={nested}": nf4_ptx(out, nested) for out in ("*bf16", "*fp16", "*fp32") for nested in (True, False)}
+# the fused NF4 GEMMs of the QLoRA layer: forward and input gradient, every compute dtype, both tile heights
+nf4_gemms = {f"{kernel.__name__} {dtype} nested={nested} rows={m}": nf4_gemm_ptx(kernel, dtype, nested, nf4_matmul._blocks(m))
+             for kernel in (nf4_matmul._nf4_linear_kernel, nf4_matmul._nf4_linear_grad_kernel)
+             for dtype in ("*bf16", "*fp16", "*fp32") for nested in (True, False) for m in (1, 64, 2048)}
 # every tile shape default_blocks picks, both dtypes, aligned/act-order/straddling groups, split-K GEMV
 w4_cases = {}
 for dtype in ("*fp16", "*bf16"):
@@ -750,6 +865,8 @@ print(json.dumps({
     "w4a16_mma": {k: [len(re.findall(r"wgmma\.mma_async", v)), len(re.findall(r"\bmma\.sync", v))]
                   for k, v in w4_cases.items() if "(1, " not in k and "GEMV" not in k},
     "w4a16_compiled": len(w4_cases),
+    "nf4_gemm_mma": {k: len(re.findall(r"wgmma\.mma_async|\bmma\.sync", v)) for k, v in nf4_gemms.items()},
+    "nf4_gemm_fma": {k: len(re.findall(r"\bfma\.rn\.f32", v)) for k, v in nf4_gemms.items()},
 }))
 """
 
@@ -776,3 +893,8 @@ def test_kernels_compile_for_sm90():
     wide = {k: wgmma for k, (wgmma, _) in result["w4a16_mma"].items() if "(16, " not in k and "straddling" not in k}
     assert all(n > 0 for n in wide.values()), f"W4A16 tiles of 64+ rows without Hopper's wgmma: {wide}"
     assert all(w + m > 0 for w, m in result["w4a16_mma"].values()), f"W4A16 tiles without tensor cores: {result['w4a16_mma']}"
+    assert len(result["nf4_gemm_mma"]) == 2 * 3 * 2 * 3  # every tile shape _blocks picks
+    # fp32 runs its dot in full precision (IEEE, no tensor cores, as F.linear in float32 does)
+    assert all(n > 0 for k, n in result["nf4_gemm_mma"].items() if "fp32" not in k), result["nf4_gemm_mma"]
+    # the tile's absmax is rounded before its offset is added, as bitsandbytes does (the fp32 dot's own FMAs aside)
+    assert all(n == 0 for k, n in result["nf4_gemm_fma"].items() if "fp32" not in k), result["nf4_gemm_fma"]
