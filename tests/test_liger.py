@@ -39,12 +39,22 @@ def test_liger_acts_on_one_instance_and_leaves_transformers_alone():
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the self-check runs liger's kernels and passes")
-def test_liger_falls_back_when_its_self_check_fails():
+def test_liger_fails_its_self_check_without_a_gpu():
+    """For real: liger's Triton kernels cannot run here (no driver; under the interpreter they fail too)."""
+    result = liger.enable(tiny_model("qwen3", 0, head_dim=16), required=False, autocast=None)
+    assert not result.applied and result.off_because.startswith("it failed its self-check on cpu: ")
+
+
+def test_liger_falls_back_when_its_self_check_fails(monkeypatch):
+    def no_driver(*args):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    monkeypatch.setattr(liger, "run_check", no_driver)
     model = tiny_model("qwen3", 0, head_dim=16)
     result = liger.enable(model, required=False, autocast=None)
-    assert not result.applied and result.off_because.startswith("it failed its self-check on cpu: RuntimeError")
+    assert not result.applied and result.off_because == "it failed its self-check on cpu: RuntimeError: 0 active drivers ([]). There should only be one."
     assert "forward" not in vars(model) and "forward" not in vars(model.model.norm)
-    with pytest.raises(QtuneError, match="training.liger is on, but it failed its self-check on cpu"):
+    with pytest.raises(QtuneError, match="training.liger is on, but it failed its self-check on cpu: RuntimeError"):
         liger.enable(model, required=True, autocast=None)
     assert "forward" not in vars(model)
 
