@@ -132,6 +132,20 @@ if HAS_TRITON:
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def nf4_value(code):
+        """NF4_CODE_VALUES[code] (fp32) for integer codes 0..15, from constants: a four-level select tree on
+        the code's bits, so the table lives in registers and costs no load (as bitsandbytes' CUDA kernel does)."""
+        b0 = (code & 1) != 0
+        b1 = (code & 2) != 0
+        b2 = (code & 4) != 0
+        b3 = (code & 8) != 0
+        v0 = tl.where(b1, tl.where(b0, -0.39491748809814453, -0.5250730514526367), tl.where(b0, -0.6961928009986877, -1.0))
+        v1 = tl.where(b1, tl.where(b0, 0.0, -0.09105003625154495), tl.where(b0, -0.18477343022823334, -0.28444138169288635))
+        v2 = tl.where(b1, tl.where(b0, 0.33791524171829224, 0.24611230194568634), tl.where(b0, 0.16093020141124725, 0.07958029955625534))
+        v3 = tl.where(b1, tl.where(b0, 1.0, 0.7229568362236023), tl.where(b0, 0.5626170039176941, 0.44070982933044434))
+        return tl.where(b3, tl.where(b2, v3, v2), tl.where(b2, v1, v0)).to(tl.float32)
+
+    @triton.jit
     def cast_rtne(x, dtype: tl.constexpr):
         """x.to(dtype) with round-to-nearest-even, also for bf16 under the interpreter."""
         if dtype == tl.bfloat16:
@@ -146,7 +160,6 @@ if HAS_TRITON:
         nested_absmax_ptr,  # fp32 [ceil(n_blocks / nested_blocksize)]
         nested_code_ptr,  # fp32 [256]
         offset_ptr,  # fp32 [1]
-        nf4_code_ptr,  # fp32 [16]
         out_ptr,
         numel,
         nested_blocksize,
@@ -168,8 +181,8 @@ if HAS_TRITON:
 
         byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [B, HALF]
         byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0).to(tl.int32)
-        high = tl.load(nf4_code_ptr + (byte >> 4)) * scale[:, None]
-        low = tl.load(nf4_code_ptr + (byte & 15)) * scale[:, None]
+        high = nf4_value(byte >> 4) * scale[:, None]
+        low = nf4_value(byte & 15) * scale[:, None]
         values = tl.reshape(tl.join(high, low), (BLOCKS_PER_PROGRAM, BLOCKSIZE))  # high nibble first
 
         out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -229,7 +242,6 @@ def dequantize_nf4_triton(
         nested_absmax.contiguous(),
         nested_code.contiguous(),
         offset,
-        nf4_code(data.device),
         out,
         numel,
         nested_blocksize,

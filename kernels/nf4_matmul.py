@@ -20,17 +20,17 @@ from typing import Any
 
 import torch
 
-from .nf4 import HAS_TRITON, NF4_COMPILE_OPTIONS, SUPPORTED_BLOCKSIZES, nf4_code
+from .nf4 import HAS_TRITON, NF4_COMPILE_OPTIONS, SUPPORTED_BLOCKSIZES
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .nf4 import cast_rtne
+    from .nf4 import cast_rtne, nf4_value
 
     @triton.jit
     def _nf4_tile(
-        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, nf4_code_ptr,
+        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
         offs_n, k0, N, K, nested_blocksize,
         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
     ):  # fmt: skip
@@ -45,13 +45,13 @@ if HAS_TRITON:
             scale = scale + tl.load(offset_ptr)  # no FMA: NF4_COMPILE_OPTIONS
         else:
             scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-        high = tl.load(nf4_code_ptr + (byte >> 4)) * scale
-        low = tl.load(nf4_code_ptr + (byte & 15)) * scale
+        high = nf4_value(byte >> 4) * scale
+        low = nf4_value(byte & 15) * scale
         return cast_rtne(tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K)), DTYPE)
 
     @triton.jit
     def _nf4_linear_kernel(
-        x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, nf4_code_ptr, out_ptr,
+        x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
         M, N, K, stride_xm, stride_om, nested_blocksize,
         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -62,7 +62,7 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
-            w = _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, nf4_code_ptr,
+            w = _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                           offs_n, k0, N, K, nested_blocksize, BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty)  # fmt: skip
             if DOT_IN_FP32:
                 acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -73,7 +73,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _nf4_linear_grad_kernel(
-        g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, nf4_code_ptr, out_ptr,
+        g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
         M, N, K, stride_gm, stride_om, nested_blocksize,
         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -85,7 +85,7 @@ if HAS_TRITON:
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             gt = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], mask=(offs_m < M)[:, None] & (offs_n < N)[None, :], other=0.0)
-            w = _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, nf4_code_ptr,
+            w = _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                           offs_n, k0, N, K, nested_blocksize, BLOCKSIZE, NESTED, BLOCK_N, BLOCK_K, g_ptr.dtype.element_ty)  # fmt: skip
             if DOT_IN_FP32:
                 acc = tl.dot(gt.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -112,9 +112,9 @@ def _weight_args(packed: torch.Tensor, quant_state: Any) -> tuple:
     if quant_state.nested:
         state2 = quant_state.state2
         offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=data.device).reshape(1)
-        return (data, quant_state.absmax, state2.absmax.float(), state2.code.float(), offset, nf4_code(data.device)), int(state2.blocksize)
+        return (data, quant_state.absmax, state2.absmax.float(), state2.code.float(), offset), int(state2.blocksize)
     absmax = quant_state.absmax.float()
-    return (data, absmax, absmax, absmax, absmax, nf4_code(data.device)), 1  # unused placeholders when not nested
+    return (data, absmax, absmax, absmax, absmax), 1  # unused placeholders when not nested
 
 
 def _blocks(m: int) -> tuple[int, int, int, int]:

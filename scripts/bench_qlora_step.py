@@ -2,7 +2,7 @@
 """QLoRA training steps of one variant on a random Llama-3-8B-shaped model, in this process; or the table of several.
 
     python scripts/bench_qlora_step.py --variant qtune-fused --json OUT/step-qtune-fused.json [--layers 32]
-    python scripts/bench_qlora_step.py --table OUT        # every OUT/step-*.json -> a table and OUT/steps.json
+    python scripts/bench_qlora_step.py --table OUT        # every OUT/step-*.json -> a table; OUT/gpu_verify.json
     python scripts/bench_qlora_step.py --variant qtune-fused --json x.json --smoke-cpu   # tiny, on CPU
 
 Variants: plain (transformers + peft + bitsandbytes: prepare_model_for_kbit_training, get_peft_model), and
@@ -135,8 +135,25 @@ def table(folder: Path) -> str:
             agree = ["–"] * 3
         cells = [variant, f"{r['tokens_per_second']:.0f}", speed, f"{r['peak_memory_gb']:.2f}", memory, *agree, str(r["kernels"] or "–")]
         lines.append("| " + " | ".join(cells) + " |")
-    (folder / "steps.json").write_text(json.dumps(results, indent=2))
+    _write_report(folder, results)
     return "\n".join(lines)
+
+
+def _write_report(folder: Path, steps: dict) -> None:
+    """gpu_verify.json: everything scripts/gpu_verify.sh measured, in one file."""
+
+    def read(name: str) -> str:
+        file = folder / name
+        return file.read_text(errors="replace") if file.is_file() else ""
+
+    kernels = read("kernels.log")
+    report = {
+        "versions": read("versions.txt").strip(),
+        "tests": (read("tests.log").strip().splitlines() or ["not run"])[-1],
+        "kernels_summary": [line[2:] for line in kernels[kernels.find("## summary") :].splitlines() if line.startswith("- ")],
+        "steps": steps,
+    }
+    (folder / "gpu_verify.json").write_text(json.dumps(report, indent=2))
 
 
 def main() -> None:

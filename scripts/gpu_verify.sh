@@ -6,7 +6,7 @@
 #   3. QLoRA steps of a random Llama-3-8B-shaped model, one process per variant (plain transformers +
 #      peft + bitsandbytes; qtune with fused kernels and liger-kernel off and on), with step-0 loss and
 #      gradient agreement (scripts/bench_qlora_step.py);
-# then one table (gpu_verify.md) and the JSON beside it, under $OUT (the device tool's) or .cache/gpu-verify.
+# then one table (gpu_verify.md) and one JSON (gpu_verify.json), under $OUT (the device tool's) or .cache/gpu-verify.
 #
 #   here:   bash scripts/build_device_deps.sh          # device_deps/: bitsandbytes, peft, pydantic, gguf, liger-kernel
 #   there:  bash scripts/gpu_verify.sh                 # carry device_deps; GPU_VERIFY_LAYERS=32 for the whole depth

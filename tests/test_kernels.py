@@ -812,7 +812,7 @@ def ptx(kernel, signature, constexprs, options):
 
 def nf4_ptx(out, nested):
     signature = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "nested_absmax_ptr": "*fp32",
-                 "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "nf4_code_ptr": "*fp32", "out_ptr": out,
+                 "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": out,
                  "numel": "i32", "nested_blocksize": "i32", "BLOCKSIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr",
                  "NESTED": "constexpr"}
     return ptx(nf4._nf4_dequant_kernel, signature, {"BLOCKSIZE": 64, "BLOCKS_PER_PROGRAM": 32, "NESTED": nested},
@@ -832,7 +832,7 @@ def w4_ptx(dtype, layout, aligned, g_idx, blocks, split_k):
 
 def nf4_gemm_ptx(kernel, dtype, nested, blocks):
     signature = {"x_ptr": dtype, "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "nested_absmax_ptr": "*fp32",
-                 "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "nf4_code_ptr": "*fp32", "out_ptr": dtype,
+                 "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": dtype,
                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "nested_blocksize": "i32",
                  "BLOCKSIZE": "constexpr", "NESTED": "constexpr", "DOT_IN_FP32": "constexpr", "BLOCK_M": "constexpr",
                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
