@@ -193,6 +193,31 @@ if HAS_TRITON:
 NF4_COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
+def kernel_launch_options(num_warps: int | None = None) -> dict:
+    """Launch options of the NF4 kernels: no FMA contraction (NF4_COMPILE_OPTIONS), none under the interpreter."""
+    options = {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(NF4_COMPILE_OPTIONS)
+    if num_warps is not None:
+        options["num_warps"] = num_warps
+    return options
+
+
+def kernel_scale_args(quant_state: Any, device: torch.device) -> tuple[tuple[torch.Tensor, ...], int]:
+    """((absmax, nested_absmax, nested_code, offset), nested_blocksize) as the NF4 kernels take them; when the
+    state is not double-quantized, the last three are placeholders the kernels never read."""
+    if quant_state.nested:
+        state2 = quant_state.state2
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=device).reshape(1)
+        scales = (quant_state.absmax.contiguous(), state2.absmax.float().contiguous(), state2.code.float().contiguous(), offset)
+        return scales, int(state2.blocksize)
+    absmax = quant_state.absmax.float().contiguous()
+    return (absmax, absmax, absmax, absmax), 1
+
+
+def uses_triton(packed: torch.Tensor, backend: str) -> bool:
+    """Whether `backend` means the Triton kernels for this weight ("auto": on CUDA, when triton is installed)."""
+    return backend == "triton" or (backend == "auto" and packed.is_cuda and HAS_TRITON)
+
+
 def _blocks_per_program(blocksize: int) -> int:
     return max(1, 2048 // blocksize)
 
@@ -224,31 +249,17 @@ def dequantize_nf4_triton(
     blocksize = quant_state.blocksize
     bpp = blocks_per_program or _blocks_per_program(blocksize)
     n_blocks = -(-numel // blocksize)
-    if quant_state.nested:
-        state2 = quant_state.state2
-        absmax, nested_absmax = quant_state.absmax, state2.absmax.float()
-        nested_code, nested_blocksize = state2.code.float(), state2.blocksize
-        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=data.device).reshape(1)
-    else:
-        absmax = quant_state.absmax.float()
-        nested_absmax = nested_code = offset = absmax  # unused placeholders
-        nested_blocksize = 1
-    extra = {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(NF4_COMPILE_OPTIONS)
-    if num_warps is not None:
-        extra["num_warps"] = num_warps
+    scales, nested_blocksize = kernel_scale_args(quant_state, data.device)
     _nf4_dequant_kernel[(triton.cdiv(n_blocks, bpp),)](
         data,
-        absmax.contiguous(),
-        nested_absmax.contiguous(),
-        nested_code.contiguous(),
-        offset,
+        *scales,
         out,
         numel,
         nested_blocksize,
         BLOCKSIZE=blocksize,
         BLOCKS_PER_PROGRAM=bpp,
         NESTED=bool(quant_state.nested),
-        **extra,
+        **kernel_launch_options(num_warps),
     )
     return _shape_like_bitsandbytes(out.view(-1), packed, quant_state.shape)
 
@@ -285,7 +296,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | 
     anything with its attributes (absmax, shape, dtype, blocksize, quant_type, nested, offset, state2).
     """
     if backend == "auto":
-        if packed.is_cuda and HAS_TRITON:
+        if uses_triton(packed, backend):
             backend = "triton"
         elif _bitsandbytes_available():
             backend = "bitsandbytes"

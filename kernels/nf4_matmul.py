@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .nf4 import HAS_TRITON, NF4_COMPILE_OPTIONS, SUPPORTED_BLOCKSIZES
+from .nf4 import HAS_TRITON, SUPPORTED_BLOCKSIZES, _as_bytes, kernel_launch_options, kernel_scale_args
 
 if HAS_TRITON:
     import triton
@@ -95,26 +95,10 @@ if HAS_TRITON:
         tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
-def supports(quant_state: Any) -> bool:
-    """Whether the fused matmuls take this NF4 weight: 2-D, and no quantization block straddling two rows."""
-    shape = tuple(quant_state.shape)
-    return (
-        HAS_TRITON
-        and quant_state.quant_type == "nf4"
-        and len(shape) == 2
-        and quant_state.blocksize in SUPPORTED_BLOCKSIZES
-        and shape[1] % quant_state.blocksize == 0
-    )
-
-
-def _weight_args(packed: torch.Tensor, quant_state: Any) -> tuple:
-    data = packed.contiguous().view(torch.uint8).reshape(-1)
-    if quant_state.nested:
-        state2 = quant_state.state2
-        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=data.device).reshape(1)
-        return (data, quant_state.absmax, state2.absmax.float(), state2.code.float(), offset), int(state2.blocksize)
-    absmax = quant_state.absmax.float()
-    return (data, absmax, absmax, absmax, absmax), 1  # unused placeholders when not nested
+def supports(blocksize: int, in_features: int) -> bool:
+    """Whether the fused matmuls take an NF4 weight of `in_features` columns: no quantization block may
+    straddle two rows."""
+    return HAS_TRITON and blocksize in SUPPORTED_BLOCKSIZES and in_features % blocksize == 0
 
 
 def _blocks(m: int) -> tuple[int, int, int, int]:
@@ -126,11 +110,6 @@ def _blocks(m: int) -> tuple[int, int, int, int]:
     return 128, 128, 64, 8  # training's token counts: the tiles Triton's own matmul tutorial uses on Hopper
 
 
-def _launch_options(warps: int) -> dict:
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return {} if interpreted else dict(NF4_COMPILE_OPTIONS, num_warps=warps)
-
-
 def _nf4_gemm(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, transposed: bool) -> torch.Tensor:
     n, k = (int(d) for d in quant_state.shape)
     inner, outer = (n, k) if transposed else (k, n)
@@ -139,14 +118,14 @@ def _nf4_gemm(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, transpose
         x2 = x2.contiguous()
     m = x2.shape[0]
     out = torch.empty(m, outer, dtype=x.dtype, device=x.device)
-    weight, nested_blocksize = _weight_args(packed, quant_state)
+    scales, nested_blocksize = kernel_scale_args(quant_state, x.device)
     block_m, block_n, block_k, warps = _blocks(m)
     kernel, block_outer = (_nf4_linear_grad_kernel, block_k) if transposed else (_nf4_linear_kernel, block_n)
     kernel[(triton.cdiv(m, block_m), triton.cdiv(outer, block_outer))](
-        x2, *weight, out, m, n, k, x2.stride(0), out.stride(0), nested_blocksize,
+        x2, _as_bytes(packed), *scales, out, m, n, k, x2.stride(0), out.stride(0), nested_blocksize,
         BLOCKSIZE=quant_state.blocksize, NESTED=bool(quant_state.nested),
         DOT_IN_FP32=os.environ.get("TRITON_INTERPRET") == "1" or x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch_options(warps),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **kernel_launch_options(warps),
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], outer)
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .nf4 import HAS_TRITON, dequantize_nf4, dequantize_nf4_reference
+from . import nf4_matmul
+from .nf4 import dequantize_nf4, dequantize_nf4_reference, uses_triton
 from .nf4_matmul import nf4_linear, nf4_linear_grad
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +132,7 @@ def _base_weight(nf4_args: tuple, compute_dtype: torch.dtype, backend: str) -> t
     """What the base matmul reads: the fused NF4 matmuls where the Triton backend runs and no quantization
     block straddles two rows (nf4_matmul.supports), else the dequantized [out, in] weight."""
     packed, blocksize, in_features = nf4_args[0], nf4_args[5], nf4_args[8]
-    triton_backend = backend == "triton" or (backend == "auto" and packed.is_cuda and HAS_TRITON)
-    if triton_backend and HAS_TRITON and in_features % blocksize == 0:
+    if uses_triton(packed, backend) and nf4_matmul.supports(blocksize, in_features):
         return _NF4Matmuls(nf4_args)
     return torch.ops.qtune.dequantize_nf4(*nf4_args, compute_dtype, backend)
 

@@ -81,7 +81,7 @@ def use_fused_kernels(model, recipe: Recipe) -> FusedKernels:
 
 
 def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
-    """The mixed precision training_arguments turns on: bf16 or fp16 autocast on CUDA, none otherwise."""
+    """Training's mixed precision: autocast in the compute dtype on CUDA when it is bf16 or fp16, none otherwise."""
     dtype = models.compute_dtype(recipe.quantization)
     return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
 
@@ -207,8 +207,8 @@ def training_arguments(recipe: Recipe, run_dir: Path, report_to: list[str]):
     from transformers import TrainingArguments
 
     t = recipe.training
-    dtype = models.compute_dtype(recipe.quantization)
     on_cuda = torch.cuda.is_available()
+    mixed = autocast_dtype(recipe, torch.device("cuda" if on_cuda else "cpu"))
     return TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=t.micro_batch_size,
@@ -238,8 +238,8 @@ def training_arguments(recipe: Recipe, run_dir: Path, report_to: list[str]):
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
         use_cpu=not on_cuda,
-        bf16=on_cuda and dtype == torch.bfloat16,
-        fp16=on_cuda and dtype == torch.float16,
+        bf16=mixed == torch.bfloat16,
+        fp16=mixed == torch.float16,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )

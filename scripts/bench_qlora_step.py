@@ -35,6 +35,7 @@ AGREE = (1e-2, 5e-2)
 
 def run_variant(variant: str, layers: int, seq: int, steps: int, smoke_cpu: bool) -> dict:
     import torch
+    from peft import prepare_model_for_kbit_training
     from transformers import LlamaConfig
 
     from bench_kernels import attach_random_lora, build_nf4_llama
@@ -53,16 +54,12 @@ def run_variant(variant: str, layers: int, seq: int, steps: int, smoke_cpu: bool
     started = time.perf_counter()
     model = build_nf4_llama(config, device, torch.bfloat16)
     kernels = {}
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     if variant == "plain":
-        from peft import prepare_model_for_kbit_training
-
-        model = attach_random_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=True))
+        model = attach_random_lora(model)
     else:
-        from peft import prepare_model_for_kbit_training
-
         from qtune import liger
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         if "liger" in variant:
             kernels["liger"] = liger.enable(model, required=True, autocast=autocast).applied
         model = attach_random_lora(model)

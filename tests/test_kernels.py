@@ -460,7 +460,7 @@ def test_nf4_triton_matmuls_read_the_weight_bit_exactly(shape, blocksize, nested
     expected = bnb_dequant(packed, qs).to(DEVICE)  # bitsandbytes' own dequant, on the host
     qs.to(DEVICE)  # QuantState moves in place
     packed = packed.to(DEVICE)
-    assert nf4_matmul.supports(qs)
+    assert nf4_matmul.supports(qs.blocksize, shape[1])
     assert_bitwise_equal(nf4_matmul.nf4_linear(torch.eye(shape[1], dtype=dtype, device=DEVICE), packed, qs), expected.t().contiguous())
     assert_bitwise_equal(nf4_matmul.nf4_linear_grad(torch.eye(shape[0], dtype=dtype, device=DEVICE), packed, qs), expected)
     x = torch.randn(3, 5, shape[1], generator=_gen(1)).to(dtype).to(DEVICE)
