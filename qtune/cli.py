@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help=f"tokens per calibration sample (default {default['seq_len']})")
     p.add_argument("--seed", type=int, help=f"which calibration draw (default {default['seed']}); the draw is stratified by the records' category")
     p.add_argument("--no-imatrix", action="store_true", help="GGUF: quantize without an importance matrix (then byte-identical to llama.cpp)")
+    p.add_argument(
+        "--runtime",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a runtime the file must load in (repeatable): refuse settings it would refuse (transformers, GPTQModel, vLLM, llama.cpp, Ollama)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     p = commands.add_parser("run", help="train, merge, export, evaluate every artifact and report, in one command (exit 1 when an artifact fails its gates)")
@@ -246,12 +253,15 @@ def _dispatch(args: argparse.Namespace) -> int:
                 act_order=args.act_order,
                 group_aware=not args.no_group_aware,
                 imatrix=not args.no_imatrix,
+                runtimes=args.runtime,
                 **{key: value for key, value in given.items() if value is not None},
             )
         except ValidationError as exc:
             raise QtuneError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())) from None
         exported = export(Path(args.source), target, Path(args.output) if args.output else None, overwrite=args.overwrite)
         print(f"qtune: {args.format} export written to {exported.path}")
+        for row in exported.report["runtimes"]:
+            print(f"  {row['runtime']:<12} {'loads it' if row['loads'] else 'refuses it'}{': ' + row['note'] if row['note'] else ''}")
         return 0
     if args.command == "run":
         loaded = load_recipe(args.recipe, args.overrides)

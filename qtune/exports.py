@@ -27,6 +27,7 @@ from qtune.cpu import fit_threads
 from qtune.errors import QtuneError, is_disk_full, stage
 from qtune.paths import atomic_dir, staging_prefix, write_text_atomic
 from qtune.recipe import DEFAULT_MAX_SHARD_SIZE, DataSection, ExportTarget, parse_size
+from qtune.runtimes import runtime_support
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def _export(source: ExportSource, target: ExportTarget, output: Path, overwrite:
         seconds=round(time.perf_counter() - started, 1),
         size_bytes=_size(output),
         settings=target.model_dump(mode="json"),
+        runtimes=[row.as_dict() for row in runtime_support(target.format, target.bits, target.sym)],
     )
     write_text_atomic(report_path(output), json.dumps(report, indent=2))
     log.info("%s written to %s (%.1f MB, %.0f s)", target.format, output, report["size_bytes"] / 1e6, report["seconds"])

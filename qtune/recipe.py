@@ -23,6 +23,7 @@ from qtune.architectures import supported as supported_architectures
 from qtune.errors import QtuneError
 from qtune.formats.gguf.mixes import QUANT_MIXES
 from qtune.quant import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZE
+from qtune.runtimes import RUNTIMES, refusals
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CALIBRATION_TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -279,6 +280,16 @@ class ExportTarget(Section):
     seq_len: int = Field(512, ge=16)
     seed: int = Field(0, ge=0)  # which calibration draw (see calibration.draw_order)
     output: str | None = None
+    runtimes: list[str] = Field(default_factory=list)  # where the file must run: a setting one of them refuses is an error
+
+    @field_validator("runtimes")
+    @classmethod
+    def _known_runtimes(cls, value: list[str]) -> list[str]:
+        known = {name.lower(): name for name in RUNTIMES}
+        unknown = [name for name in value if name.lower() not in known]
+        if unknown:
+            raise ValueError(f"unknown runtime {unknown[0]!r} (known: {', '.join(RUNTIMES)})")
+        return [known[name.lower()] for name in value]
 
     @field_validator("quant")
     @classmethod
@@ -319,6 +330,7 @@ class ExportTarget(Section):
                 found.append(("act_order", "act-order is a GPTQ option; AWQ has no g_idx"))
         elif self.rounding != "rtn":
             found.append(("rounding", "rounding applies to AWQ exports (how the scaled weights are rounded)"))
+        found.extend(("runtimes", f"{row.runtime} would refuse this file: {row.note}") for row in refusals(self.format, self.runtimes, self.bits, self.sym))
         return found
 
     def default_name(self) -> str:

@@ -15,6 +15,7 @@ from qtune.errors import QtuneError, stage
 from qtune.evaluate import EvalResult, gate_failures, read_results
 from qtune.paths import atomic_file, write_text_atomic
 from qtune.recipe import GateSection, Recipe
+from qtune.runtimes import MERGED, RUNTIMES, runtime_support
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,23 @@ class Report:
                 ]
             )
         return columns, body
+
+    def runtimes_table(self) -> tuple[list[str], list[list[str]]]:
+        """Where each deployable file of the run loads: the merged checkpoint and every export on disk."""
+        targets = {t.default_name(): t for t in self.recipe.export}
+        body = []
+        for row in self.rows:
+            if row.artifact == "merged":
+                support = [s.as_dict() for s in runtime_support(MERGED)]
+            elif (saved := _read_json(self.run_dir / "exports" / f"{row.artifact}.report.json")) and "runtimes" in saved:
+                support = saved["runtimes"]
+            elif (target := targets.get(row.artifact)) is not None:
+                support = [s.as_dict() for s in runtime_support(target.format, target.bits, target.sym)]
+            else:
+                continue  # the base and the adapter are not deployable files
+            cells = {s["runtime"]: ("yes" if s["loads"] else "no") + (f": {s['note']}" if s["note"] else "") for s in support}
+            body.append([row.artifact, *(cells.get(name, "–") for name in RUNTIMES)])
+        return ["file", *RUNTIMES], body
 
     def _merged_metric(self) -> float | None:
         merged = next((r for r in self.rows if r.artifact == "merged" and r.ok), None)
@@ -294,8 +312,20 @@ def _html(report: Report, images: dict[str, bytes]) -> str:
 <div id="plots">{plots}</div>
 <h2>Slices</h2>
 {_slices_html(report)}
+<h2>Where each file runs</h2>
+{_runtimes_html(report)}
 </body></html>
 """
+
+
+def _runtimes_html(report: Report) -> str:
+    columns, body = report.runtimes_table()
+    cell = lambda tag, text: f"<{tag}>{html.escape(text)}</{tag}>"  # noqa: E731
+    return (
+        f"<table id='runtimes'><tr>{''.join(cell('th', c) for c in columns)}</tr>"
+        + "".join(f"<tr>{''.join(cell('td', c) for c in cells)}</tr>" for cells in body)
+        + "</table>"
+    )
 
 
 def _markdown(report: Report) -> str:
@@ -308,7 +338,7 @@ def _markdown(report: Report) -> str:
     return (
         f"# qtune report: {report.run_dir.name}\n\n{_md_table(columns, body)}\n\n## Gates\n\n"
         + "\n".join(report.gate_lines())
-        + f"\n\n{merge}## Plots\n\n{plots}\n\n## Slices\n\n{_slices_md(report)}\n"
+        + f"\n\n{merge}## Plots\n\n{plots}\n\n## Slices\n\n{_slices_md(report)}\n\n## Where each file runs\n\n{_md_table(*report.runtimes_table())}\n"
     )
 
 

@@ -13,6 +13,8 @@
 # that one wheel runs the same kernels on every machine that can run it. The set is part of the
 # cache key: a wheel built for another set is never reused.
 #
+# --wheel-only builds (or finds) the wheel and installs nothing.
+#
 # Environment:
 #   PYTHON                      interpreter to install into (default: .venv/bin/python, else python3)
 #   LLAMA_CPP_WHEEL_DIR         wheel cache (default: <repo>/.cache/wheels)
@@ -61,6 +63,7 @@ else
   echo "build_llama_cpp: using cached ${wheels[0]}"
 fi
 
+[[ "${1:-}" == "--wheel-only" ]] && exit 0
 "$PYTHON" -m pip install "${wheels[0]}"
 # A build for other flags may already be installed under the same version: replace it.
 "$PYTHON" -m pip install --no-deps --force-reinstall "${wheels[0]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import textwrap
 from collections.abc import Callable
@@ -9,7 +10,34 @@ from pathlib import Path
 
 import pytest
 
+from oracles import oracle_skip_failure
 from support import full_run_recipe, qtune_cli, write_recipe
+
+# Fixtures that run an oracle: every test that uses one is marked `oracle` (tests/oracles.py). full_run
+# scores its GGUF files in llama.cpp when it is installed and in transformers otherwise, so without the mark
+# a test on it would pass in the quick lane having checked the fallback only.
+ORACLE_FIXTURES = {"full_run", "ggml", "oracle_results"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if ORACLE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.oracle)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A skip for a missing oracle fails the test when the test is not marked `oracle` (it would be skipped
+    in CI's quick lane without anyone noticing), or when QTUNE_REQUIRE_ORACLES=1 (CI, after building them)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return
+    why = oracle_skip_failure(str(report.longrepr[2]), item.get_closest_marker("oracle") is not None, os.environ.get("QTUNE_REQUIRE_ORACLES") == "1")
+    if why is None:
+        return
+    report.outcome = "failed"
+    report.longrepr = f"{why}: {report.longrepr[2]}"
 
 
 @pytest.fixture(scope="session")

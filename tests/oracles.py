@@ -1,23 +1,72 @@
 """The independent programs that prove qtune's files, in one place for the tests and the benchmark scripts:
-llama.cpp (its quantizer, its converter, libggml's quantize_chunk) and GPTQModel's venv.
+llama.cpp (its quantizer, its runtime, its converter, libggml's quantize_chunk), GPTQModel's and vLLM's
+venvs, and chromium.
 
 Each is optional here: a function returns None (or skips the calling test) when its oracle is absent;
-`scripts/setup.sh --test` builds them all.
+`scripts/build_oracles.sh` builds them all. A test that needs one is marked `oracle` (``needs`` below, or
+conftest.ORACLE_FIXTURES for the fixtures that run one), so that CI's quick lane can run before the oracles
+are built; conftest fails a test that skips for a missing oracle without that mark, and, under
+QTUNE_REQUIRE_ORACLES=1 (CI after the build), one that skips for a missing oracle at all.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import pytest
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
+MISSING = "oracle missing"
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None  # located, not imported (no libllama load)
+
+
+def require(present: object, oracle: str) -> None:
+    """Skip the calling test (or fixture) when ``oracle`` is absent, in the words conftest recognises."""
+    if not present:
+        pytest.skip(f"{MISSING}: {oracle} (bash scripts/build_oracles.sh builds it)")
+
+
+def oracle_marks(present: object, oracle: str) -> list[pytest.MarkDecorator]:
+    """`oracle`, and a skip in the words conftest recognises when ``oracle`` is absent (for pytestmark)."""
+    return [pytest.mark.oracle, pytest.mark.skipif(not present, reason=f"{MISSING}: {oracle} (bash scripts/build_oracles.sh builds it)")]
+
+
+def needs(present: object, oracle: str) -> Callable[[T], T]:
+    """Mark a test `oracle` and skip it, in the words conftest recognises, when ``oracle`` is absent."""
+
+    def mark(test: T) -> T:
+        for decorator in oracle_marks(present, oracle):
+            test = decorator(test)
+        return test
+
+    return mark
+
+
+needs_llama_cpp = needs(HAS_LLAMA_CPP, "llama-cpp-python")
+
+
+def oracle_skip_failure(reason: str, marked: bool, required: bool) -> str | None:
+    """Why a skip must fail its test instead (conftest's hook), or None: a skip for a missing oracle fails
+    a test not marked `oracle` (CI's quick lane would skip it unseen), and any test when ``required``."""
+    if MISSING not in reason:
+        return None
+    if not marked:
+        return "it skipped for a missing oracle but is not marked `oracle`: mark it (tests/oracles.py needs) or list its fixture in ORACLE_FIXTURES"
+    if required:
+        return "QTUNE_REQUIRE_ORACLES=1 and an oracle is missing"
+    return None
 
 
 def libggml_base() -> Path | None:
@@ -68,6 +117,30 @@ def gptqmodel_python() -> str | None:
     return None
 
 
+def vllm_python() -> Path | None:
+    """vLLM's CPU build, in its own venv (.cache/vllm-venv)."""
+    python = REPO / ".cache" / "vllm-venv" / "bin" / "python"
+    return python if python.is_file() else None
+
+
+def vllm_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int, dtype: str, work: Path) -> list[list[int]]:
+    """vLLM's greedy answers (token ids, ``max_tokens`` each, EOS ignored) for prompts given as token ids;
+    an AssertionError with vLLM's own message when it refuses the model."""
+    python = vllm_python()
+    require(python, "vLLM's CPU build (.cache/vllm-venv)")
+    work.mkdir(parents=True, exist_ok=True)
+    request, answers = work / "request.json", work / "answers.json"
+    request.write_text(json.dumps({"prompts": prompts, "max_tokens": max_tokens, "dtype": dtype, "ignore_eos": True}))
+    script = REPO / "scripts" / "vllm_answers.py"
+    done = subprocess.run([str(python), str(script), str(model_dir), str(request), str(answers)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"vLLM refused {model_dir.name}: {done.stderr[-3000:]}"
+    return json.loads(answers.read_text())["answers"]
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
 def llama_cpp_source() -> Path | None:
     """llama.cpp's sources (for convert_hf_to_gguf.py): $LLAMA_CPP_SRC or the sdist unpacked under .cache/sdist."""
     env = os.environ.get("LLAMA_CPP_SRC")
@@ -75,13 +148,14 @@ def llama_cpp_source() -> Path | None:
     return next((c for c in candidates if (c / "convert_hf_to_gguf.py").is_file()), None)
 
 
+needs_llama_cpp_source = needs(llama_cpp_source(), "llama.cpp's sources (the llama-cpp-python sdist under .cache/sdist, or $LLAMA_CPP_SRC)")
+
+
 def convert_with_llama_cpp(checkpoint: Path, outfile: Path, *args: str) -> Path:
     """Run llama.cpp's own convert_hf_to_gguf.py on a checkpoint (skips the test when its sources are absent)."""
-    import pytest
-
     source = llama_cpp_source()
-    if source is None:
-        pytest.skip("llama.cpp sources not found: unpack the llama-cpp-python sdist into .cache/sdist or set LLAMA_CPP_SRC")
+    require(source, "llama.cpp's sources (the llama-cpp-python sdist under .cache/sdist, or $LLAMA_CPP_SRC)")
+    assert source is not None
     paths = [str(source / "gguf-py")]
     if importlib.util.find_spec("sentencepiece") is None:
         # the converter imports sentencepiece before noticing there is no tokenizer.model

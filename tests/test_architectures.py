@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qtune.gguf_model import LLAMA_CPP, gguf_runtime
+from oracles import needs_llama_cpp
+from qtune.gguf_model import gguf_runtime
 from support import FULL_RUN_EXPORT_NAMES, FULL_RUN_EXPORTS, full_run_recipe, qtune_cli, write_recipe
 
 EXPORTS = [e for e in FULL_RUN_EXPORTS if e.get("quant") != "Q4_K_M"]  # one GGUF type is enough here: CI time
@@ -27,7 +28,7 @@ NEW_ARCHITECTURES = {
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(gguf_runtime() != LLAMA_CPP, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")
+@needs_llama_cpp
 @pytest.mark.parametrize("model_type", list(NEW_ARCHITECTURES))
 def test_run_end_to_end(tmp_path: Path, model_type: str):
     recipe = full_run_recipe(tmp_path, tmp_path / "run", model_type, hidden=64, **NEW_ARCHITECTURES[model_type])

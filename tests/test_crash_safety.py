@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from oracles import needs_llama_cpp
 from support import FULL_RUN_EXPORT_NAMES, full_run_recipe, qtune_cli, write_recipe
 
 ARTIFACTS = ["base", "adapter", "merged", *FULL_RUN_EXPORT_NAMES]
@@ -245,7 +245,7 @@ def test_a_llama_cpp_crash_fails_one_row_and_the_rest_are_scored(full_run, tmp_p
     }
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")
+@needs_llama_cpp
 def test_the_llama_cpp_oracle_is_built_for_instructions_this_cpu_runs():
     """scripts/build_llama_cpp.sh builds without -march=native: a CPU can advertise AMX that its VM never
     enabled, and the first Q8_0 matmul then dies with SIGILL."""

@@ -18,7 +18,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from oracles import libggml_base
+from oracles import libggml_base, require
 from qtune.quant.ggml_quants import SUPPORTED_TYPES, block_size, dequantize, quantize, row_bytes, type_size
 
 QUANT_TYPES = [t for t in SUPPORTED_TYPES if t not in (Q.F32, Q.F16, Q.BF16)]
@@ -89,8 +89,8 @@ class GGML:
 @pytest.fixture(scope="module")
 def ggml() -> GGML:
     path = libggml_base()
-    if path is None:
-        pytest.skip("llama-cpp-python (libggml-base.so) is not installed: run scripts/build_llama_cpp.sh")
+    require(path, "llama-cpp-python's libggml-base.so")
+    assert path is not None
     return GGML(path)
 
 

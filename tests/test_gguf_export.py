@@ -7,7 +7,6 @@ random models of every architecture in qtune.architectures.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from oracles import convert_with_llama_cpp, llama_quantize
+from oracles import convert_with_llama_cpp, llama_quantize, needs_llama_cpp, needs_llama_cpp_source
 from qtune.errors import QtuneError
 from qtune.formats.gguf import convert as gguf_convert
 from qtune.formats.gguf import vocab as gguf_vocab
@@ -33,9 +32,7 @@ from qtune.modelfile import modelfile_text, write_modelfile
 from qtune.quant.ggml_quants import dequantize, row_bytes
 from support import tiny_model
 
-HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 Q8_0_KL_LIMIT = 1e-2  # measured 0.9e-3 to 2.7e-3 on the tiny models (random weights, 49k vocabulary)
-needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -602,6 +599,7 @@ def test_modelfile(tmp_path, models, exported):
     assert "<|start_header_id|>assistant<|end_header_id|>" in llama3 and llama3.count('PARAMETER stop "<|eot_id|>"') == 1
 
 
+@needs_llama_cpp_source
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama-odd", "mistral", "llama3-rope", "qwen3", "fused-qkv", "gemma3-6"])
 def test_f32_equals_convert_hf_to_gguf(models, exported, tmp_path, model):

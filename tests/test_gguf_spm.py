@@ -10,7 +10,6 @@ tokenizer.json that transformers 5 saves (scores from the merge ranks) and a voc
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import random
 import shutil
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from oracles import convert_with_llama_cpp
+from oracles import convert_with_llama_cpp, needs_llama_cpp, needs_llama_cpp_source
 from qtune.errors import QtuneError
 from qtune.formats.gguf.convert import export_gguf
 from qtune.formats.gguf.reader import read_gguf_header
@@ -29,7 +28,6 @@ from support import tiny_model
 
 spm = pytest.importorskip("sentencepiece", reason="sentencepiece is not installed (pip install sentencepiece)")
 
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
@@ -239,6 +237,7 @@ def test_spm_added_tokens_and_refusals(tmp_path, hf_tokenizer_dir, spm_model):
         tokenizer_metadata(ckpt, len(tok))
 
 
+@needs_llama_cpp_source
 def test_spm_tokenizer_keys_equal_convert_hf_to_gguf(exported, checkpoints, tmp_path):
     """With tokenizer.model, the tokenizer keys are llama.cpp's converter's (_set_vocab_sentencepiece)."""
     theirs = convert_with_llama_cpp(checkpoints["llama"], tmp_path / "convert.gguf", "--vocab-only")

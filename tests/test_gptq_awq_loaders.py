@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import support
-from oracles import gptqmodel_python
+from oracles import gptqmodel_python, require
 from qtune.formats.awq import load_dequantized_awq_model, write_awq_checkpoint
 from qtune.formats.gptq import load_dequantized_gptq_model, write_gptq_checkpoint
 from qtune.layerwise import quantize_model_awq, quantize_model_gptq
@@ -105,8 +105,7 @@ def build_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
 @pytest.fixture(scope="module")
 def oracle_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.Tensor, dict]]:
     python = gptqmodel_python()
-    if python is None:
-        pytest.skip("gptqmodel + optimum not installed (see this file's docstring for the oracle venv)")
+    require(python, "GPTQModel and optimum (.cache/oracle-venv, or $QTUNE_ORACLE_PYTHON)")
     root = tmp_path_factory.mktemp("oracle")
     torch.set_num_threads(1)
     checkpoints = build_checkpoints(root)

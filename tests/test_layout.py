@@ -107,3 +107,22 @@ def test_the_public_api_resolves_without_importing_torch_first(tmp_path):
     )
     result = _python(code, tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_skip_for_a_missing_oracle_fails_an_unmarked_test_and_fails_any_test_when_oracles_are_required():
+    from oracles import MISSING, oracle_skip_failure
+
+    reason = f"{MISSING}: llama-cpp-python (bash scripts/build_oracles.sh builds it)"
+    assert "not marked `oracle`" in oracle_skip_failure(reason, marked=False, required=False)
+    assert oracle_skip_failure(reason, marked=True, required=False) is None
+    assert "QTUNE_REQUIRE_ORACLES" in oracle_skip_failure(reason, marked=True, required=True)
+    assert oracle_skip_failure("needs a CUDA device", marked=False, required=True) is None
+
+
+def test_ci_runs_the_quick_lane_before_building_the_oracles_and_requires_them_after():
+    check = "\n".join(line for line in (REPO / "scripts" / "check.sh").read_text().splitlines() if not line.startswith("#"))
+    steps = ("ruff", '-m "not slow and not oracle"', "bash scripts/build_oracles.sh >>", "QTUNE_REQUIRE_ORACLES=1", '-m "oracle or slow"')
+    order = [check.index(step) for step in steps]
+    assert order == sorted(order)
+    assert "bash scripts/build_oracles.sh --no-install" in check  # beside the quick lane, .venv untouched
+    assert "bash scripts/setup.sh --test && bash scripts/check.sh" in (REPO / ".ci" / "run").read_text()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from oracles import needs, needs_llama_cpp_source, vllm_greedy, vllm_python
 from qtune import merge, models
 from qtune.data import prepare_data
 from qtune.evaluate import evaluate_run
@@ -177,6 +178,7 @@ def test_sharded_merge_loads_in_transformers(sharded_run: Path, merged_run: Path
 
 
 @pytest.mark.slow
+@needs_llama_cpp_source
 def test_sharded_merge_converts_with_llama_cpp(sharded_run: Path, merged_run: Path, tmp_path: Path):
     """llama.cpp's own convert_hf_to_gguf.py reads the sharded merge unchanged: its GGUF (read by gguf-py)
     holds the very tensors it makes from the single-file merge."""
@@ -193,18 +195,11 @@ def test_sharded_merge_converts_with_llama_cpp(sharded_run: Path, merged_run: Pa
     assert len(sharded) == 2 + 9 * 2 and sharded == single  # embeddings, output norm, 9 tensors per block
 
 
-def vllm_python() -> Path | None:
-    python = Path(__file__).resolve().parents[1] / ".cache" / "vllm-venv" / "bin" / "python"
-    return python if python.is_file() else None
-
-
 @pytest.mark.slow
+@needs(vllm_python(), "vLLM's CPU build (.cache/vllm-venv)")
 def test_sharded_merge_answers_the_same_in_vllm(sharded_run: Path, tmp_path: Path):
     """vLLM (its CPU build, in its own venv) loads the sharded merge unchanged and its greedy answers, in
     float32, are transformers' greedy answers on the same token ids, on every held-out prompt."""
-    python = vllm_python()
-    if python is None:
-        pytest.skip("vLLM's venv is missing: bash scripts/setup.sh --test builds .cache/vllm-venv")
     loaded = load_recipe(sharded_run / "recipe.resolved.yaml")
     recipe = loaded.recipe
     tokenizer = models.load_tokenizer(sharded_run / "merged")
@@ -215,14 +210,7 @@ def test_sharded_merge_answers_the_same_in_vllm(sharded_run: Path, tmp_path: Pat
     for row in ids:
         out = model.generate(torch.tensor([row]), max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
         expected.append(out[0, len(row) :].tolist())
-    request = tmp_path / "request.json"
-    request.write_text(json.dumps({"prompts": ids, "max_tokens": 8, "dtype": "float32", "ignore_eos": True}))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "vllm_answers.py"
-    answers = tmp_path / "answers.json"
-    done = subprocess.run([str(python), str(script), str(sharded_run / "merged"), str(request), str(answers)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    answers = json.loads(answers.read_text())["answers"]
-    assert answers == expected
+    assert vllm_greedy(sharded_run / "merged", ids, 8, "float32", tmp_path) == expected
 
 
 def _tensors(path: Path) -> list[torch.Tensor]:

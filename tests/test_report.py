@@ -11,11 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qtune.gguf_model import LLAMA_CPP, gguf_runtime
+from oracles import chromium, needs, needs_llama_cpp
+from qtune.gguf_model import gguf_runtime
+from qtune.recipe import load_recipe
+from qtune.runtimes import MERGED, RUNTIMES, runtime_support
 from support import FULL_RUN_EXPORT_NAMES as EXPORT_NAMES
 from support import qtune_cli, tiny_model_dir, wandb_records
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = chromium()
 
 
 def test_perplexity_from_the_divergence_pass_equals_perplexity(tmp_path: Path):
@@ -64,7 +67,28 @@ def test_run_scores_every_artifact_and_writes_the_report(full_run):
         assert (run_dir / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(gguf_runtime() != LLAMA_CPP, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh")
+def test_the_report_says_where_each_file_runs(full_run):
+    """Every export's report and the run's report list the runtimes that load the file, and why one can't."""
+    run_dir, result = full_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    expected = {"merged": runtime_support(MERGED)}
+    for target in load_recipe(run_dir / "recipe.resolved.yaml").recipe.export:
+        saved = json.loads((run_dir / "exports" / f"{target.default_name()}.report.json").read_text())
+        expected[target.default_name()] = runtime_support(target.format, target.bits, target.sym)
+        assert saved["runtimes"] == [row.as_dict() for row in expected[target.default_name()]]
+    report_md = (run_dir / "report.md").read_text()
+    table = report_md[report_md.index("## Where each file runs") :]
+    assert table.splitlines()[2] == "| file | " + " | ".join(RUNTIMES) + " |"
+    for name, rows in expected.items():
+        line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")][1:]
+        assert [cell.startswith("yes") for cell in cells] == [row.loads for row in rows], line
+    assert "no: no GGUF path" in next(line for line in table.splitlines() if line.startswith("| model-Q8_0.gguf |"))
+    html_text = (run_dir / "report.html").read_text()
+    assert "<table id='runtimes'>" in html_text and "Where each file runs" in html_text
+
+
+@needs_llama_cpp
 def test_gguf_scored_by_llama_cpp_agrees_with_the_dequantized_weights(full_run):
     """llama.cpp's Q8_0 scores and transformers' dequantized Q8_0 weights are two readers of one file."""
     import torch
@@ -222,7 +246,7 @@ def _screenshot(html_file: Path, png: Path, tmp_path: Path) -> subprocess.Comple
     return subprocess.run([CHROMIUM, *flags, "--window-size=1400,1800", f"--screenshot={png}", html_file.as_uri()], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh --test installs Debian's package)")
+@needs(CHROMIUM, "chromium")
 def test_report_html_renders_its_table_and_plots_in_a_browser(full_run, tmp_path: Path):
     from PIL import Image
 
