@@ -115,7 +115,7 @@ class Report:
         for row in self.rows:
             if row.artifact == "merged":
                 support = [s.as_dict() for s in runtime_support(MERGED)]
-            elif (saved := _read_json(self.run_dir / "exports" / f"{row.artifact}.report.json")) and "runtimes" in saved:
+            elif isinstance(saved := _read_json(self.run_dir / "exports" / f"{row.artifact}.report.json"), dict) and "runtimes" in saved:
                 support = saved["runtimes"]
             elif (target := targets.get(row.artifact)) is not None:
                 support = [s.as_dict() for s in runtime_support(target.format, target.bits, target.sym)]
