@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         required=True,
-        choices=["gguf", "gptq", "awq", "gguf-lora"],
+        choices=["gguf", "gptq", "awq", "compressed-tensors", "gguf-lora"],
         help="gguf-lora: the run's LoRA adapter alone, for llama.cpp --lora or Ollama's ADAPTER",
     )
     default = {name: field.default for name, field in ExportTarget.model_fields.items()}  # the one place they are set
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output file (GGUF) or directory (GPTQ/AWQ); default: RUN_DIR/exports/<name>")
     p.add_argument("--bits", type=int, help=f"GPTQ: 2, 3, 4 or 8; AWQ: 4 (default {default['bits']})")
     p.add_argument("--group-size", type=int, help=f"32, 64, 128, or -1 for one group per row (default {default['group_size']})")
-    p.add_argument("--asym", action="store_true", help="GPTQ: asymmetric grid (written as checkpoint_format gptq_v2)")
+    p.add_argument("--scheme", choices=["W4A16"], help="compressed-tensors: W4A16 (4-bit weights by qtune's GPTQ, 16-bit activations)")
+    p.add_argument("--asym", action="store_true", help="GPTQ, compressed-tensors: asymmetric grid (GPTQ writes it as checkpoint_format gptq_v2)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size (desc_act)")
     p.add_argument("--damp", type=float, help=f"GPTQ: damping, as a fraction of the mean Hessian diagonal (default {default['damp']})")
     p.add_argument(
@@ -237,6 +238,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         given = {
             "quant": args.quant,
+            "scheme": args.scheme,
             "bits": args.bits,
             "group_size": args.group_size,
             "damp": args.damp,

@@ -112,7 +112,7 @@ def _export(source: ExportSource, target: ExportTarget, output: Path, overwrite:
         elif target.format == "gguf-lora":
             report = _export_gguf_lora(source, target, output)
         else:
-            report = _export_gptq_awq(source, target, tokenizer, output, overwrite)
+            report = _export_w4a16(source, target, tokenizer, output, overwrite)
     except Exception as exc:
         if is_disk_full(exc):  # an OSError from Python, a SafetensorError from Rust
             raise QtuneError(
@@ -201,13 +201,14 @@ def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: 
     }
 
 
-def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, output: Path, overwrite: bool) -> dict:
-    """GPTQ or AWQ, one decoder block at a time: each block is read from the merged checkpoint, quantized on
+def _export_w4a16(source: ExportSource, target: ExportTarget, tokenizer, output: Path, overwrite: bool) -> dict:
+    """GPTQ, AWQ or compressed-tensors, one decoder block at a time: each block is read from the merged checkpoint, quantized on
     the calibration activations it receives from the block before, written into the output's shards
     and freed. No stage holds more than one block besides the embeddings and the head."""
     from qtune import layerwise
     from qtune.blockwise import StreamedModel, release
     from qtune.formats.awq import awq_packed_shapes, awq_quantization_config, pack_awq_layer
+    from qtune.formats.compressed_tensors import ct_packed_shapes, ct_quantization_config, pack_ct_layer
     from qtune.formats.gptq import (
         collect_tensors,
         gptq_packed_shapes,
@@ -235,6 +236,12 @@ def _export_gptq_awq(source: ExportSource, target: ExportTarget, tokenizer, outp
         quantize_block, shapes = layerwise.gptq_block, lambda n, k, name: gptq_packed_shapes(n, k, target.bits, target.group_size)
         pack = lambda name, q: pack_gptq_layer(q, checkpoint_format, name)  # noqa: E731
         config = gptq_quantization_config(target.bits, target.group_size, target.sym, target.act_order, checkpoint_format, target.damp, True)
+    elif target.format == "compressed-tensors":  # the same GPTQ rounding, in llm-compressor's layout
+        settings = dict(bits=target.bits, group_size=target.group_size, sym=target.sym, act_order=False, damp=target.damp, group_aware=target.group_aware)
+        quantize_block = layerwise.gptq_block
+        shapes = lambda n, k, name: ct_packed_shapes(n, k, target.bits, target.group_size, target.sym, saved_dtype)  # noqa: E731
+        pack = lambda name, q: pack_ct_layer(q, saved_dtype, name)  # noqa: E731
+        config = ct_quantization_config(target.bits, target.group_size, target.sym)
     else:
         if target.bits != 4:
             raise ValueError(f"AWQ GEMM holds 4-bit weights only, got bits={target.bits}")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qtune.architectures import ARCHITECTURES
 from qtune.architectures import supported as supported_architectures
 from qtune.errors import QtuneError
+from qtune.formats.compressed_tensors import SCHEMES as CT_SCHEMES
 from qtune.formats.gguf.mixes import QUANT_MIXES
 from qtune.quant import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZE
 from qtune.runtimes import RUNTIMES, refusals
@@ -263,10 +264,12 @@ GGUF_TYPES = tuple(QUANT_MIXES)  # single types and llama.cpp's mixes
 
 
 class ExportTarget(Section):
-    """One deployable file: a GGUF, or a GPTQ or AWQ checkpoint directory, or the adapter alone as a GGUF LoRA."""
+    """One deployable file: a GGUF, a GPTQ, AWQ or compressed-tensors checkpoint directory, or the adapter
+    alone as a GGUF LoRA."""
 
-    format: Literal["gguf", "gptq", "awq", "gguf-lora"]
+    format: Literal["gguf", "gptq", "awq", "compressed-tensors", "gguf-lora"]
     quant: str = "Q4_K_M"
+    scheme: Literal["W4A16"] = "W4A16"  # compressed-tensors: 4-bit weights, 16-bit activations
     imatrix: bool = True
     bits: int = DEFAULT_BITS
     group_size: int = DEFAULT_GROUP_SIZE
@@ -328,7 +331,12 @@ class ExportTarget(Section):
                 found.append(("group_size", "AWQ's GEMM layout needs a group size (32, 64 or 128)"))
             if self.act_order:
                 found.append(("act_order", "act-order is a GPTQ option; AWQ has no g_idx"))
-        elif self.rounding != "rtn":
+        elif self.format == "compressed-tensors":
+            if self.bits != CT_SCHEMES[self.scheme]:
+                found.append(("bits", f"scheme {self.scheme} holds {CT_SCHEMES[self.scheme]}-bit weights, not {self.bits}"))
+            if self.act_order:
+                found.append(("act_order", "qtune writes compressed-tensors without act-order's g_idx; the default group-aware order needs none"))
+        if self.format != "awq" and self.rounding != "rtn":
             found.append(("rounding", "rounding applies to AWQ exports (how the scaled weights are rounded)"))
         found.extend(("runtimes", f"{row.runtime} would refuse this file: {row.note}") for row in refusals(self.format, self.runtimes, self.bits, self.sym))
         return found
@@ -339,6 +347,8 @@ class ExportTarget(Section):
         if self.format == "gguf-lora":
             return f"lora-{self.quant}.gguf"
         group = "channel" if self.group_size == -1 else f"g{self.group_size}"
+        if self.format == "compressed-tensors":
+            return f"ct-{self.scheme.lower()}-{group}{'' if self.sym else '-asym'}"
         suffix = "-asym" if not self.sym and self.format == "gptq" else "-gptq" if self.format == "awq" and self.rounding == "gptq" else ""
         return f"{self.format}-{self.bits}bit-{group}{suffix}"
 

@@ -68,6 +68,14 @@ def runtime_support(fmt: str, bits: int = 4, sym: bool = True) -> list[Support]:
             Support("llama.cpp", True, "with --lora over the base model's GGUF", "tests/test_gguf_export.py"),
             Support("Ollama", True, "as ADAPTER in a Modelfile over the base model's GGUF"),
         ]
+    elif fmt == "compressed-tensors":
+        rows = [
+            Support("transformers", True, "with the compressed-tensors package installed", "tests/test_compressed_tensors.py"),
+            Support("GPTQModel", False, "reads GPTQ and AWQ checkpoints: export format gptq or awq"),
+            Support("vLLM", True, proved_by="tests/test_vllm.py"),
+            Support("llama.cpp", False, _GGUF_ONLY),
+            Support("Ollama", False, _GGUF_ONLY),
+        ]
     else:
         rows = [
             Support("transformers", True, "with gptqmodel and optimum installed", "tests/test_gptq_awq_loaders.py"),

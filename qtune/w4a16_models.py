@@ -1,5 +1,6 @@
-"""Running exported GPTQ and AWQ checkpoints: every quantized linear becomes a ``QuantLinearW4A16`` that
-keeps the packed weights (Triton kernels on CUDA). On CPU, where unpacking per token is slow, each is
+"""Running exported GPTQ, AWQ and compressed-tensors (W4A16) checkpoints: every quantized linear becomes a
+``QuantLinearW4A16`` that keeps the packed weights (Triton kernels on CUDA; compressed-tensors layers are
+repacked losslessly into GPTQ's v2 layout on load). On CPU, where unpacking per token is slow, each is
 dequantized once to fp16 (rounded as the GPU kernels round) and the model computes in float32
 (``models.compute_in_float32``): half precision's memory, never a float32 copy."""
 
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from qtune.checkpoint_files import check_checkpoint
-from qtune.formats.gptq import read_quantization_config
+from qtune.formats import compressed_tensors as ct
+from qtune.formats.gptq import pack_gptq_layer, read_quantization_config
 from qtune.shards import CheckpointReader
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
@@ -19,12 +21,14 @@ PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 def is_w4a16_checkpoint(path: Path) -> bool:
     try:
-        return read_quantization_config(path).get("quant_method") in ("gptq", "awq")
+        return read_quantization_config(path).get("quant_method") in ("gptq", "awq", ct.QUANT_METHOD)
     except (OSError, ValueError):
         return False
 
 
 def kernel_layout(quant: dict) -> str:
+    if quant["quant_method"] == ct.QUANT_METHOD:
+        return "gptq_v2"  # after repacking
     if quant["quant_method"] == "awq":
         return "awq"
     return "gptq_v2" if (quant.get("checkpoint_format") or quant.get("format")) == "gptq_v2" else "gptq"
@@ -42,19 +46,29 @@ def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | s
     path = Path(path)
     check_checkpoint(path)
     quant = read_quantization_config(path)
-    layout, group_size = kernel_layout(quant), int(quant["group_size"])
+    layout = kernel_layout(quant)
+    compressed = quant["quant_method"] == ct.QUANT_METHOD
+    if compressed:
+        bits, group_size, sym = ct.read_ct_settings(quant)
+        first, suffixes = ".weight_packed", ct.PACKED_SUFFIXES + ("bias",)
+    else:
+        group_size, first, suffixes = int(quant["group_size"]), ".qweight", PACKED_SUFFIXES
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     model = empty_model(config)
     reader = CheckpointReader(path)
-    prefixes = [key.removesuffix(".qweight") for key in reader.keys() if key.endswith(".qweight")]
+    prefixes = [key.removesuffix(first) for key in reader.keys() if key.endswith(first)]
     for prefix in prefixes:
-        tensors = {f"{prefix}.{s}": reader.get(f"{prefix}.{s}").to(device) for s in PACKED_SUFFIXES if f"{prefix}.{s}" in reader}
+        tensors = {f"{prefix}.{s}": reader.get(f"{prefix}.{s}").to(device) for s in suffixes if f"{prefix}.{s}" in reader}
+        if compressed:
+            layer = {s: tensors.pop(f"{prefix}.{s}") for s in ct.PACKED_SUFFIXES if f"{prefix}.{s}" in tensors}
+            repacked = pack_gptq_layer(ct.unpack_ct_layer(layer, bits, group_size, sym), "gptq_v2", prefix)
+            tensors.update({f"{prefix}.{s}": t.to(device) for s, t in repacked.items()})
         parent_name, _, child = prefix.rpartition(".")
         size = None if group_size == -1 else group_size
         setattr(model.get_submodule(parent_name), child, QuantLinearW4A16.from_state_dict(tensors, prefix, layout, size, backend))
-    packed = {f"{prefix}.{s}" for prefix in prefixes for s in PACKED_SUFFIXES}
+    packed = {f"{prefix}.{s}" for prefix in prefixes for s in {*suffixes, *PACKED_SUFFIXES}}
     state = {key: reader.get(key).to(device) for key in reader.keys() if key not in packed}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = getattr(config, "tie_word_embeddings", False)

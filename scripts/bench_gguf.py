@@ -167,7 +167,7 @@ def quality(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path, quants: 
 def convert_and_quantize(ckpt: Path, tmp: Path, threads: int) -> float | None:
     """Seconds for llama.cpp's own route from an HF checkpoint: convert_hf_to_gguf.py to F32, then quantize."""
     if llama_cpp_source() is None:
-        return None  # the converter needs llama.cpp's sources (scripts/setup.sh --test)
+        return None  # the converter needs llama.cpp's sources (scripts/build_oracles.sh)
     t = time.perf_counter()
     converted = convert_with_llama_cpp(ckpt, tmp / "converted.gguf", "--outtype", "f32")
     llama_quantize(converted, tmp / "converted-Q4_K_M.gguf", "Q4_K_M", threads=threads)

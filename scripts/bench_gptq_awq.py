@@ -579,7 +579,7 @@ def main() -> None:
         return
     args.oracle_python = args.oracle_python or gptqmodel_python()
     if args.oracle_python is None and "gptqmodel" in args.tools.split(","):
-        parser.error("no interpreter with GPTQModel: bash scripts/setup.sh --test builds .cache/oracle-venv, or pass --oracle-python")
+        parser.error("no interpreter with GPTQModel: bash scripts/build_oracles.sh builds .cache/oracle-venv, or pass --oracle-python")
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     command = " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"), ".venv/bin/python", "scripts/bench_gptq_awq.py", *sys.argv[1:]])

@@ -123,18 +123,28 @@ def vllm_python() -> Path | None:
     return python if python.is_file() else None
 
 
-def vllm_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int, dtype: str, work: Path) -> list[list[int]]:
-    """vLLM's greedy answers (token ids, ``max_tokens`` each, EOS ignored) for prompts given as token ids;
-    an AssertionError with vLLM's own message when it refuses the model."""
+def vllm_runs(runs: list[dict], work: Path) -> list[dict]:
+    """Greedy answers from vLLM, one run per model, all in one process (scripts/vllm_answers.py: each run
+    is {"model", "prompts" as token ids, "max_tokens", "dtype", optional "ignore_eos", "stop_token_ids"});
+    each result is {"answers": [[token ids], ...]} or {"error": vLLM's refusal}."""
     python = vllm_python()
     require(python, "vLLM's CPU build (.cache/vllm-venv)")
     work.mkdir(parents=True, exist_ok=True)
-    request, answers = work / "request.json", work / "answers.json"
-    request.write_text(json.dumps({"prompts": prompts, "max_tokens": max_tokens, "dtype": dtype, "ignore_eos": True}))
+    request, answers = work / "vllm-request.json", work / "vllm-answers.json"
+    request.write_text(json.dumps({"runs": [{**run, "model": str(run["model"])} for run in runs]}))
     script = REPO / "scripts" / "vllm_answers.py"
-    done = subprocess.run([str(python), str(script), str(model_dir), str(request), str(answers)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"vLLM refused {model_dir.name}: {done.stderr[-3000:]}"
-    return json.loads(answers.read_text())["answers"]
+    done = subprocess.run([str(python), str(script), str(request), str(answers)], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(answers.read_text())["runs"]
+
+
+def vllm_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int, dtype: str, work: Path, stop_token_ids: list[int] | None = None) -> list[list[int]]:
+    """vLLM's greedy answers (token ids) for prompts given as token ids: ``max_tokens`` each, or up to one of
+    ``stop_token_ids`` when given; an AssertionError with vLLM's own message when it refuses the model."""
+    stops = {"ignore_eos": False, "stop_token_ids": stop_token_ids} if stop_token_ids else {"ignore_eos": True}
+    (result,) = vllm_runs([{"model": model_dir, "prompts": prompts, "max_tokens": max_tokens, "dtype": dtype, **stops}], work)
+    assert "answers" in result, f"vLLM refused {model_dir.name}: {result['error']}"
+    return result["answers"]
 
 
 def chromium() -> str | None:

@@ -3,10 +3,8 @@ and its logits match our own dequantize-and-run path.
 
 GPTQModel pins numpy 2.2.x, so it lives in its own venv and runs as a subprocess. The interpreter
 is taken from $QTUNE_ORACLE_PYTHON, else .cache/oracle-venv/bin/python in the repo, else this
-Python; the tests skip when none of them has gptqmodel and optimum. Set the venv up with:
-
-    python3 -m venv .cache/oracle-venv
-    .cache/oracle-venv/bin/pip install torch==2.13.0 gptqmodel==7.6.0 optimum transformers==5.23.0 safetensors
+Python; the tests skip when none of them has gptqmodel and optimum (bash scripts/build_oracles.sh builds
+the venv).
 """
 
 from __future__ import annotations
