@@ -21,9 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qtune.architectures import ARCHITECTURES
 from qtune.architectures import supported as supported_architectures
 from qtune.errors import QtuneError
-from qtune.formats.compressed_tensors import SCHEMES as CT_SCHEMES
 from qtune.formats.gguf.mixes import QUANT_MIXES
-from qtune.quant import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZE
+from qtune.quant import CT_SCHEMES, DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZE
 from qtune.runtimes import RUNTIMES, refusals
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")

@@ -21,16 +21,16 @@ import torch
 from torch import Tensor
 
 from qtune.formats.gptq import pack_rows, unpack_rows
+from qtune.quant import CT_SCHEMES
 from qtune.quant.rtn import QuantizedWeight, check_group_size, default_g_idx
 
 QUANT_METHOD = "compressed-tensors"
-SCHEMES = {"W4A16": 4}  # scheme -> weight bits (activations stay 16-bit)
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in SCHEMES.values():
-        raise ValueError(f"qtune writes compressed-tensors weights of {sorted(set(SCHEMES.values()))} bits, not {bits}")
+    if bits not in CT_SCHEMES.values():
+        raise ValueError(f"qtune writes compressed-tensors weights of {sorted(set(CT_SCHEMES.values()))} bits, not {bits}")
 
 
 def pack_ct_layer(quantized: QuantizedWeight, scale_dtype: torch.dtype, layer: str = "layer") -> dict[str, Tensor]:
