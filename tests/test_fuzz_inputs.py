@@ -318,10 +318,10 @@ def test_overrides_refuse_nonsense(tmp_path_factory, data):
 
 def test_overrides_reach_into_the_export_list(tmp_path: Path):
     recipe = write_recipe(tmp_path, with_value(("lora", "r"), 16))
-    code, output = run_cli("validate", str(recipe), "--set", "export.2.bits=8", "--set", "export.4.format=gguf", "--print")
+    code, output = run_cli("validate", str(recipe), "--set", "export.2.group_size=64", "--set", "export.4.format=gguf", "--print")
     assert code == 0, output
     resolved = yaml.safe_load(output[: output.index("qtune:")])
-    assert resolved["export"][2]["bits"] == 8 and resolved["export"][4]["format"] == "gguf" and len(resolved["export"]) == 5
+    assert resolved["export"][2]["group_size"] == 64 and resolved["export"][4]["format"] == "gguf" and len(resolved["export"]) == 5
 
 
 # ---------------------------------------------------------------- data files
