@@ -223,8 +223,7 @@ def _export_w4a16(source: ExportSource, target: ExportTarget, tokenizer, output:
     streamed = StreamedModel(source.checkpoint, device, torch.float32)
     arch, _ = layerwise.quantizable_layers(streamed.model)
     saved_dtype = _checkpoint_dtype(source.checkpoint)
-    if target.format == "gptq":
-        checkpoint_format = "gptq" if target.sym else "gptq_v2"
+    if target.format in ("gptq", "compressed-tensors"):  # GPTQ's rounding (compressed-tensors refuses act-order)
         settings = dict(
             bits=target.bits,
             group_size=target.group_size,
@@ -233,15 +232,16 @@ def _export_w4a16(source: ExportSource, target: ExportTarget, tokenizer, output:
             damp=target.damp,
             group_aware=target.group_aware,
         )
-        quantize_block, shapes = layerwise.gptq_block, lambda n, k, name: gptq_packed_shapes(n, k, target.bits, target.group_size)
-        pack = lambda name, q: pack_gptq_layer(q, checkpoint_format, name)  # noqa: E731
-        config = gptq_quantization_config(target.bits, target.group_size, target.sym, target.act_order, checkpoint_format, target.damp, True)
-    elif target.format == "compressed-tensors":  # the same GPTQ rounding, in llm-compressor's layout
-        settings = dict(bits=target.bits, group_size=target.group_size, sym=target.sym, act_order=False, damp=target.damp, group_aware=target.group_aware)
         quantize_block = layerwise.gptq_block
-        shapes = lambda n, k, name: ct_packed_shapes(n, k, target.bits, target.group_size, target.sym, saved_dtype)  # noqa: E731
-        pack = lambda name, q: pack_ct_layer(q, saved_dtype, name)  # noqa: E731
-        config = ct_quantization_config(target.bits, target.group_size, target.sym)
+        if target.format == "gptq":
+            checkpoint_format = "gptq" if target.sym else "gptq_v2"
+            shapes = lambda n, k, name: gptq_packed_shapes(n, k, target.bits, target.group_size)  # noqa: E731
+            pack = lambda name, q: pack_gptq_layer(q, checkpoint_format, name)  # noqa: E731
+            config = gptq_quantization_config(target.bits, target.group_size, target.sym, target.act_order, checkpoint_format, target.damp, True)
+        else:
+            shapes = lambda n, k, name: ct_packed_shapes(n, k, target.bits, target.group_size, target.sym, saved_dtype)  # noqa: E731
+            pack = lambda name, q: pack_ct_layer(q, saved_dtype, name)  # noqa: E731
+            config = ct_quantization_config(target.bits, target.group_size, target.sym)
     else:
         if target.bits != 4:
             raise ValueError(f"AWQ GEMM holds 4-bit weights only, got bits={target.bits}")
