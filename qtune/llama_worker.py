@@ -47,7 +47,7 @@ def receive(stream: IO[bytes]) -> tuple[dict[str, Any], bytes]:
 
 class _Runtime:
     def __init__(self, path: str, n_ctx: int, threads: int):
-        import llama_cpp
+        import llama_cpp  # pyright: ignore[reportMissingImports]  # optional: scripts/build_oracles.sh installs it
 
         # The KV cache stays in F32 (type 0) so that only the file's weights are measured.
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False, n_threads=threads, type_k=0, type_v=0)
