@@ -252,14 +252,17 @@ def _slices(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
-def _slices_html(report: Report) -> str:
+def _html_table(columns: list[str], body: list[list[str]], attributes: str) -> str:
     cell = lambda tag, text: f"<{tag}>{html.escape(text)}</{tag}>"  # noqa: E731
-    return "\n".join(
-        f"<h3>{html.escape(title)}</h3><table class='slices'><tr>{''.join(cell('th', c) for c in ['artifact', *names])}</tr>"
+    return (
+        f"<table {attributes}><tr>{''.join(cell('th', c) for c in columns)}</tr>"
         + "".join(f"<tr>{''.join(cell('td', c) for c in cells)}</tr>" for cells in body)
         + "</table>"
-        for title, names, body in _slices(report)
     )
+
+
+def _slices_html(report: Report) -> str:
+    return "\n".join(f"<h3>{html.escape(title)}</h3>" + _html_table(["artifact", *names], body, "class='slices'") for title, names, body in _slices(report))
 
 
 def _slices_md(report: Report) -> str:
@@ -313,19 +316,9 @@ def _html(report: Report, images: dict[str, bytes]) -> str:
 <h2>Slices</h2>
 {_slices_html(report)}
 <h2>Where each file runs</h2>
-{_runtimes_html(report)}
+{_html_table(*report.runtimes_table(), "id='runtimes'")}
 </body></html>
 """
-
-
-def _runtimes_html(report: Report) -> str:
-    columns, body = report.runtimes_table()
-    cell = lambda tag, text: f"<{tag}>{html.escape(text)}</{tag}>"  # noqa: E731
-    return (
-        f"<table id='runtimes'><tr>{''.join(cell('th', c) for c in columns)}</tr>"
-        + "".join(f"<tr>{''.join(cell('td', c) for c in cells)}</tr>" for cells in body)
-        + "</table>"
-    )
 
 
 def _markdown(report: Report) -> str:

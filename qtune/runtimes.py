@@ -36,7 +36,7 @@ def _gptq_in_vllm(bits: int, sym: bool) -> Support:
             "vLLM",
             False,
             "its GPTQ loader takes symmetric checkpoints only and drops GPTQ zero points: set sym: true, "
-            "or export AWQ (asymmetric 4-bit in a layout vLLM loads)",
+            "or export compressed-tensors (the same GPTQ rounding) or AWQ, asymmetric 4-bit in layouts vLLM loads",
         )
     return Support("vLLM", True, proved_by="tests/test_vllm.py")
 
