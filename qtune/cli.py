@@ -15,6 +15,7 @@ from qtune import errors
 from qtune.cpu import configure_threads
 from qtune.errors import QtuneError
 from qtune.paths import cache_dir, write_text_atomic
+from qtune.quant import CT_SCHEMES
 from qtune.secrets import RedactingFilter, redact
 
 
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="write the files only; log nothing to W&B")
 
     p = commands.add_parser(
-        "export", help="re-quantize a run's merged model (or any HF checkpoint) to GGUF, GPTQ or AWQ, or write a run's adapter as a GGUF LoRA"
+        "export",
+        help="re-quantize a run's merged model (or any HF checkpoint) to GGUF, GPTQ, AWQ or compressed-tensors, or write a run's adapter as a GGUF LoRA",
     )
     p.add_argument("source", help="a run directory (its merged model is used) or an HF checkpoint directory")
     p.add_argument(
@@ -79,14 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output file (GGUF) or directory (GPTQ/AWQ); default: RUN_DIR/exports/<name>")
     p.add_argument("--bits", type=int, help=f"GPTQ: 2, 3, 4 or 8; AWQ: 4 (default {default['bits']})")
     p.add_argument("--group-size", type=int, help=f"32, 64, 128, or -1 for one group per row (default {default['group_size']})")
-    p.add_argument("--scheme", choices=["W4A16"], help="compressed-tensors: W4A16 (4-bit weights by qtune's GPTQ, 16-bit activations)")
+    p.add_argument(
+        "--scheme",
+        choices=list(CT_SCHEMES),
+        help="compressed-tensors: W4A16 (4-bit weights by GPTQ, 16-bit activations; default), W8A8 (SmoothQuant, then int8 "
+        "weights by GPTQ and int8 activations per token) or FP8 (E4M3 weights by GPTQ, E4M3 activations per token)",
+    )
+    p.add_argument(
+        "--method",
+        choices=["gptq", "awq"],
+        help="compressed-tensors W4A16: the grid from GPTQ (default) or from AWQ's scale search and clipping (asymmetric; --awq-rounding applies)",
+    )
+    p.add_argument("--smoothing", type=float, help="compressed-tensors W8A8/FP8: SmoothQuant's strength α, 0 to 1, 0 for none (default: W8A8 0.5, FP8 0)")
     p.add_argument("--asym", action="store_true", help="GPTQ, compressed-tensors: asymmetric grid (GPTQ writes it as checkpoint_format gptq_v2)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of activation size (desc_act)")
     p.add_argument("--damp", type=float, help=f"GPTQ: damping, as a fraction of the mean Hessian diagonal (default {default['damp']})")
     p.add_argument(
         "--awq-rounding",
         choices=["rtn", "gptq"],
-        help=f"AWQ: round the scaled weights to nearest (rtn, the published method) or with GPTQ's error compensation (default {default['rounding']})",
+        help=f"AWQ grids: round the scaled weights to nearest (rtn, the published method) or with GPTQ's error compensation (default {default['rounding']})",
     )
     p.add_argument(
         "--no-group-aware", action="store_true", help="GPTQ: solve groups in natural order (default: most salient group first, same checkpoint layout)"
@@ -239,6 +252,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         given = {
             "quant": args.quant,
             "scheme": args.scheme,
+            "smoothing": args.smoothing,
+            "method": args.method,
             "bits": args.bits,
             "group_size": args.group_size,
             "damp": args.damp,

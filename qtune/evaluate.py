@@ -21,9 +21,9 @@ from qtune.formats.gguf.reader import read_gguf_header
 from qtune.gguf_model import gguf_tensor_bytes, load_gguf_model
 from qtune.metrics import divergence_from, perplexity, streamed_reference, task_accuracy
 from qtune.paths import write_text_atomic
+from qtune.quantized_models import is_quantized_checkpoint, load_quantized_model
 from qtune.recipe import GateSection, LoadedRecipe
 from qtune.scorers import resolve_scorer
-from qtune.w4a16_models import is_w4a16_checkpoint, load_w4a16_model
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,9 @@ def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Pa
     if path.suffix == ".gguf" and path.is_file():
         model = load_gguf_model(path, n_ctx)
         return Artifact(model, path.stat().st_size, model.runtime, gguf_tensor_bytes(path))
-    if is_w4a16_checkpoint(path):
+    if is_quantized_checkpoint(path):
         runtime = "qtune W4A16 kernels" if torch.cuda.is_available() else "qtune, dequantized to fp16 (CPU)"
-        return Artifact(load_w4a16_model(path), _files_size(path), runtime)
+        return Artifact(load_quantized_model(path), _files_size(path), runtime)
     raise QtuneError(f"unknown artifact '{name}'; this run has: {', '.join(available_artifacts(run_dir))}")
 
 
@@ -200,7 +200,7 @@ def available_artifacts(run_dir: Path) -> list[str]:
     exports = run_dir / "exports"
     if exports.is_dir():
         present += sorted(
-            p.name for p in exports.iterdir() if (p.is_dir() and is_w4a16_checkpoint(p)) or (p.is_file() and p.suffix == ".gguf" and not _is_adapter(p))
+            p.name for p in exports.iterdir() if (p.is_dir() and is_quantized_checkpoint(p)) or (p.is_file() and p.suffix == ".gguf" and not _is_adapter(p))
         )
     return present
 

@@ -16,6 +16,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from qtune.checkpoint_files import check_checkpoint, copy_generation_config
 from qtune.cpu import fit_threads
 from qtune.errors import QtuneError, is_disk_full, stage
 from qtune.paths import atomic_dir, staging_prefix, write_text_atomic
+from qtune.quant import CT_SCHEMES
 from qtune.recipe import DEFAULT_MAX_SHARD_SIZE, DataSection, ExportTarget, parse_size
 from qtune.runtimes import runtime_support
 
@@ -112,7 +114,7 @@ def _export(source: ExportSource, target: ExportTarget, output: Path, overwrite:
         elif target.format == "gguf-lora":
             report = _export_gguf_lora(source, target, output)
         else:
-            report = _export_w4a16(source, target, tokenizer, output, overwrite)
+            report = _export_checkpoint(source, target, tokenizer, output, overwrite)
     except Exception as exc:
         if is_disk_full(exc):  # an OSError from Python, a SafetensorError from Rust
             raise QtuneError(
@@ -130,7 +132,7 @@ def _export(source: ExportSource, target: ExportTarget, output: Path, overwrite:
         seconds=round(time.perf_counter() - started, 1),
         size_bytes=_size(output),
         settings=target.model_dump(mode="json"),
-        runtimes=[row.as_dict() for row in runtime_support(target.format, target.bits, target.sym)],
+        runtimes=[row.as_dict() for row in runtime_support(target.format, target.bits, target.sym, target.scheme)],
     )
     write_text_atomic(report_path(output), json.dumps(report, indent=2))
     log.info("%s written to %s (%.1f MB, %.0f s)", target.format, output, report["size_bytes"] / 1e6, report["seconds"])
@@ -201,14 +203,21 @@ def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: 
     }
 
 
-def _export_w4a16(source: ExportSource, target: ExportTarget, tokenizer, output: Path, overwrite: bool) -> dict:
-    """GPTQ, AWQ or compressed-tensors, one decoder block at a time: each block is read from the merged checkpoint, quantized on
+def _export_checkpoint(source: ExportSource, target: ExportTarget, tokenizer, output: Path, overwrite: bool) -> dict:
+    """GPTQ, AWQ or compressed-tensors (any scheme), one decoder block at a time: each block is read from the merged checkpoint, quantized on
     the calibration activations it receives from the block before, written into the output's shards
     and freed. No stage holds more than one block besides the embeddings and the head."""
     from qtune import layerwise
     from qtune.blockwise import StreamedModel, release
     from qtune.formats.awq import awq_packed_shapes, awq_quantization_config, pack_awq_layer
-    from qtune.formats.compressed_tensors import ct_packed_shapes, ct_quantization_config, pack_ct_layer
+    from qtune.formats.compressed_tensors import (
+        ct_channel_quantization_config,
+        ct_channel_shapes,
+        ct_packed_shapes,
+        ct_quantization_config,
+        pack_ct_channel_layer,
+        pack_ct_layer,
+    )
     from qtune.formats.gptq import (
         collect_tensors,
         gptq_packed_shapes,
@@ -223,7 +232,21 @@ def _export_w4a16(source: ExportSource, target: ExportTarget, tokenizer, output:
     streamed = StreamedModel(source.checkpoint, device, torch.float32)
     arch, _ = layerwise.quantizable_layers(streamed.model)
     saved_dtype = _checkpoint_dtype(source.checkpoint)
-    if target.format in ("gptq", "compressed-tensors"):  # GPTQ's rounding (compressed-tensors refuses act-order)
+    settings: dict[str, Any]
+    if target.format == "compressed-tensors" and CT_SCHEMES[target.scheme].per_channel:
+        scheme = CT_SCHEMES[target.scheme]
+        settings = dict(
+            weights="int8" if scheme.weight_type == "int" else "fp8",
+            smoothing=target.smoothing_strength,
+            damp=target.damp,
+            scale_dtype=saved_dtype,
+            group_aware=target.group_aware,
+        )
+        quantize_block = layerwise.w8a8_block
+        shapes = lambda n, k, name: ct_channel_shapes(n, k, target.scheme, saved_dtype)  # noqa: E731
+        pack = lambda name, q: pack_ct_channel_layer(q, target.scheme, saved_dtype, name)  # noqa: E731
+        config = ct_channel_quantization_config(target.scheme)
+    elif target.format == "gptq" or (target.format == "compressed-tensors" and target.method == "gptq"):  # compressed-tensors refuses act-order
         settings = dict(
             bits=target.bits,
             group_size=target.group_size,
@@ -246,9 +269,15 @@ def _export_w4a16(source: ExportSource, target: ExportTarget, tokenizer, output:
         if target.bits != 4:
             raise ValueError(f"AWQ GEMM holds 4-bit weights only, got bits={target.bits}")
         settings = dict(bits=target.bits, group_size=target.group_size, rounding=target.rounding, damp=target.damp)
-        quantize_block, shapes = layerwise.awq_block, lambda n, k, name: awq_packed_shapes(n, k, target.group_size, name)
-        pack = lambda name, q: pack_awq_layer(q, name)  # noqa: E731
-        config = awq_quantization_config(target.group_size, None)
+        quantize_block = layerwise.awq_block
+        if target.format == "awq":
+            shapes = lambda n, k, name: awq_packed_shapes(n, k, target.group_size, name)  # noqa: E731
+            pack = lambda name, q: pack_awq_layer(q, name)  # noqa: E731
+            config = awq_quantization_config(target.group_size, None)
+        else:  # compressed-tensors W4A16 on AWQ's grid
+            shapes = lambda n, k, name: ct_packed_shapes(n, k, target.bits, target.group_size, False, saved_dtype)  # noqa: E731
+            pack = lambda name, q: pack_ct_layer(q, saved_dtype, name)  # noqa: E731
+            config = ct_quantization_config(target.bits, target.group_size, False)
     entries = _quantized_plan(streamed, arch, shapes, saved_dtype)
     ids = calibration.input_ids
     mask = torch.ones_like(ids, dtype=torch.bool) if calibration.attention_mask is None else calibration.attention_mask.bool()

@@ -26,15 +26,16 @@ from qtune.cpu import fit_threads
 from qtune.errors import QtuneError
 from qtune.quant import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZE
 from qtune.quant import awq as awq_math
-from qtune.quant.gptq import HessianAccumulator, gptq_quantize
+from qtune.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
 from qtune.quant.rtn import QuantizedWeight, check_bits, rtn_quantize
+from qtune.quant.w8a8 import ChannelWeight, fp8_gptq_channels, int8_channels, smoothing_scales
 
 TOKENWISE_CHUNK = 8192  # tokens per matmul when AWQ evaluates token-wise modules
 
 
 @dataclass
 class LayerwiseResult:
-    quantized_layers: dict[str, QuantizedWeight]  # full module name -> codes and grids
+    quantized_layers: dict[str, QuantizedWeight | ChannelWeight]  # full module name -> codes and grids
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # full module name -> per-layer numbers
     method: str = ""
 
@@ -347,51 +348,142 @@ def gptq_block(
     true_sequential: bool = True,
 ) -> LayerwiseResult:
     """GPTQ one decoder block (on ``device``) in place, then carry ``batches`` through the quantized block."""
+
+    def solve(linear: nn.Linear, hessian: Tensor) -> tuple[QuantizedWeight, Tensor, dict[str, Any]]:
+        quantized = gptq_quantize(linear.weight.data, hessian, bits, group_size, sym, act_order, damp, block_size, group_aware)
+        return quantized.to("cpu"), quantized.weight, _gptq_stats(quantized)  # codes only, off the device
+
     groups = arch.sequential_groups if true_sequential else (arch.linear_names,)
     result = LayerwiseResult(quantized_layers={}, method="gptq")
     with _eval_mode(layer):
-        for names in groups:
-            accumulators = {name: HessianAccumulator(layer.get_submodule(name).in_features, device) for name in names}
-            current_mask: list[Tensor] = []
-
-            def collect(name: str, x: Tensor) -> None:
-                accumulators[name].add_batch(x, current_mask[0])
-
-            with _input_hooks(layer, names, collect, stop_after_all=True):
-                with torch.no_grad():
-                    for batch in batches:
-                        current_mask[:] = [batch.token_mask]
-                        try:
-                            layer(batch.hidden, **batch.layer_kwargs[index])
-                        except _StopForward:
-                            pass
-            for name in names:
-                linear = layer.get_submodule(name)
-                full_name = f"model.layers.{index}.{name}"
-                try:
-                    quantized = gptq_quantize(
-                        linear.weight.data,
-                        accumulators[name].hessian,
-                        bits,
-                        group_size,
-                        sym,
-                        act_order,
-                        damp,
-                        block_size,
-                        group_aware,
-                    )
-                except ValueError as exc:
-                    raise ValueError(f"{full_name}: {exc}") from exc
-                _set_weight(linear, quantized.weight)
-                result.quantized_layers[full_name] = quantized.to("cpu")  # codes only, off the device
-                result.stats[full_name] = {
-                    "loss": quantized.loss,
-                    "damp": quantized.damp,
-                    "damp_retries": quantized.damp_retries,
-                    "dead_columns": quantized.dead_columns,
-                }
-                del accumulators[name]
+        _solve_sequentially(layer, index, batches, device, groups, solve, result)
         _run_block(layer, batches, index)
+    return result
+
+
+def _gptq_stats(quantized: GPTQResult) -> dict[str, Any]:
+    return {"loss": quantized.loss, "damp": quantized.damp, "damp_retries": quantized.damp_retries, "dead_columns": quantized.dead_columns}
+
+
+def _solve_sequentially(
+    layer: nn.Module,
+    index: int,
+    batches: list[_Batch],
+    device: torch.device,
+    groups: tuple[tuple[str, ...], ...],
+    solve: Callable[[nn.Linear, Tensor], tuple[Any, Tensor, dict[str, Any]]],
+    result: LayerwiseResult,
+) -> None:
+    """For each group of linears sharing an input, in order: their input Hessian over the real calibration
+    tokens (the block run up to them, after the groups before were rounded), then ``solve(linear, H)`` ->
+    (the record kept, the rounded weight set in place, stats)."""
+    for names in groups:
+        accumulators = {name: HessianAccumulator(_linear(layer, name).in_features, device) for name in names}
+        current_mask: list[Tensor] = []
+
+        def collect(name: str, x: Tensor) -> None:
+            accumulators[name].add_batch(x, current_mask[0])
+
+        with _input_hooks(layer, names, collect, stop_after_all=True):
+            with torch.no_grad():
+                for batch in batches:
+                    current_mask[:] = [batch.token_mask]
+                    try:
+                        layer(batch.hidden, **batch.layer_kwargs[index])
+                    except _StopForward:
+                        pass
+        for name in names:
+            linear = _linear(layer, name)
+            full_name = f"model.layers.{index}.{name}"
+            try:
+                record, weight, stats = solve(linear, accumulators.pop(name).hessian)
+            except ValueError as exc:
+                raise ValueError(f"{full_name}: {exc}") from exc
+            _set_weight(linear, weight)
+            result.quantized_layers[full_name] = record
+            result.stats[full_name] = stats
+
+
+def _linear(layer: nn.Module, name: str) -> nn.Linear:
+    linear = layer.get_submodule(name)
+    assert isinstance(linear, nn.Linear), f"{name} is a {type(linear).__name__}, not an nn.Linear"
+    return linear
+
+
+def smooth_block(layer: nn.Module, index: int, batches: list[_Batch], *, arch: Architecture, strength: float) -> dict[str, dict[str, Any]]:
+    """SmoothQuant one decoder block in place: for each group of linears that share an input, the largest
+    |activation| per input channel over the real calibration tokens sets the factors by which the op
+    before them (a norm, or the linear whose outputs feed them: v before o, up before down) is divided and
+    the linears' columns are multiplied, so the block computes the same function. The groups are AWQ's
+    (``arch.balance_groups``); a v before o whose shapes differ (grouped-query attention) is left as is.
+    Groups after a linear go first: scaling v's or up's rows changes the column maxima the norm groups'
+    factors read, while no norm group changes what a later group reads."""
+    groups = sorted(_balance_groups(layer, arch), key=lambda group: not isinstance(layer.get_submodule(group[0]), nn.Linear))
+    inputs = tuple(dict.fromkeys(arch.input_of(linears[0]) for _, linears, _ in groups))
+    absmax: dict[str, Tensor] = {}
+    current_mask: list[Tensor] = []
+
+    def collect(name: str, x: Tensor) -> None:
+        top = x.detach()[current_mask[0]].abs().amax(dim=0).float()
+        absmax[name] = top if name not in absmax else torch.maximum(absmax[name], top)
+
+    with _eval_mode(layer), _input_hooks(layer, inputs, collect, stop_after_all=True), torch.no_grad():
+        for batch in batches:
+            current_mask[:] = [batch.token_mask]
+            try:
+                layer(batch.hidden, **batch.layer_kwargs[index])
+            except _StopForward:
+                pass
+    stats: dict[str, dict[str, Any]] = {}
+    for previous, names, _ in groups:
+        key = arch.input_of(names[0])
+        linears = [_linear(layer, name) for name in names]
+        scales = smoothing_scales(absmax[key], [linear.weight.data for linear in linears], strength)
+        _scale_previous_op(layer.get_submodule(previous), scales, arch.norm_offset)
+        for linear in linears:
+            _scale_linear_inputs(linear, scales)
+        before, after = float(absmax[key].max()), float((absmax[key].to(scales.device) / scales).max())
+        for name in names:
+            stats[f"model.layers.{index}.{name}"] = {"smoothed_by": previous, "activation_max": before, "smoothed_activation_max": after}
+    return stats
+
+
+def w8a8_block(
+    layer: nn.Module,
+    index: int,
+    batches: list[_Batch],
+    device: torch.device,
+    *,
+    arch: Architecture,
+    weights: str,
+    smoothing: float,
+    damp: float,
+    scale_dtype: torch.dtype = torch.float32,
+    group_aware: bool = True,
+) -> LayerwiseResult:
+    """One decoder block for 8-bit weights and per-token 8-bit activations, in place: SmoothQuant first
+    (``smoothing`` is its strength, 0 for none), then GPTQ on the smoothed block's inputs onto int8
+    (``weights="int8"``) or FP8 E4M3 (``"fp8"``) grids with one scale per output channel, stored in
+    ``scale_dtype``; then ``batches`` are carried through the rounded block."""
+
+    def solve(linear: nn.Linear, hessian: Tensor) -> tuple[ChannelWeight, Tensor, dict[str, Any]]:
+        if weights == "int8":
+            grid = gptq_quantize(linear.weight.data, hessian, 8, -1, sym=True, damp=damp, group_aware=group_aware)
+            quantized, stats = int8_channels(grid.qweight_int, grid.scales, scale_dtype), _gptq_stats(grid)
+        else:
+            quantized, loss = fp8_gptq_channels(linear.weight.data, hessian, scale_dtype, damp)
+            stats = {"loss": loss}
+        return quantized.to("cpu"), quantized.dequantize(), stats
+
+    if weights not in ("int8", "fp8"):
+        raise ValueError(f"8-bit weights are int8 or fp8, not {weights!r}")
+    smoothed = smooth_block(layer, index, batches, arch=arch, strength=smoothing) if smoothing else {}
+    result = LayerwiseResult(quantized_layers={}, method=f"gptq-{weights}")
+    with _eval_mode(layer):
+        _solve_sequentially(layer, index, batches, device, arch.sequential_groups, solve, result)
+        _run_block(layer, batches, index)
+    for name, numbers in smoothed.items():
+        result.stats[name].update(numbers)
     return result
 
 

@@ -198,7 +198,9 @@ def plan(recipe, shape: ModelShape, gpu_bytes: int | None, host_bytes: int, vali
         if target.format == "gguf":
             device = max(capture, block_fp32 + 2 * carried) if target.uses_imatrix else 0
             host = 3 * largest_tensor_fp32
-        elif target.format in ("gptq", "compressed-tensors"):  # GPTQ's rounding: one group's Hessians (q/k/v share H x H inputs; down has I x I) and its solve
+        elif target.format == "gptq" or (target.format == "compressed-tensors" and target.method == "gptq"):
+            # GPTQ's rounding (W8A8's too; FP8 needs less): one group's Hessians (q/k/v share H x H inputs;
+            # down has I x I) and its solve
             device, host = max(capture, block_fp32 + 2 * carried + hessian_solve), largest_tensor_fp32
         else:  # awq: the inputs of q, o, gate (H wide) and down (I wide), the four inspected outputs, one
             # input gathered for clipping, and GPTQ rounding's Hessian

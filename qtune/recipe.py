@@ -268,7 +268,10 @@ class ExportTarget(Section):
 
     format: Literal["gguf", "gptq", "awq", "compressed-tensors", "gguf-lora"]
     quant: str = "Q4_K_M"
-    scheme: Literal["W4A16"] = "W4A16"  # compressed-tensors: 4-bit weights, 16-bit activations
+    # compressed-tensors: W4A16 (4-bit weights by GPTQ, 16-bit activations), W8A8 (SmoothQuant, then int8
+    # weights by GPTQ; int8 activations per token) or FP8 (E4M3 weights by GPTQ, E4M3 activations per token)
+    scheme: Literal["W4A16", "W8A8", "FP8"] = "W4A16"
+    smoothing: float | None = Field(None, ge=0, le=1)  # SmoothQuant's strength α (0: off); default: the scheme's
     imatrix: bool = True
     bits: int = DEFAULT_BITS
     group_size: int = DEFAULT_GROUP_SIZE
@@ -276,6 +279,9 @@ class ExportTarget(Section):
     act_order: bool = False
     group_aware: bool = True
     rounding: Literal["rtn", "gptq"] = "rtn"
+    # compressed-tensors W4A16: the grid from GPTQ's solve, or from AWQ's scale search and clipping
+    # (asymmetric, then rounded by ``rounding``), as in an AWQ export
+    method: Literal["gptq", "awq"] = "gptq"
     damp: float = Field(DEFAULT_DAMP, gt=0, lt=1)
     calibration: str | None = None
     samples: int = Field(128, ge=1)
@@ -305,10 +311,23 @@ class ExportTarget(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _lora_default_type(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("format") == "gguf-lora" and "quant" not in data:
+    def _format_defaults(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        if data.get("format") == "gguf-lora" and "quant" not in data:
             return {**data, "quant": "F16"}  # a LoRA adapter is stored unquantized
+        scheme = CT_SCHEMES.get(str(data.get("scheme", "W4A16")))
+        if data.get("format") == "compressed-tensors" and scheme is not None:
+            defaults = {"bits": scheme.weight_bits, **({"group_size": -1} if scheme.per_channel else {})}
+            if data.get("method") == "awq" and not scheme.per_channel:
+                defaults["sym"] = False
+            return {**defaults, **data}
         return data
+
+    @property
+    def smoothing_strength(self) -> float:
+        """SmoothQuant's strength for this export: the setting, or the scheme's default (0 for none)."""
+        return CT_SCHEMES[self.scheme].smoothing if self.smoothing is None else self.smoothing
 
     @property
     def uses_imatrix(self) -> bool:
@@ -331,13 +350,31 @@ class ExportTarget(Section):
             if self.act_order:
                 found.append(("act_order", "act-order is a GPTQ option; AWQ has no g_idx"))
         elif self.format == "compressed-tensors":
-            if self.bits != CT_SCHEMES[self.scheme]:
-                found.append(("bits", f"scheme {self.scheme} holds {CT_SCHEMES[self.scheme]}-bit weights, not {self.bits}"))
+            scheme = CT_SCHEMES[self.scheme]
+            if self.bits != scheme.weight_bits:
+                found.append(("bits", f"scheme {self.scheme} holds {scheme.weight_bits}-bit weights, not {self.bits}"))
             if self.act_order:
                 found.append(("act_order", "qtune writes compressed-tensors without act-order's g_idx; the default group-aware order needs none"))
-        if self.format != "awq" and self.rounding != "rtn":
-            found.append(("rounding", "rounding applies to AWQ exports (how the scaled weights are rounded)"))
-        found.extend(("runtimes", f"{row.runtime} would refuse this file: {row.note}") for row in refusals(self.format, self.runtimes, self.bits, self.sym))
+            if scheme.per_channel and self.group_size != -1:
+                found.append(("group_size", f"scheme {self.scheme} has one weight scale per output channel: leave group_size out (or -1)"))
+            if scheme.per_channel and not self.sym:
+                found.append(("sym", f"scheme {self.scheme} holds symmetric weights (vLLM's 8-bit kernels take no weight zero point)"))
+            if self.smoothing and not scheme.activations:
+                found.append(("smoothing", f"SmoothQuant moves activation outliers into the weights for 8-bit activations; {self.scheme} keeps 16-bit ones"))
+        if self.smoothing is not None and self.format != "compressed-tensors":
+            found.append(("smoothing", "smoothing (SmoothQuant) applies to compressed-tensors' W8A8 and FP8 schemes"))
+        awq_grid = self.format == "awq" or (self.format == "compressed-tensors" and self.method == "awq")
+        if self.method == "awq" and not (self.format == "compressed-tensors" and self.scheme == "W4A16"):
+            found.append(("method", "method: awq applies to compressed-tensors W4A16 (an AWQ export is format: awq)"))
+        elif self.format == "compressed-tensors" and self.method == "awq":
+            if self.sym:
+                found.append(("sym", "AWQ's grid is asymmetric: leave sym out (or false)"))
+            if self.group_size == -1:
+                found.append(("group_size", "AWQ's scale search needs a group size (32, 64 or 128)"))
+        if not awq_grid and self.rounding != "rtn":
+            found.append(("rounding", "rounding applies to AWQ grids: format awq, or compressed-tensors with method awq"))
+        refused = refusals(self.format, self.runtimes, self.bits, self.sym, self.scheme)
+        found.extend(("runtimes", f"{row.runtime} would refuse this file: {row.note}") for row in refused)
         return found
 
     def default_name(self) -> str:
@@ -347,7 +384,11 @@ class ExportTarget(Section):
             return f"lora-{self.quant}.gguf"
         group = "channel" if self.group_size == -1 else f"g{self.group_size}"
         if self.format == "compressed-tensors":
-            return f"ct-{self.scheme.lower()}-{group}{'' if self.sym else '-asym'}"
+            if CT_SCHEMES[self.scheme].per_channel:
+                smoothed = f"-sq{self.smoothing_strength:g}" if self.smoothing_strength != CT_SCHEMES[self.scheme].smoothing else ""
+                return f"ct-{self.scheme.lower()}{smoothed}"
+            awq = ("-awq-gptq" if self.rounding == "gptq" else "-awq") if self.method == "awq" else ""
+            return f"ct-{self.scheme.lower()}-{group}{'' if self.sym else '-asym'}{awq}"
         suffix = "-asym" if not self.sym and self.format == "gptq" else "-gptq" if self.format == "awq" and self.rounding == "gptq" else ""
         return f"{self.format}-{self.bits}bit-{group}{suffix}"
 

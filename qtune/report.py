@@ -118,7 +118,7 @@ class Report:
             elif isinstance(saved := _read_json(self.run_dir / "exports" / f"{row.artifact}.report.json"), dict) and "runtimes" in saved:
                 support = saved["runtimes"]
             elif (target := targets.get(row.artifact)) is not None:
-                support = [s.as_dict() for s in runtime_support(target.format, target.bits, target.sym)]
+                support = [s.as_dict() for s in runtime_support(target.format, target.bits, target.sym, target.scheme)]
             else:
                 continue  # the base and the adapter are not deployable files
             cells = {s["runtime"]: ("yes" if s["loads"] else "no") + (f": {s['note']}" if s["note"] else "") for s in support}

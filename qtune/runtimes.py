@@ -15,6 +15,10 @@ MERGED = "merged"
 _GGUF_ONLY = "runs GGUF files only: export format gguf"
 _NOT_GGUF = "no GGUF path: vLLM 0.32 moved GGUF to an out-of-tree plugin that runs on CUDA only"
 _TRANSFORMERS_GGUF = "dequantizes the whole file to float when it loads it (gguf_file=...): no memory saved"
+_VLLM_8BIT = {  # compressed-tensors schemes with 8-bit activations: where vLLM's kernels for them run
+    "W8A8": "int8 GEMMs on CPU (oneDNN) and on NVIDIA GPUs from Turing (sm75)",
+    "FP8": "FP8 GEMMs on CPU and on Ada/Hopper GPUs (sm89+); older GPUs run FP8 weights with 16-bit activations",
+}
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,9 @@ def _gptq_in_vllm(bits: int, sym: bool) -> Support:
     return Support("vLLM", True, proved_by="tests/test_vllm.py")
 
 
-def runtime_support(fmt: str, bits: int = 4, sym: bool = True) -> list[Support]:
-    """Each of RUNTIMES for a file of format ``fmt`` (an export format, or MERGED), in RUNTIMES' order."""
+def runtime_support(fmt: str, bits: int = 4, sym: bool = True, scheme: str = "W4A16") -> list[Support]:
+    """Each of RUNTIMES for a file of format ``fmt`` (an export format, or MERGED; ``scheme`` for
+    compressed-tensors), in RUNTIMES' order."""
     if fmt == MERGED:
         rows = [
             Support("transformers", True, proved_by="tests/test_merge.py"),
@@ -69,10 +74,13 @@ def runtime_support(fmt: str, bits: int = 4, sym: bool = True) -> list[Support]:
             Support("Ollama", True, "as ADAPTER in a Modelfile over the base model's GGUF"),
         ]
     elif fmt == "compressed-tensors":
+        transformers_note = "with the compressed-tensors package installed" + (
+            "; it decompresses the 8-bit weights and computes with 16-bit activations" if scheme in _VLLM_8BIT else ""
+        )
         rows = [
-            Support("transformers", True, "with the compressed-tensors package installed", "tests/test_compressed_tensors.py"),
+            Support("transformers", True, transformers_note, "tests/test_compressed_tensors.py"),
             Support("GPTQModel", False, "reads GPTQ and AWQ checkpoints: export format gptq or awq"),
-            Support("vLLM", True, proved_by="tests/test_vllm.py"),
+            Support("vLLM", True, _VLLM_8BIT.get(scheme, ""), "tests/test_vllm.py"),
             Support("llama.cpp", False, _GGUF_ONLY),
             Support("Ollama", False, _GGUF_ONLY),
         ]
@@ -88,7 +96,7 @@ def runtime_support(fmt: str, bits: int = 4, sym: bool = True) -> list[Support]:
     return rows
 
 
-def refusals(fmt: str, required: list[str], bits: int = 4, sym: bool = True) -> list[Support]:
+def refusals(fmt: str, required: list[str], bits: int = 4, sym: bool = True, scheme: str = "W4A16") -> list[Support]:
     """The runtimes named in ``required`` (any case) that would refuse such a file."""
     wanted = {name.lower() for name in required}
-    return [row for row in runtime_support(fmt, bits, sym) if row.runtime.lower() in wanted and not row.loads]
+    return [row for row in runtime_support(fmt, bits, sym, scheme) if row.runtime.lower() in wanted and not row.loads]

@@ -29,7 +29,7 @@ def main() -> None:
 
     from qtune import data as qdata
     from qtune import models, rundir
-    from qtune.w4a16_models import load_w4a16_model
+    from qtune.quantized_models import load_quantized_model
 
     loaded = rundir.load_run_recipe(args.run_dir)
     tokenizer = models.load_tokenizer(args.run_dir / rundir.MERGED_DIR)
@@ -37,7 +37,7 @@ def main() -> None:
     if args.artifact == "merged":
         model = models.load_full_precision(args.run_dir / rundir.MERGED_DIR, loaded.recipe.model, torch.float32)
     else:
-        model = load_w4a16_model(args.run_dir / rundir.EXPORTS_DIR / args.artifact)
+        model = load_quantized_model(args.run_dir / rundir.EXPORTS_DIR / args.artifact)
     model.eval()
     weakest = []
     with torch.no_grad():

@@ -116,12 +116,12 @@ def test_w4a16_kernel_path_matches_the_dequantized_model(run_dir: Path, tmp_path
     import torch
 
     from qtune.kernels.w4a16 import QuantLinearW4A16
-    from qtune.w4a16_models import load_w4a16_model
+    from qtune.quantized_models import load_quantized_model
 
     out = tmp_path / "gptq"
     export(run_dir, ExportTarget(format="gptq", group_size=64, samples=8, seq_len=128), out)
     dense = load_dequantized_gptq_model(out)
-    packed = load_w4a16_model(out, backend="torch")
+    packed = load_quantized_model(out, backend="torch")
     assert sum(isinstance(m, QuantLinearW4A16) for m in packed.modules()) == 7 * 2
     assert not any(
         p.dtype == torch.float32 and p.dim() == 2 and p.shape[0] > 1000 and p.shape[1] == 256 for n, p in packed.named_parameters() if "layers" in n
@@ -135,7 +135,7 @@ def test_export_names_and_awq_only_options():
     assert ExportTarget(format="gptq", group_size=32, sym=False).default_name() == "gptq-4bit-g32-asym"
     assert ExportTarget(format="awq", group_size=32, rounding="gptq").default_name() == "awq-4bit-g32-gptq"
     assert ExportTarget(format="awq", group_size=64).default_name() == "awq-4bit-g64"
-    assert ("rounding", "rounding applies to AWQ exports (how the scaled weights are rounded)") in ExportTarget(format="gptq", rounding="gptq").problems()
+    assert ("rounding", "rounding applies to AWQ grids: format awq, or compressed-tensors with method awq") in ExportTarget(format="gptq", rounding="gptq").problems()
 
 
 def test_gguf_lora_export_from_a_run(run_dir: Path, tmp_path: Path):

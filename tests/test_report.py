@@ -74,7 +74,7 @@ def test_the_report_says_where_each_file_runs(full_run):
     expected = {"merged": runtime_support(MERGED)}
     for target in load_recipe(run_dir / "recipe.resolved.yaml").recipe.export:
         saved = json.loads((run_dir / "exports" / f"{target.default_name()}.report.json").read_text())
-        expected[target.default_name()] = runtime_support(target.format, target.bits, target.sym)
+        expected[target.default_name()] = runtime_support(target.format, target.bits, target.sym, target.scheme)
         assert saved["runtimes"] == [row.as_dict() for row in expected[target.default_name()]]
     report_md = (run_dir / "report.md").read_text()
     table = report_md[report_md.index("## Where each file runs") :]

@@ -17,7 +17,7 @@ def _loads(fmt: str, **settings: object) -> dict[str, bool]:
     return {row.runtime: row.loads for row in runtime_support(fmt, **settings)}  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("fmt", [MERGED, "gguf", "gguf-lora", "gptq", "awq"])
+@pytest.mark.parametrize("fmt", [MERGED, "gguf", "gguf-lora", "gptq", "awq", "compressed-tensors"])
 def test_every_file_has_a_row_per_runtime_and_every_refusal_a_reason(fmt):
     rows = runtime_support(fmt)
     assert tuple(row.runtime for row in rows) == RUNTIMES
@@ -30,6 +30,10 @@ def test_what_each_format_runs_in():
     assert _loads("awq") == {"transformers": True, "GPTQModel": True, "vLLM": True, "llama.cpp": False, "Ollama": False}
     assert _loads(MERGED)["vLLM"] and not _loads(MERGED)["llama.cpp"]
     assert _loads("gptq", bits=4, sym=True)["vLLM"] and _loads("gptq", bits=8, sym=True)["vLLM"]
+    for scheme in ("W4A16", "W8A8", "FP8"):
+        assert _loads("compressed-tensors", scheme=scheme) == {"transformers": True, "GPTQModel": False, "vLLM": True, "llama.cpp": False, "Ollama": False}
+    vllm = {scheme: next(r for r in runtime_support("compressed-tensors", scheme=scheme) if r.runtime == "vLLM") for scheme in ("W4A16", "W8A8", "FP8")}
+    assert vllm["W4A16"].note == "" and "int8" in vllm["W8A8"].note and "sm89" in vllm["FP8"].note
 
 
 @pytest.mark.parametrize("bits,sym", [(4, False), (8, False), (3, True), (2, True)])

@@ -13,19 +13,24 @@ from qtune import models
 from qtune.data import prepare_data
 from qtune.evaluate import load_artifact
 from qtune.exports import export
+from qtune.quantized_models import load_quantized_model
 from qtune.recipe import ExportTarget, load_recipe
 from qtune.runtimes import MERGED, runtime_support
-from qtune.w4a16_models import load_w4a16_model
 
 pytestmark = [pytest.mark.slow, *oracle_marks(vllm_python(), "vLLM's CPU build (.cache/vllm-venv)")]
 
 TOKENS = 8
 RUN_FILES = ["merged", "gptq-4bit-g32", "awq-4bit-g32"]  # the full run's own
-WRITTEN_HERE = {"ct-w4a16-g32": (32, True), "ct-w4a16-g64-asym": (64, False)}  # from its merged model
+WRITTEN_HERE = {  # compressed-tensors exports of its merged model, one per scheme and grid
+    "ct-w4a16-g32": {"group_size": 32},
+    "ct-w4a16-g64-asym-awq": {"group_size": 64, "method": "awq"},
+    "ct-w8a8": {"scheme": "W8A8"},
+    "ct-fp8": {"scheme": "FP8"},
+}
 
 
 def _vllm_loads(target: ExportTarget | None) -> bool:
-    support = runtime_support(MERGED) if target is None else runtime_support(target.format, target.bits, target.sym)
+    support = runtime_support(MERGED) if target is None else runtime_support(target.format, target.bits, target.sym, target.scheme)
     return next(s for s in support if s.runtime == "vLLM").loads
 
 
@@ -44,11 +49,11 @@ def answers(full_run, tmp_path_factory) -> dict[str, tuple[list, dict]]:
         files[name] = run_dir / (MERGED if name == MERGED else f"exports/{name}")
         models_here[name] = load_artifact(name, run_dir, loaded, models.resolve_base(recipe.model)).model
     data = str(Path(loaded.base_dir, str(recipe.data.train[0].path)))
-    for name, (group_size, sym) in WRITTEN_HERE.items():
-        target = ExportTarget(format="compressed-tensors", group_size=group_size, sym=sym, samples=8, seq_len=128, calibration=data)
+    for name, settings in WRITTEN_HERE.items():
+        target = ExportTarget(format="compressed-tensors", samples=8, seq_len=128, calibration=data, **settings)
         assert target.default_name() == name and _vllm_loads(target)
         files[name] = export(run_dir / MERGED, target, work / name).path
-        models_here[name] = load_w4a16_model(files[name], device="cpu")
+        models_here[name] = load_quantized_model(files[name], device="cpu")
     tokenizer = models.load_tokenizer(run_dir / "merged")
     prompts = prepare_data(recipe.data, tokenizer, loaded.base_dir, recipe.training.seed).eval_prompts[:10]
     ids = [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in prompts]
@@ -69,8 +74,9 @@ def answers(full_run, tmp_path_factory) -> dict[str, tuple[list, dict]]:
 @pytest.mark.parametrize("name", [*RUN_FILES, *WRITTEN_HERE])
 def test_vllm_answers_like_qtunes_own_evaluation(answers, name: str):
     """Greedy answers on the held-out prompts: equal on every prompt for the merged model (both in float32),
-    on at least 90% of them for GPTQ, AWQ and compressed-tensors (vLLM's CPU W4A16 kernel computes in
-    bfloat16, qtune's CPU path in float32, so a near-tie may flip)."""
+    on at least 90% of them for GPTQ, AWQ and compressed-tensors (vLLM's CPU kernels compute in bfloat16,
+    qtune's CPU path in float32, so a near-tie may flip). For W8A8 and FP8 qtune's side rounds each
+    linear's input per token to 8 bits as vLLM's kernels do."""
     ours, result = answers[name]
     assert "answers" in result, f"vLLM refused {name}: {result.get('error')}"
     theirs = result["answers"]

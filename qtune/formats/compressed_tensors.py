@@ -1,7 +1,8 @@
 """compressed-tensors checkpoints (llm-compressor's format; read by vLLM, SGLang, and transformers with the
-compressed-tensors package): the W4A16 scheme, "pack-quantized", symmetric or asymmetric.
+compressed-tensors package): the schemes of ``qtune.quant.CT_SCHEMES``.
 
-Per quantized linear (K inputs, N outputs, G = K / group_size groups, or 1 per row for "channel"):
+W4A16, "pack-quantized", symmetric or asymmetric. Per quantized linear (K inputs, N outputs,
+G = K / group_size groups, or 1 per row for "channel"):
   weight_packed      int32 [N, K*bits/32]  codes along K, least significant bits first
   weight_scale       model dtype [N, G]
   weight_zero_point  int32 [N*bits/32, G]  asymmetric only: zero points packed along N the same way
@@ -10,6 +11,12 @@ The format's integers are signed (-2^(bits-1) .. 2^(bits-1)-1) and packed with 2
 stored nibbles are the unsigned codes and zeros qtune's quantizers make. Dequantized, in the scale's
 dtype: (code - zero) * scale, where zero is 2^(bits-1) for a symmetric grid. A checkpoint lists the
 quantized modules' class ("Linear") and ignores lm_head.
+
+W8A8 ("int-quantized") and FP8 ("float-quantized"): 8-bit weights, one scale per output channel, and
+activations the runtime rounds per token with a dynamic symmetric scale (the config's input_activations):
+  weight        int8 or float8_e4m3fn [N, K]
+  weight_scale  model dtype [N, 1]
+Dequantized: weight * weight_scale (exact in float32), rounded to the model's dtype.
 """
 
 from __future__ import annotations
@@ -23,14 +30,18 @@ from torch import Tensor
 from qtune.formats.gptq import pack_rows, unpack_rows
 from qtune.quant import CT_SCHEMES
 from qtune.quant.rtn import QuantizedWeight, check_group_size, default_g_idx
+from qtune.quant.w8a8 import FP8_DTYPE, ChannelWeight
 
 QUANT_METHOD = "compressed-tensors"
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+CHANNEL_SUFFIXES = ("weight", "weight_scale")
+FORMATS = {"W4A16": "pack-quantized", "W8A8": "int-quantized", "FP8": "float-quantized"}
+_CHANNEL_DTYPES = {"W8A8": torch.int8, "FP8": FP8_DTYPE}
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in CT_SCHEMES.values():
-        raise ValueError(f"qtune writes compressed-tensors weights of {sorted(set(CT_SCHEMES.values()))} bits, not {bits}")
+    if bits != CT_SCHEMES["W4A16"].weight_bits:
+        raise ValueError(f"qtune writes pack-quantized compressed-tensors weights of {CT_SCHEMES['W4A16'].weight_bits} bits, not {bits}")
 
 
 def pack_ct_layer(quantized: QuantizedWeight, scale_dtype: torch.dtype, layer: str = "layer") -> dict[str, Tensor]:
@@ -112,6 +123,72 @@ def ct_quantization_config(bits: int, group_size: int, sym: bool) -> dict[str, A
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
+
+
+def pack_ct_channel_layer(quantized: ChannelWeight, scheme: str, scale_dtype: torch.dtype, layer: str = "layer") -> dict[str, Tensor]:
+    """weight / weight_scale of one linear for the W8A8 or FP8 scheme; the scales must be exact in
+    ``scale_dtype`` (the model's, as llm-compressor stores them, and as transformers casts them on load)."""
+    if quantized.values.dtype != _CHANNEL_DTYPES[scheme]:
+        raise ValueError(f"{layer}: {scheme} stores {_CHANNEL_DTYPES[scheme]} weights, not {quantized.values.dtype}")
+    scales = quantized.scales.reshape(-1, 1).to(scale_dtype)
+    if not torch.equal(scales.float(), quantized.scales.float().reshape(-1, 1)):
+        raise ValueError(f"{layer}: its scales are not exact in {scale_dtype}")
+    return {"weight": quantized.values.contiguous(), "weight_scale": scales.contiguous()}
+
+
+def unpack_ct_channel_layer(tensors: Mapping[str, Tensor]) -> ChannelWeight:
+    return ChannelWeight(tensors["weight"], tensors["weight_scale"].float().reshape(-1))
+
+
+def ct_channel_shapes(out_features: int, in_features: int, scheme: str, scale_dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """What ``pack_ct_channel_layer`` makes of an [out, in] linear: suffix -> (dtype, shape)."""
+    return {"weight": (_CHANNEL_DTYPES[scheme], (out_features, in_features)), "weight_scale": (scale_dtype, (out_features, 1))}
+
+
+def ct_channel_quantization_config(scheme: str) -> dict[str, Any]:
+    """config.json's quantization_config for W8A8 or FP8: per-channel 8-bit weights, dynamic per-token
+    8-bit input activations, every Linear but lm_head."""
+    kind = CT_SCHEMES[scheme].weight_type
+    weights = {
+        "num_bits": 8,
+        "type": kind,
+        "symmetric": True,
+        "strategy": "channel",
+        "group_size": None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+    activations = {**weights, "strategy": "token", "dynamic": True, "observer": None}
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMATS[scheme],
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations, "output_activations": None}},
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
+
+
+def ct_scheme(quantization_config: Mapping[str, Any]) -> str:
+    """Which of qtune's schemes a compressed-tensors checkpoint holds (a ValueError for any other)."""
+    fmt = quantization_config.get("format")
+    for scheme, name in FORMATS.items():
+        if fmt == name:
+            if scheme != "W4A16":
+                groups = quantization_config.get("config_groups") or {}
+                if len(groups) != 1:
+                    raise ValueError("qtune reads compressed-tensors checkpoints with one config group")
+                (group,) = groups.values()
+                weights, activations = group["weights"], group.get("input_activations") or {}
+                expected = CT_SCHEMES[scheme].weight_type
+                per_token = activations.get("strategy") == "token" and activations.get("dynamic")
+                if weights.get("strategy") != "channel" or weights.get("type") != expected or not per_token:
+                    raise ValueError(f"qtune reads {name} checkpoints with per-channel {expected} weights and dynamic per-token activations")
+            return scheme
+    raise ValueError(f"qtune reads compressed-tensors formats {', '.join(FORMATS.values())}, not {fmt!r}")
 
 
 def read_ct_settings(quantization_config: Mapping[str, Any]) -> tuple[int, int, bool]:

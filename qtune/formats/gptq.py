@@ -151,8 +151,8 @@ def _has_act_order(quantized: QuantizedWeight) -> bool:
 
 def collect_tensors(
     model: nn.Module,
-    quantized_layers: Mapping[str, QuantizedWeight],
-    pack_layer: Callable[[str, QuantizedWeight], dict[str, Tensor]],
+    quantized_layers: Mapping[str, Any],  # QuantizedWeight, or what pack_layer takes
+    pack_layer: Callable[[str, Any], dict[str, Tensor]],
     dtype: torch.dtype | None,
     prefix: str = "",
 ) -> dict[str, Tensor]:
@@ -165,8 +165,8 @@ def collect_tensors(
         module = modules.get(name)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"quantized layer {name!r} is not an nn.Linear of the model")
-        if tuple(module.weight.shape) != tuple(quantized.qweight_int.shape):
-            raise ValueError(f"{name}: quantized shape {tuple(quantized.qweight_int.shape)} != weight {tuple(module.weight.shape)}")
+        if tuple(module.weight.shape) != tuple(quantized.shape):
+            raise ValueError(f"{name}: quantized shape {tuple(quantized.shape)} != weight {tuple(module.weight.shape)}")
         for suffix, tensor in pack_layer(name, quantized).items():
             out[f"{name}.{suffix}"] = tensor.cpu()
         if module.bias is not None:

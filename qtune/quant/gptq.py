@@ -13,6 +13,7 @@ the group), and within a group the columns in descending diag(H).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -226,3 +227,38 @@ def gptq_quantize(
         dead_columns=int(dead.sum()),
         perm=perm,
     )
+
+
+def gptq_fixed_grid(
+    weight: Tensor, hessian: Tensor, round_column: Callable[[Tensor], Tensor], damp: float = DEFAULT_DAMP, block_size: int = 128
+) -> tuple[Tensor, float]:
+    """GPTQ's solve on a grid fixed before it starts, the same for every column (one scale per row, e.g.
+    FP8's): ``round_column`` rounds a column [N] to the grid. With no groups, the columns are solved in
+    descending diag(H) (act-order) at no cost to the layout. Returns the rounded weight and GPTQ's loss."""
+    check_weight(weight)
+    k = weight.shape[1]
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian must be [{k}, {k}] for a weight with {k} input features, got {tuple(hessian.shape)}")
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv, _, _ = _inverse_hessian_factor(h, damp)
+    rounded = torch.zeros_like(w)
+    loss = 0.0
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = w1[:, i]
+            deq = round_column(column)
+            rounded[:, i1 + i] = deq
+            err = (column - deq) / hinv1[i, i]
+            loss += float((err**2).sum()) / 2
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return rounded[:, torch.argsort(perm)], loss

@@ -44,6 +44,10 @@ class QuantizedWeight:
     group_size: int
     sym: bool
 
+    @property
+    def shape(self) -> torch.Size:
+        return self.qweight_int.shape
+
     def dequantize(self) -> Tensor:
         return dequantize_grouped(self.qweight_int, self.scales, self.zeros, self.g_idx)
 

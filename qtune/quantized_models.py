@@ -1,8 +1,15 @@
-"""Running exported GPTQ, AWQ and compressed-tensors (W4A16) checkpoints: every quantized linear becomes a
-``QuantLinearW4A16`` that keeps the packed weights (Triton kernels on CUDA; compressed-tensors layers are
-repacked losslessly into GPTQ's v2 layout on load). On CPU, where unpacking per token is slow, each is
-dequantized once to fp16 (rounded as the GPU kernels round) and the model computes in float32
-(``models.compute_in_float32``): half precision's memory, never a float32 copy."""
+"""Running exported GPTQ, AWQ and compressed-tensors checkpoints.
+
+W4A16 (GPTQ, AWQ, compressed-tensors W4A16): every quantized linear becomes a ``QuantLinearW4A16`` that
+keeps the packed weights (Triton kernels on CUDA; compressed-tensors layers are repacked losslessly into
+GPTQ's v2 layout on load). On CPU, where unpacking per token is slow, each is dequantized once to fp16
+(rounded as the GPU kernels round) and the model computes in float32 (``models.compute_in_float32``):
+half precision's memory, never a float32 copy.
+
+W8A8 and FP8 (compressed-tensors): every quantized linear becomes a ``QuantLinearW8A8`` that keeps the
+8-bit weights and rounds its input per token as the runtime does (``quant.w8a8.quantize_tokens``), so a
+score is that of the 8-bit activations, not of the weights alone.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +21,38 @@ from torch import nn
 from qtune.checkpoint_files import check_checkpoint
 from qtune.formats import compressed_tensors as ct
 from qtune.formats.gptq import pack_gptq_layer, read_quantization_config
+from qtune.quant import CT_SCHEMES
+from qtune.quant.w8a8 import ChannelWeight, quantize_tokens
 from qtune.shards import CheckpointReader
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
-def is_w4a16_checkpoint(path: Path) -> bool:
+class QuantLinearW8A8(nn.Module):
+    """y = round_per_token(x) @ (weight * weight_scale)^T + bias, in float32, returned in x's dtype."""
+
+    def __init__(self, weight: ChannelWeight, bias: torch.Tensor | None, activation: str) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.activation = activation
+        self.register_buffer("weight", weight.values)
+        self.register_buffer("weight_scale", weight.scales.float())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return ChannelWeight(self.weight, self.weight_scale).dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(quantize_tokens(x, self.activation), self.dequantize())
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
+def is_quantized_checkpoint(path: Path) -> bool:
     try:
         return read_quantization_config(path).get("quant_method") in ("gptq", "awq", ct.QUANT_METHOD)
     except (OSError, ValueError):
@@ -34,9 +67,10 @@ def kernel_layout(quant: dict) -> str:
     return "gptq_v2" if (quant.get("checkpoint_format") or quant.get("format")) == "gptq_v2" else "gptq"
 
 
-def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | str | None = None) -> nn.Module:
-    """An HF causal LM for a GPTQ/AWQ checkpoint written by qtune (or by GPTQModel/AutoAWQ in the same
-    layouts), its quantized linears packed, on ``device`` (default: CUDA when there is one)."""
+def load_quantized_model(path: Path, backend: str = "auto", device: torch.device | str | None = None) -> nn.Module:
+    """An HF causal LM for a GPTQ, AWQ or compressed-tensors checkpoint written by qtune (or by GPTQModel,
+    AutoAWQ or llm-compressor in the same layouts), its quantized linears packed, on ``device`` (default:
+    CUDA when there is one)."""
     from transformers import AutoConfig
 
     from qtune.blockwise import empty_model, move_computed_buffers
@@ -48,7 +82,10 @@ def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | s
     quant = read_quantization_config(path)
     layout = kernel_layout(quant)
     compressed = quant["quant_method"] == ct.QUANT_METHOD
-    if compressed:
+    activations = CT_SCHEMES[ct.ct_scheme(quant)].activations if compressed else None
+    if activations:
+        group_size, first, suffixes = -1, ".weight_scale", ct.CHANNEL_SUFFIXES + ("bias",)
+    elif compressed:
         bits, group_size, sym = ct.read_ct_settings(quant)
         first, suffixes = ".weight_packed", ct.PACKED_SUFFIXES + ("bias",)
     else:
@@ -61,14 +98,18 @@ def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | s
     prefixes = [key.removesuffix(first) for key in reader.keys() if key.endswith(first)]
     for prefix in prefixes:
         tensors = {f"{prefix}.{s}": reader.get(f"{prefix}.{s}").to(device) for s in suffixes if f"{prefix}.{s}" in reader}
+        parent_name, _, child = prefix.rpartition(".")
+        if activations:
+            weight = ct.unpack_ct_channel_layer({s: tensors[f"{prefix}.{s}"] for s in ct.CHANNEL_SUFFIXES})
+            setattr(model.get_submodule(parent_name), child, QuantLinearW8A8(weight, tensors.get(f"{prefix}.bias"), activations))
+            continue
         if compressed:
             layer = {s: tensors.pop(f"{prefix}.{s}") for s in ct.PACKED_SUFFIXES if f"{prefix}.{s}" in tensors}
             repacked = pack_gptq_layer(ct.unpack_ct_layer(layer, bits, group_size, sym), "gptq_v2", prefix)
             tensors.update({f"{prefix}.{s}": t.to(device) for s, t in repacked.items()})
-        parent_name, _, child = prefix.rpartition(".")
         size = None if group_size == -1 else group_size
         setattr(model.get_submodule(parent_name), child, QuantLinearW4A16.from_state_dict(tensors, prefix, layout, size, backend))
-    packed = {f"{prefix}.{s}" for prefix in prefixes for s in {*suffixes, *PACKED_SUFFIXES}}
+    packed = {f"{prefix}.{s}" for prefix in prefixes for s in {*suffixes, *PACKED_SUFFIXES, "weight"}}
     state = {key: reader.get(key).to(device) for key in reader.keys() if key not in packed}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -79,7 +120,7 @@ def load_w4a16_model(path: Path, backend: str = "auto", device: torch.device | s
         model.lm_head.weight = model.model.embed_tokens.weight
     move_computed_buffers(model, device)
     if device.type == "cpu":
-        if backend == "auto":  # per-token unpacking is slow on CPU: dequantize once, to fp16 as the GPU kernels round
+        if backend == "auto" and not activations:  # per-token unpacking is slow on CPU: dequantize once, to fp16 as the GPU kernels round
             for prefix in prefixes:
                 _to_dense(model, prefix)
         compute_in_float32(model)
