@@ -222,6 +222,19 @@ def _run_block_for_inputs(layer: nn.Module, batches: list[_Batch], layer_index: 
                 pass
 
 
+def _feed_inputs(layer: nn.Module, index: int, batches: list[_Batch], names: tuple[str, ...], on_input: Callable[[str, Tensor, Tensor], None]) -> None:
+    """Run the block on every batch up to the last of the named linears, calling ``on_input(name, x,
+    token_mask)`` with each one's input."""
+    current_mask: list[Tensor] = []
+    with _input_hooks(layer, names, lambda name, x: on_input(name, x, current_mask[0]), stop_after_all=True), torch.no_grad():
+        for batch in batches:
+            current_mask[:] = [batch.token_mask]
+            try:
+                layer(batch.hidden, **batch.layer_kwargs[index])
+            except _StopForward:
+                pass
+
+
 def _set_weight(linear: nn.Linear, weight: Tensor) -> None:
     linear.weight.data.copy_(weight.to(linear.weight.dtype))
 
@@ -379,19 +392,7 @@ def _solve_sequentially(
     (the record kept, the rounded weight set in place, stats)."""
     for names in groups:
         accumulators = {name: HessianAccumulator(_linear(layer, name).in_features, device) for name in names}
-        current_mask: list[Tensor] = []
-
-        def collect(name: str, x: Tensor) -> None:
-            accumulators[name].add_batch(x, current_mask[0])
-
-        with _input_hooks(layer, names, collect, stop_after_all=True):
-            with torch.no_grad():
-                for batch in batches:
-                    current_mask[:] = [batch.token_mask]
-                    try:
-                        layer(batch.hidden, **batch.layer_kwargs[index])
-                    except _StopForward:
-                        pass
+        _feed_inputs(layer, index, batches, names, lambda name, x, mask: accumulators[name].add_batch(x, mask))
         for name in names:
             linear = _linear(layer, name)
             full_name = f"model.layers.{index}.{name}"
@@ -421,19 +422,13 @@ def smooth_block(layer: nn.Module, index: int, batches: list[_Batch], *, arch: A
     groups = sorted(_balance_groups(layer, arch), key=lambda group: not isinstance(layer.get_submodule(group[0]), nn.Linear))
     inputs = tuple(dict.fromkeys(arch.input_of(linears[0]) for _, linears, _ in groups))
     absmax: dict[str, Tensor] = {}
-    current_mask: list[Tensor] = []
 
-    def collect(name: str, x: Tensor) -> None:
-        top = x.detach()[current_mask[0]].abs().amax(dim=0).float()
+    def collect(name: str, x: Tensor, mask: Tensor) -> None:
+        top = x.detach()[mask].abs().amax(dim=0).float()
         absmax[name] = top if name not in absmax else torch.maximum(absmax[name], top)
 
-    with _eval_mode(layer), _input_hooks(layer, inputs, collect, stop_after_all=True), torch.no_grad():
-        for batch in batches:
-            current_mask[:] = [batch.token_mask]
-            try:
-                layer(batch.hidden, **batch.layer_kwargs[index])
-            except _StopForward:
-                pass
+    with _eval_mode(layer):
+        _feed_inputs(layer, index, batches, inputs, collect)
     stats: dict[str, dict[str, Any]] = {}
     for previous, names, _ in groups:
         key = arch.input_of(names[0])
