@@ -75,7 +75,7 @@ def runtime_support(fmt: str, bits: int = 4, sym: bool = True, scheme: str = "W4
         ]
     elif fmt == "compressed-tensors":
         transformers_note = "with the compressed-tensors package installed" + (
-            "; it decompresses the 8-bit weights and computes with 16-bit activations" if scheme in _VLLM_8BIT else ""
+            "; tested decompressed (run_compressed=False), which computes with 16-bit activations" if scheme in _VLLM_8BIT else ""
         )
         rows = [
             Support("transformers", True, transformers_note, "tests/test_compressed_tensors.py"),
