@@ -254,6 +254,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "scheme": args.scheme,
             "smoothing": args.smoothing,
             "method": args.method,
+            "sym": False if args.asym else None,  # unset: the format's default (AWQ's grid is asymmetric)
             "bits": args.bits,
             "group_size": args.group_size,
             "damp": args.damp,
@@ -266,7 +267,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         try:  # what is not given takes ExportTarget's default
             target = ExportTarget(
                 format=args.format,
-                sym=not args.asym,
                 act_order=args.act_order,
                 group_aware=not args.no_group_aware,
                 imatrix=not args.no_imatrix,

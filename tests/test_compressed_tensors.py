@@ -263,3 +263,5 @@ def test_the_cli_refuses_settings_a_scheme_cannot_hold(tmp_path: Path):
     ):
         code, output = run_cli("export", str(tmp_path), "--format", "compressed-tensors", *argv)
         assert_refused(code, output, named)
+    code, output = run_cli("export", str(tmp_path), "--format", "compressed-tensors", "--method", "awq", "--group-size", "32")
+    assert "asymmetric" not in output and "checkpoint" in output, output  # AWQ's grid needs no --asym; the empty source is what is refused
