@@ -109,7 +109,7 @@ def load_quantized_model(path: Path, backend: str = "auto", device: torch.device
             tensors.update({f"{prefix}.{s}": t.to(device) for s, t in repacked.items()})
         size = None if group_size == -1 else group_size
         setattr(model.get_submodule(parent_name), child, QuantLinearW4A16.from_state_dict(tensors, prefix, layout, size, backend))
-    packed = {f"{prefix}.{s}" for prefix in prefixes for s in {*suffixes, *PACKED_SUFFIXES, "weight"}}
+    packed = {f"{prefix}.{s}" for prefix in prefixes for s in {*suffixes, *PACKED_SUFFIXES}}
     state = {key: reader.get(key).to(device) for key in reader.keys() if key not in packed}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = getattr(config, "tie_word_embeddings", False)

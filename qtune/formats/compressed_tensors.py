@@ -172,31 +172,35 @@ def ct_channel_quantization_config(scheme: str) -> dict[str, Any]:
     }
 
 
+def _only_group(quantization_config: Mapping[str, Any]) -> dict[str, Any]:
+    groups = quantization_config.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ValueError("qtune reads compressed-tensors checkpoints with one config group")
+    (group,) = groups.values()
+    return group
+
+
 def ct_scheme(quantization_config: Mapping[str, Any]) -> str:
     """Which of qtune's schemes a compressed-tensors checkpoint holds (a ValueError for any other)."""
     fmt = quantization_config.get("format")
-    for scheme, name in FORMATS.items():
-        if fmt == name:
-            if scheme != "W4A16":
-                groups = quantization_config.get("config_groups") or {}
-                if len(groups) != 1:
-                    raise ValueError("qtune reads compressed-tensors checkpoints with one config group")
-                (group,) = groups.values()
-                weights, activations = group["weights"], group.get("input_activations") or {}
-                expected = CT_SCHEMES[scheme].weight_type
-                per_token = activations.get("strategy") == "token" and activations.get("dynamic")
-                if weights.get("strategy") != "channel" or weights.get("type") != expected or not per_token:
-                    raise ValueError(f"qtune reads {name} checkpoints with per-channel {expected} weights and dynamic per-token activations")
-            return scheme
-    raise ValueError(f"qtune reads compressed-tensors formats {', '.join(FORMATS.values())}, not {fmt!r}")
+    scheme = next((scheme for scheme, name in FORMATS.items() if name == fmt), None)
+    if scheme is None:
+        raise ValueError(f"qtune reads compressed-tensors formats {', '.join(FORMATS.values())}, not {fmt!r}")
+    if CT_SCHEMES[scheme].per_channel:
+        group = _only_group(quantization_config)
+        weights, activations = group["weights"], group.get("input_activations") or {}
+        expected = CT_SCHEMES[scheme].weight_type
+        per_token = activations.get("strategy") == "token" and activations.get("dynamic")
+        if weights.get("strategy") != "channel" or weights.get("type") != expected or not per_token:
+            raise ValueError(f"qtune reads {fmt} checkpoints with per-channel {expected} weights and dynamic per-token activations")
+    return scheme
 
 
 def read_ct_settings(quantization_config: Mapping[str, Any]) -> tuple[int, int, bool]:
     """(bits, group_size, sym) of a pack-quantized checkpoint with one weight-only group, as qtune writes."""
-    groups = quantization_config.get("config_groups") or {}
-    if quantization_config.get("format") != "pack-quantized" or len(groups) != 1:
+    if quantization_config.get("format") != FORMATS["W4A16"]:
         raise ValueError("qtune reads pack-quantized compressed-tensors checkpoints with one config group")
-    (group,) = groups.values()
+    group = _only_group(quantization_config)
     weights = group["weights"]
     if group.get("input_activations") or weights.get("type") != "int" or weights.get("actorder"):
         raise ValueError("qtune reads integer weight-only compressed-tensors checkpoints without act-order")

@@ -74,6 +74,21 @@ class GPTQResult(QuantizedWeight):
     perm: Tensor | None = None  # processing order of the columns; None in natural order
 
 
+def _working_copies(weight: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 copies of ``weight`` [N, K] and its input Hessian [K, K] to solve on, and the dead columns
+    (inputs that never fired): zeroed in the weight, given a unit diagonal in the Hessian."""
+    check_weight(weight)
+    k = weight.shape[1]
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian must be [{k}, {k}] for a weight with {k} input features, got {tuple(hessian.shape)}")
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h, dead
+
+
 def _inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, float, int]:
     """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1, raising damp x10 until it exists."""
     mean_diag = float(torch.diag(hessian).mean())
@@ -133,22 +148,14 @@ def gptq_quantize(
     columns and only the solving order changes (see ``group_aware_order``).
     A partial last group is allowed (ceil(K / group_size) groups).
     """
-    check_weight(weight)
     check_bits(bits)
-    n, k = weight.shape
-    if hessian.shape != (k, k):
-        raise ValueError(f"hessian must be [{k}, {k}] for a weight with {k} input features, got {tuple(hessian.shape)}")
     if not damp > 0:
         raise ValueError(f"damp must be positive, got {damp}")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    w, h, dead = _working_copies(weight, hessian)
+    n, k = w.shape
     width = check_group_size(group_size, k)
-
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
 
     perm = group_order = None
     if act_order:
@@ -235,15 +242,8 @@ def gptq_fixed_grid(
     """GPTQ's solve on a grid fixed before it starts, the same for every column (one scale per row, e.g.
     FP8's): ``round_column`` rounds a column [N] to the grid. With no groups, the columns are solved in
     descending diag(H) (act-order) at no cost to the layout. Returns the rounded weight and GPTQ's loss."""
-    check_weight(weight)
-    k = weight.shape[1]
-    if hessian.shape != (k, k):
-        raise ValueError(f"hessian must be [{k}, {k}] for a weight with {k} input features, got {tuple(hessian.shape)}")
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h, _ = _working_copies(weight, hessian)
+    k = w.shape[1]
     perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
     hinv, _, _ = _inverse_hessian_factor(h, damp)

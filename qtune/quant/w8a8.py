@@ -47,25 +47,29 @@ def _representable(scales: Tensor, scale_dtype: torch.dtype) -> Tensor:
     return scales.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).float()
 
 
+def fp8_channel_scales(weight: Tensor, scale_dtype: torch.dtype = torch.float32) -> Tensor:
+    """One scale per output of ``weight`` [N, K], max |w| / 448, rounded to ``scale_dtype`` (so the values
+    rounded against it fit the stored scales)."""
+    return _representable(weight.float().abs().amax(dim=1) / FP8_MAX, scale_dtype)
+
+
+def round_to_fp8(x: Tensor) -> Tensor:
+    """``x`` (already divided by its scale) to the nearest FP8 E4M3 value, saturating at ±448."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
 def fp8_quantize_channels(weight: Tensor, scale_dtype: torch.dtype = torch.float32) -> ChannelWeight:
-    """Round ``weight`` [N, K] to FP8 E4M3 with one scale per output (max |w| maps to 448), the scales
-    rounded to ``scale_dtype`` first so the values fit the stored scales."""
-    w = weight.float()
-    scales = _representable(w.abs().amax(dim=1) / FP8_MAX, scale_dtype)
-    values = (w / scales.unsqueeze(1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return ChannelWeight(values, scales)
+    """Round ``weight`` [N, K] to nearest FP8 E4M3 with ``fp8_channel_scales``."""
+    scales = fp8_channel_scales(weight, scale_dtype)
+    return ChannelWeight(round_to_fp8(weight.float() / scales.unsqueeze(1)), scales)
 
 
 def fp8_gptq_channels(weight: Tensor, hessian: Tensor, scale_dtype: torch.dtype = torch.float32, damp: float = DEFAULT_DAMP) -> tuple[ChannelWeight, float]:
-    """FP8 E4M3 with the scales of ``fp8_quantize_channels``, rounded by GPTQ's solve on the layer-input
-    Hessian instead of to nearest; also returns GPTQ's loss."""
-    scales = _representable(weight.float().abs().amax(dim=1) / FP8_MAX, scale_dtype).to(weight.device)
-
-    def round_column(column: Tensor) -> Tensor:
-        return (column / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scales
-
-    rounded, loss = gptq_fixed_grid(weight, hessian, round_column, damp)
-    return ChannelWeight((rounded / scales.unsqueeze(1)).to(FP8_DTYPE), scales), loss
+    """FP8 E4M3 with ``fp8_channel_scales``, rounded by GPTQ's solve on the layer-input Hessian instead of to
+    nearest; also returns GPTQ's loss."""
+    scales = fp8_channel_scales(weight, scale_dtype).to(weight.device)
+    rounded, loss = gptq_fixed_grid(weight, hessian, lambda column: round_to_fp8(column / scales).float() * scales, damp)
+    return ChannelWeight(round_to_fp8(rounded / scales.unsqueeze(1)), scales), loss
 
 
 def int8_channels(codes: Tensor, scales: Tensor, scale_dtype: torch.dtype = torch.float32, zero: int = 128) -> ChannelWeight:
@@ -84,7 +88,7 @@ def quantize_tokens(x: Tensor, activation: str) -> Tensor:
     if activation == "int8":
         return torch.round(x / scale).clamp(-INT8_MAX - 1, INT8_MAX) * scale
     if activation == "fp8":
-        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale
+        return round_to_fp8(x / scale).float() * scale
     raise ValueError(f"activation type must be one of {ACTIVATION_TYPES}, got {activation!r}")
 
 
