@@ -11,8 +11,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 from qtune import data as qdata
 from qtune import memory_plan, models, rundir
 from qtune.context import load_context
@@ -21,7 +19,7 @@ from qtune.formats.gguf.reader import read_gguf_header
 from qtune.gguf_model import gguf_tensor_bytes, load_gguf_model
 from qtune.metrics import divergence_from, perplexity, streamed_reference, task_accuracy
 from qtune.paths import write_text_atomic
-from qtune.quantized_models import is_quantized_checkpoint, load_quantized_model
+from qtune.quantized_models import is_quantized_checkpoint, load_quantized_model, runtime_name
 from qtune.recipe import GateSection, LoadedRecipe
 from qtune.scorers import resolve_scorer
 
@@ -179,8 +177,8 @@ def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Pa
         model = load_gguf_model(path, n_ctx)
         return Artifact(model, path.stat().st_size, model.runtime, gguf_tensor_bytes(path))
     if is_quantized_checkpoint(path):
-        runtime = "qtune W4A16 kernels" if torch.cuda.is_available() else "qtune, dequantized to fp16 (CPU)"
-        return Artifact(load_quantized_model(path), _files_size(path), runtime)
+        model = load_quantized_model(path)
+        return Artifact(model, _files_size(path), runtime_name(model))
     raise QtuneError(f"unknown artifact '{name}'; this run has: {', '.join(available_artifacts(run_dir))}")
 
 

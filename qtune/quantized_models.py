@@ -52,6 +52,13 @@ class QuantLinearW8A8(nn.Module):
         return y.to(x.dtype)
 
 
+def runtime_name(model: nn.Module) -> str:
+    """How a model from ``load_quantized_model`` computes, for a report's runtime column."""
+    if any(isinstance(module, QuantLinearW8A8) for module in model.modules()):
+        return "qtune, 8-bit weights, activations rounded per token (float32)"
+    return "qtune W4A16 kernels" if torch.cuda.is_available() else "qtune, dequantized to fp16 (CPU)"
+
+
 def is_quantized_checkpoint(path: Path) -> bool:
     try:
         return read_quantization_config(path).get("quant_method") in ("gptq", "awq", ct.QUANT_METHOD)

@@ -18,7 +18,7 @@ from qtune.formats import compressed_tensors as ct
 from qtune.formats.gptq import read_quantization_config, unpack_rows
 from qtune.quant.rtn import QuantizedWeight, default_g_idx
 from qtune.quant.w8a8 import ChannelWeight
-from qtune.quantized_models import QuantLinearW8A8, load_quantized_model
+from qtune.quantized_models import QuantLinearW8A8, load_quantized_model, runtime_name
 from qtune.recipe import ExportTarget
 from qtune.shards import CheckpointReader
 from support import QUICKSTART_DATA, tiny_model_dir
@@ -225,6 +225,7 @@ def test_an_8bit_export_scores_with_its_activations_rounded(base: Path, tmp_path
     model = load_quantized_model(out, device="cpu")
     linears = [m for name, m in model.named_modules() if name.endswith("_proj")]
     assert len(linears) == 14 and all(isinstance(m, QuantLinearW8A8) for m in linears)
+    assert runtime_name(model) == "qtune, 8-bit weights, activations rounded per token (float32)"  # the report's runtime column
     reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
