@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--artifact",
         action="append",
         help="what to score: base, adapter, merged, or the name of a GGUF file or GPTQ/AWQ directory under "
-        "RUN_DIR/exports (repeatable; default: everything the run has)",
+        "RUN_DIR/exports; a GGUF file with a llama.cpp KV cache as NAME.gguf@kv-q8_0 (or @kv-q8_0-q4_0 for K and V) "
+        "(repeatable; default: everything the run has, with the recipe's evaluation.kv_cache_types)",
     )
 
     p = commands.add_parser("report", help="write report.md and report.html from the run's evaluations, and log them to W&B")

@@ -284,6 +284,7 @@ class DataReport:
 class Example:
     input_ids: list[int]
     labels: list[int]
+    category: str | None = None
 
 
 @dataclass
@@ -292,6 +293,7 @@ class PreparedData:
     validation: list[dict]
     eval_prompts: list[dict]
     reports: dict[str, DataReport] = field(default_factory=dict)
+    validation_categories: list[str | None] = field(default_factory=list)  # one per validation row
 
 
 def tokenize_rendered(rendered: Rendered, tokenizer) -> Example:
@@ -395,6 +397,7 @@ def tokenize_records(records: Sequence[dict], formatter: Formatter, cfg: DataSec
                 report.dropped_overlong += 1
                 continue
             example = Example(example.input_ids[: cfg.max_length], example.labels[: cfg.max_length])
+        example.category = rendered.category
         if all(label == IGNORE_INDEX for label in example.labels[1:]):
             report.dropped_no_labels += 1
             continue
@@ -539,4 +542,4 @@ def prepare_data(cfg: DataSection, tokenizer, base_dir: Path, seed: int) -> Prep
         train_rows = pack_examples(shuffled, cfg.max_length, pad)
     else:
         train_rows = as_rows(train_examples)
-    return PreparedData(train_rows, as_rows(val_examples), eval_prompts, {"train": train_report, "validation": val_report})
+    return PreparedData(train_rows, as_rows(val_examples), eval_prompts, {"train": train_report, "validation": val_report}, [e.category for e in val_examples])

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from qtune.formats.gguf.reader import read_gguf_header
 from qtune.gguf_model import gguf_tensor_bytes, load_gguf_model
 from qtune.metrics import divergence_from, perplexity, streamed_reference, task_accuracy
 from qtune.paths import write_text_atomic
+from qtune.quant.ggml_types import kv_cache_pair
 from qtune.quantized_models import is_quantized_checkpoint, load_quantized_model, runtime_name
 from qtune.recipe import GateSection, LoadedRecipe
 from qtune.scorers import resolve_scorer
@@ -43,6 +45,9 @@ class EvalResult:
     perplexity: float | None = None
     kl_vs_merged: float | None = None
     top1_vs_merged: float | None = None
+    tail_vs_merged: dict[str, dict] = field(default_factory=dict)  # metrics.TOKEN_SETS entry -> metrics.TokenTail
+    kl_by_category_vs_merged: dict[str, float] = field(default_factory=dict)  # mean over each row's answer tokens
+    worst_prompt_vs_merged: dict | None = None  # the held-out row with the highest mean KL over its answer tokens
     by_category: dict[str, float] = field(default_factory=dict)
     by_length: dict[str, float] = field(default_factory=dict)
     generation_tokens_per_second: float | None = None
@@ -57,6 +62,19 @@ class EvalResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def vs_merged(self, key: str, tokens: str = "all") -> float | None:
+        """A per-token statistic against the merged model (a ``metrics.TokenTail`` field) over a
+        ``metrics.TOKEN_SETS`` entry; the mean over all tokens is ``kl_vs_merged``."""
+        if key == "mean_kl" and tokens == "all":
+            return self.kl_vs_merged
+        return self.tail_vs_merged.get(tokens, {}).get(key)
+
+    @property
+    def worst_category_vs_merged(self) -> tuple[str, float] | None:
+        if len(self.kl_by_category_vs_merged) < 2:
+            return None
+        return max(self.kl_by_category_vs_merged.items(), key=lambda item: item[1])
 
     @classmethod
     def failed(cls, name: str, stage: str, exc: BaseException) -> EvalResult:
@@ -78,9 +96,10 @@ class EvalResult:
 
 def gate_failures(result: EvalResult, gates: GateSection, metric: str, merged_metric: float | None, merge_report: dict | None) -> list[str] | None:
     """Why ``result`` fails the recipe's gates (empty when it passes); None for the base model, which is
-    the starting point, not a deliverable. The merged model is gated by its merge's KL to the adapter
-    model, every other artifact by its KL and task metric against the merged model."""
-    if result.artifact == "base":
+    the starting point, not a deliverable, and for a KV-cache row, a runtime setting scored for
+    information. The merged model is gated by its merge's KL to the adapter model, every other artifact
+    by its KL (mean, p99), |Δp| p99 and task metric against the merged model."""
+    if result.artifact == "base" or split_kv_cache_artifact(result.artifact)[1]:
         return None
     if not result.ok:
         return [f"failed to {result.stage}"]
@@ -90,12 +109,20 @@ def gate_failures(result: EvalResult, gates: GateSection, metric: str, merged_me
             chosen = merge_report["chosen"]
             reasons.append(f"merge KL to the adapter model {merge_report['kl'][chosen]:.3g} > {merge_report.get('gate')}")
         return reasons
-    kl, task = result.kl_vs_merged, result.task_metric
-    if gates.max_kl_vs_merged is not None:
-        if kl is None:
-            reasons.append("no KL against the merged model")
-        elif kl > gates.max_kl_vs_merged:
-            reasons.append(f"KL {kl:.4g} > {gates.max_kl_vs_merged}")
+    task = result.task_metric
+    over = "" if gates.tokens == "all" else f" over {gates.tokens}"
+    for limit, key, what in (
+        (gates.max_kl_vs_merged, "mean_kl", "KL"),
+        (gates.max_kl_p99_vs_merged, "p99_kl", "KL p99"),
+        (gates.max_delta_p_p99, "p99_abs_delta_p", "|Δp| p99"),
+    ):
+        value = result.vs_merged(key, gates.tokens)
+        if limit is None:
+            continue
+        if value is None:
+            reasons.append(f"no {what}{over} against the merged model")
+        elif value > limit:
+            reasons.append(f"{what}{over} {value:.4g} > {limit}")
     if gates.min_task_ratio is not None or gates.max_task_drop_points is not None:
         if merged_metric is None:
             reasons.append("no merged score to compare with")
@@ -106,6 +133,25 @@ def gate_failures(result: EvalResult, gates: GateSection, metric: str, merged_me
             if gates.max_task_drop_points is not None and drop > gates.max_task_drop_points + 1e-9:
                 reasons.append(f"{metric} {drop:.1f} points below merged (> {gates.max_task_drop_points})")
     return reasons
+
+
+KV_CACHE_MARK = "@kv-"  # "model-Q4_K_M.gguf@kv-q8_0": that GGUF export run by llama.cpp with a q8_0 KV cache
+
+
+def kv_cache_artifact(gguf_name: str, kv_cache: str) -> str:
+    """The artifact name of a GGUF export scored with a llama.cpp KV cache (``"q8_0"`` or K/V ``"q8_0/q4_0"``)."""
+    return f"{gguf_name}{KV_CACHE_MARK}{kv_cache.replace('/', '-')}"
+
+
+def split_kv_cache_artifact(name: str) -> tuple[str, str | None]:
+    """(the export's name, its KV cache types or None) of an artifact name."""
+    if KV_CACHE_MARK not in name:
+        return name, None
+    file, spec = name.split(KV_CACHE_MARK, 1)
+    try:
+        return file, "/".join(dict.fromkeys(kv_cache_pair(spec.replace("-", "/"))))
+    except ValueError as exc:
+        raise QtuneError(f"artifact '{name}': {exc}") from None
 
 
 def result_path(run_dir: Path, name: str) -> Path:
@@ -172,10 +218,13 @@ def load_artifact(name: str, run_dir: Path, loaded: LoadedRecipe, checkpoint: Pa
         )
         model = models.load_for_eval(merged, recipe.model, offload, run_dir / OFFLOAD_DIR)
         return Artifact(model, _files_size(merged), "transformers + accelerate offload")
-    path = run_dir / "exports" / name
+    file, kv_cache = split_kv_cache_artifact(name)
+    path = run_dir / "exports" / file
     if path.suffix == ".gguf" and path.is_file():
-        model = load_gguf_model(path, n_ctx)
+        model = load_gguf_model(path, n_ctx, kv_cache=kv_cache)
         return Artifact(model, path.stat().st_size, model.runtime, gguf_tensor_bytes(path))
+    if kv_cache is not None:
+        raise QtuneError(f"artifact '{name}': a KV cache type applies to a GGUF export, and this run has no exports/{file}")
     if is_quantized_checkpoint(path):
         model = load_quantized_model(path)
         return Artifact(model, _files_size(path), runtime_name(model))
@@ -189,7 +238,8 @@ def _is_adapter(path: Path) -> bool:
         return False
 
 
-def available_artifacts(run_dir: Path) -> list[str]:
+def available_artifacts(run_dir: Path, kv_cache_types: Sequence[str] = ()) -> list[str]:
+    """The artifacts of a run on disk, and each GGUF export with each of ``kv_cache_types``."""
     present = ["base"]
     if (run_dir / rundir.ADAPTER_DIR).is_dir():
         present.append("adapter")
@@ -200,7 +250,7 @@ def available_artifacts(run_dir: Path) -> list[str]:
         present += sorted(
             p.name for p in exports.iterdir() if (p.is_dir() and is_quantized_checkpoint(p)) or (p.is_file() and p.suffix == ".gguf" and not _is_adapter(p))
         )
-    return present
+    return present + [kv_cache_artifact(name, kv) for name in present if name.endswith(".gguf") for kv in kv_cache_types]
 
 
 def _context_length(prepared: qdata.PreparedData, prompts: list[dict], tokenizer, max_new_tokens: int) -> int:
@@ -235,16 +285,16 @@ def _evaluate_artifacts(run_dir: Path, artifacts: list[str] | None) -> dict[str,
     loaded, checkpoint, tokenizer, prepared = context.loaded, context.checkpoint, context.tokenizer, context.prepared
     plan = memory_plan.log_stage(loaded, "eval")
     offload = plan.eval_offload() if plan else None
-    present = available_artifacts(run_dir)
+    cfg = loaded.recipe.evaluation
+    present = available_artifacts(run_dir, cfg.kv_cache_types)
     wanted = artifacts or present
-    missing = [a for a in wanted if a not in present]
+    missing = [a for a in wanted if a not in present and split_kv_cache_artifact(a)[0] not in present]
     if missing:
         raise QtuneError(f"{run_dir} has no {', '.join(missing)} yet (it has: {', '.join(present)})")
     if not prepared.eval_prompts:
         raise QtuneError(
             "evaluation needs held-out prompts with reference answers: give the recipe a validation split of alpaca, chat or prompt/completion data"
         )
-    cfg = loaded.recipe.evaluation
     try:
         scorer = resolve_scorer(cfg.scorer)
     except ValueError as exc:
@@ -276,7 +326,7 @@ def _evaluate_artifacts(run_dir: Path, artifacts: list[str] | None) -> dict[str,
             result.runtime = artifact.runtime
             result.eval_seconds = round(time.perf_counter() - started, 1)
             log.info(
-                "%-24s %s %5.1f%% (%d/%d), perplexity %s, KL vs merged %s (%.0f s)",
+                "%-24s %s %5.1f%% (%d/%d), perplexity %s, KL vs merged %s (p99 %s, answers %s), |Δp| p99 %s (%.0f s)",
                 name,
                 cfg.scorer,
                 100 * result.task_metric,
@@ -284,6 +334,9 @@ def _evaluate_artifacts(run_dir: Path, artifacts: list[str] | None) -> dict[str,
                 result.total,
                 _fmt(result.perplexity, ".3f"),
                 _fmt(result.kl_vs_merged, ".4f"),
+                _fmt(result.vs_merged("p99_kl"), ".4f"),
+                _fmt(result.vs_merged("mean_kl", "answers"), ".4f"),
+                _fmt(result.vs_merged("p99_abs_delta_p"), ".4f"),
                 result.eval_seconds,
             )
             del artifact
@@ -300,6 +353,7 @@ def _score(name: str, artifact: Artifact, reference, tokenizer, prepared: qdata.
     model = artifact.model
     task = task_accuracy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, scorer)
     versus_merged = divergence_from(reference, model) if reference is not None and name != "merged" else None
+    worst = versus_merged.worst_row() if versus_merged else None
     return EvalResult(
         artifact=name,
         metric=cfg.scorer,
@@ -311,8 +365,27 @@ def _score(name: str, artifact: Artifact, reference, tokenizer, prepared: qdata.
         else None,
         kl_vs_merged=versus_merged.mean_kl if versus_merged else None,
         top1_vs_merged=versus_merged.top1_agreement if versus_merged else None,
+        tail_vs_merged={k: v.as_dict() for k, v in versus_merged.tails.items()} if versus_merged else {},
+        kl_by_category_vs_merged=versus_merged.kl_by_group(prepared.validation_categories) if versus_merged else {},
+        worst_prompt_vs_merged=_describe_row(worst, prepared, tokenizer) if worst else None,
         by_category=task.by_category,
         by_length=task.by_length,
         generation_tokens_per_second=task.tokens_per_second,
         samples=task.samples,
     )
+
+
+def _describe_row(worst: tuple[int, float], prepared: qdata.PreparedData, tokenizer) -> dict:
+    """A held-out row named by its text: the end of its prompt and the start of its answer."""
+    index, kl = worst
+    row = prepared.validation[index]
+    ids, labels = row["input_ids"], row["labels"]
+    # where the answer starts: the first label after unlabelled prompt tokens (none when the prompt is trained on too)
+    first = next((i for i in range(1, len(ids)) if labels[i] != qdata.IGNORE_INDEX and labels[i - 1] == qdata.IGNORE_INDEX), 0)
+    return {
+        "row": index,
+        "mean_kl": kl,
+        "category": prepared.validation_categories[index] if index < len(prepared.validation_categories) else None,
+        "prompt": tokenizer.decode(ids[:first], skip_special_tokens=True)[-200:],
+        "answer": tokenizer.decode(ids[first:], skip_special_tokens=True)[:200],
+    }

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from qtune import llama_worker
+from qtune.quant.ggml_types import KV_CACHE_TYPES, kv_cache_pair
 
 LLAMA_CPP = "llama.cpp"
 TRANSFORMERS_GGUF = "transformers-gguf"
@@ -30,10 +31,13 @@ def gguf_runtime() -> str:
     return LLAMA_CPP if importlib.util.find_spec("llama_cpp") is not None else TRANSFORMERS_GGUF
 
 
-def load_gguf_model(path: Path, n_ctx: int, threads: int | None = None):
-    """The file behind the causal-LM interface that evaluation uses; ``.runtime`` names what runs it."""
+def load_gguf_model(path: Path, n_ctx: int, threads: int | None = None, kv_cache: str | None = None):
+    """The file behind the causal-LM interface that evaluation uses; ``.runtime`` names what runs it.
+    ``kv_cache`` (``"q8_0"``, or ``"q8_0/q4_0"`` for K/V) runs it in llama.cpp with that KV cache."""
     if gguf_runtime() == LLAMA_CPP:
-        return LlamaCppCausalLM(path, n_ctx, threads)
+        return LlamaCppCausalLM(path, n_ctx, threads, kv_cache)
+    if kv_cache is not None:
+        raise RuntimeError(f"a {kv_cache} KV cache is llama.cpp's: install llama-cpp-python (bash scripts/build_oracles.sh) to score it")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -65,17 +69,20 @@ class LlamaCppCausalLM:
     """The slice of a transformers causal LM that evaluation calls (forward logits, greedy generate),
     answered by llama.cpp in a child process (``qtune.llama_worker``), so that a native crash fails this
     artifact only. Token ids come from the run's own tokenizer, so every artifact sees the same input;
-    the KV cache is kept in F32 so that only the file's weights are measured."""
+    the KV cache is kept in F32 so that only the file's weights are measured, unless ``kv_cache`` names
+    llama.cpp cache types to measure (with flash attention, which a quantized V cache needs)."""
 
-    runtime = LLAMA_CPP
     device = torch.device("cpu")
 
-    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None, kv_cache: str | None = None):
         self.path = Path(path)
         self.n_ctx = n_ctx
+        self.runtime = LLAMA_CPP if kv_cache is None else f"{LLAMA_CPP}, KV cache {kv_cache}, flash attention"
+        types = None if kv_cache is None else [int(KV_CACHE_TYPES[name]) for name in kv_cache_pair(kv_cache)]
         self._proc = subprocess.Popen([sys.executable, "-m", "qtune.llama_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._closer = weakref.finalize(self, _stop_worker, self._proc)
-        info, _ = self._request({"op": "load", "path": str(self.path), "n_ctx": n_ctx, "threads": threads or torch.get_num_threads()})
+        request = {"op": "load", "path": str(self.path), "n_ctx": n_ctx, "threads": threads or torch.get_num_threads(), "kv_cache": types}
+        info, _ = self._request(request)
         self.n_vocab = int(info["n_vocab"])
         self.generation_config = SimpleNamespace(eos_token_id=info["stops"])
 

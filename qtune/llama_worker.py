@@ -46,11 +46,23 @@ def receive(stream: IO[bytes]) -> tuple[dict[str, Any], bytes]:
 
 
 class _Runtime:
-    def __init__(self, path: str, n_ctx: int, threads: int):
+    def __init__(self, path: str, n_ctx: int, threads: int, kv_cache: list[int] | None = None):
+        """``kv_cache``: the K and V cache's ggml types, run with flash attention as llama.cpp needs for a
+        quantized V cache; without it the cache stays in F32 (type 0) so that only the file's weights are measured."""
         import llama_cpp  # pyright: ignore[reportMissingImports]  # optional: scripts/build_oracles.sh installs it
 
-        # The KV cache stays in F32 (type 0) so that only the file's weights are measured.
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False, n_threads=threads, type_k=0, type_v=0)
+        type_k, type_v = kv_cache or (0, 0)
+        self.llm = llama_cpp.Llama(
+            model_path=path,
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 512),
+            logits_all=True,
+            verbose=False,
+            n_threads=threads,
+            type_k=type_k,
+            type_v=type_v,
+            flash_attn=kv_cache is not None,
+        )
         self.n_ctx = n_ctx
 
     def describe(self) -> dict[str, Any]:
@@ -88,7 +100,7 @@ def serve(requests: IO[bytes], replies: IO[bytes]) -> None:
         op = header.get("op")
         try:
             if op == "load":
-                runtime = _Runtime(header["path"], header["n_ctx"], header["threads"])
+                runtime = _Runtime(header["path"], header["n_ctx"], header["threads"], header.get("kv_cache"))
                 send(replies, runtime.describe())
             elif op == "scores":
                 logits = runtime.scores(header["ids"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -158,6 +158,14 @@ def token_logits(model, batch: dict[str, torch.Tensor]):
     return lambda positions: capped(head(flat[positions.to(flat.device)]), cap)
 
 
+def chunk_logits(logits: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """The logits of flat [b*s] ``positions`` from ``token_logits``' answer (a [b, s, vocab] tensor or a callable)."""
+    if isinstance(logits, torch.Tensor):
+        flat = logits.flatten(0, 1)
+        return flat[positions.to(flat.device)]
+    return logits(positions)
+
+
 @torch.no_grad()
 def perplexity(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> float:
     """exp(mean NLL) over the trainable (label) tokens of the rows."""
@@ -165,16 +173,72 @@ def perplexity(model, rows: Sequence[dict], pad_token_id: int, batch_size: int =
     nll, count = 0.0, 0
     for batch in batches(rows, pad_token_id, batch_size):
         logits = token_logits(model, batch)
-        flat = logits.flatten(0, 1) if isinstance(logits, torch.Tensor) else None
-        for positions, targets in real_token_chunks(batch):
-            labelled = targets != IGNORE_INDEX
+        for chunk in real_token_chunks(batch):
+            labelled = chunk.targets != IGNORE_INDEX
             if not labelled.any():
                 continue
-            chunk = flat[positions.to(flat.device)] if flat is not None else logits(positions)
-            log_probs = F.log_softmax(chunk.float(), dim=-1)[labelled.to(chunk.device)]
-            nll += F.nll_loss(log_probs, targets[labelled].to(log_probs.device), reduction="sum").item()
+            part = chunk_logits(logits, chunk.positions)
+            log_probs = F.log_softmax(part.float(), dim=-1)[labelled.to(part.device)]
+            nll += F.nll_loss(log_probs, chunk.targets[labelled].to(log_probs.device), reduction="sum").item()
             count += int(labelled.sum())
     return math.exp(nll / count) if count else float("nan")
+
+
+TAIL_QUANTILES = {"median": 0.5, "p99": 0.99, "p99.9": 0.999}
+TOKEN_SETS = ("all", "answers")  # every real token; the tokens that predict a label (the answers)
+
+
+@dataclass
+class TokenTail:
+    """Per-token statistics of a candidate against a reference over one set of tokens: KL(reference ||
+    candidate) in nats, and Δp, the candidate's probability of the text's next token minus the
+    reference's (over the tokens that have a next token)."""
+
+    tokens: int
+    mean_kl: float
+    median_kl: float
+    p99_kl: float
+    p999_kl: float
+    max_kl: float
+    rms_delta_p: float
+    p99_abs_delta_p: float  # 99th percentile of |Δp|
+    p01_delta_p: float  # signed 1st and 99th percentiles, as llama.cpp's KLD table gives them
+    p99_delta_p: float
+    top1_agreement: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantile(values: torch.Tensor, q: float) -> float:
+    """The ``q`` quantile of a 1-D tensor, interpolated linearly between order statistics (numpy's
+    default); NaN for an empty tensor. torch.quantile refuses more than 2**24 values."""
+    if not values.numel():
+        return float("nan")
+    ordered = values.double().sort().values
+    position = q * (ordered.numel() - 1)
+    low = int(math.floor(position))
+    high = min(low + 1, ordered.numel() - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
+def token_tail(kl: torch.Tensor, delta_p: torch.Tensor, agree: torch.Tensor) -> TokenTail:
+    """``kl`` and ``agree`` per token; ``delta_p`` per token, NaN where the text has no next token."""
+    known = delta_p[~delta_p.isnan()].double()
+    empty = not kl.numel()
+    return TokenTail(
+        tokens=int(kl.numel()),
+        mean_kl=float("nan") if empty else float(kl.double().mean()),
+        median_kl=quantile(kl, TAIL_QUANTILES["median"]),
+        p99_kl=quantile(kl, TAIL_QUANTILES["p99"]),
+        p999_kl=quantile(kl, TAIL_QUANTILES["p99.9"]),
+        max_kl=float("nan") if empty else float(kl.max()),
+        rms_delta_p=float(known.square().mean().sqrt()) if known.numel() else float("nan"),
+        p99_abs_delta_p=quantile(known.abs(), 0.99),
+        p01_delta_p=quantile(known, 0.01),
+        p99_delta_p=quantile(known, 0.99),
+        top1_agreement=float(agree.double().mean()) if not empty else float("nan"),
+    )
 
 
 @dataclass
@@ -183,6 +247,23 @@ class Divergence:
     top1_agreement: float
     tokens: int
     perplexity: float = float("nan")  # the candidate's, over the label tokens: one forward pass serves both
+    tails: dict[str, TokenTail] = field(default_factory=dict)  # per TOKEN_SETS entry
+    row_kl: list[float] = field(default_factory=list)  # per reference row: mean KL over its answer tokens (all its tokens if it has none)
+
+    def worst_row(self) -> tuple[int, float] | None:
+        """The row (index into the reference's rows) with the highest ``row_kl``, and that KL."""
+        if not self.row_kl:
+            return None
+        index = max(range(len(self.row_kl)), key=self.row_kl.__getitem__)
+        return index, self.row_kl[index]
+
+    def kl_by_group(self, groups: Sequence[str | None]) -> dict[str, float]:
+        """Mean of ``row_kl`` per group, one group name per row (None: ungrouped, left out)."""
+        sums: dict[str, list[float]] = defaultdict(list)
+        for name, value in zip(groups, self.row_kl):
+            if name is not None:
+                sums[name].append(value)
+        return {name: sum(v) / len(v) for name, v in sorted(sums.items())}
 
 
 TOKEN_CHUNK = 512  # tokens whose full-vocabulary log-probabilities are held at once (256 MB each at 128k vocabulary)
@@ -196,42 +277,85 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DivergenceSum:
-    """Running sums for ``Divergence``, fed the logits of the same tokens from a reference and a candidate."""
+class TokenChunk:
+    """Real tokens of a batch: flat indices into its [b*s] positions, the row each belongs to (index into
+    the reference's rows), each one's next-token label (IGNORE_INDEX outside the answers) and the text's
+    next token (IGNORE_INDEX at a row's last token)."""
 
-    kl_sum: float = 0.0
-    agree: int = 0
-    count: int = 0
+    positions: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    next_ids: torch.Tensor
+
+
+@dataclass
+class DivergenceSum:
+    """Per-token KL, Δp and top-1 agreement for ``Divergence``, fed the logits of the same tokens from a
+    reference and a candidate (kept on the host: 13 bytes a token)."""
+
+    kl: list[torch.Tensor] = field(default_factory=list)
+    delta_p: list[torch.Tensor] = field(default_factory=list)
+    agree: list[torch.Tensor] = field(default_factory=list)
+    answer: list[torch.Tensor] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
     nll: float = 0.0
     labelled: int = 0
 
-    def add(self, reference_logits: torch.Tensor, candidate_logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """[tokens, vocab] logits of real tokens from both models, and each token's next-token target."""
+    def add(self, reference_logits: torch.Tensor, candidate_logits: torch.Tensor, chunk: TokenChunk) -> None:
+        """[tokens, vocab] logits of ``chunk``'s tokens from both models."""
         ref = F.log_softmax(reference_logits.float(), dim=-1)
-        cand = F.log_softmax(candidate_logits.float(), dim=-1)
-        self.kl_sum += F.kl_div(cand, ref, log_target=True, reduction="sum").item()
-        self.agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        self.count += ref.shape[0]
-        labelled = targets != IGNORE_INDEX
+        cand = F.log_softmax(candidate_logits.float().to(ref.device), dim=-1)
+        self.kl.append(F.kl_div(cand, ref, log_target=True, reduction="none").sum(-1).cpu())
+        self.agree.append((ref.argmax(-1) == cand.argmax(-1)).cpu())
+        has_next = chunk.next_ids != IGNORE_INDEX
+        index = chunk.next_ids.clamp(min=0).to(ref.device).unsqueeze(1)
+        delta = cand.gather(1, index).exp().squeeze(1) - ref.gather(1, index).exp().squeeze(1)
+        self.delta_p.append(torch.where(has_next, delta.cpu(), float("nan")))
+        labelled = chunk.targets != IGNORE_INDEX
+        self.answer.append(labelled)
+        self.rows.append(chunk.rows)
         if labelled.any():
-            self.nll += F.nll_loss(cand[labelled], targets[labelled].to(cand.device), reduction="sum").item()
+            self.nll += F.nll_loss(cand[labelled.to(cand.device)], chunk.targets[labelled].to(cand.device), reduction="sum").item()
             self.labelled += int(labelled.sum())
 
-    def result(self) -> Divergence:
+    def result(self, n_rows: int) -> Divergence:
+        kl, delta_p, agree = torch.cat(self.kl), torch.cat(self.delta_p), torch.cat(self.agree)
+        answer, rows = torch.cat(self.answer), torch.cat(self.rows)
+        chosen = dict(zip(TOKEN_SETS, (torch.ones_like(answer), answer)))
+        tails = {name: token_tail(kl[keep], delta_p[keep], agree[keep]) for name, keep in chosen.items()}
         return Divergence(
-            mean_kl=self.kl_sum / self.count,
-            top1_agreement=self.agree / self.count,
-            tokens=self.count,
+            mean_kl=tails["all"].mean_kl,
+            top1_agreement=tails["all"].top1_agreement,
+            tokens=tails["all"].tokens,
             perplexity=math.exp(self.nll / self.labelled) if self.labelled else float("nan"),
+            tails=tails,
+            row_kl=_row_means(kl, rows, answer, n_rows),
         )
 
 
-def real_token_chunks(batch: dict[str, torch.Tensor], chunk: int = TOKEN_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(flat indices into the batch's [b*s] positions, next-token targets) of its real tokens, ``chunk`` at a time."""
-    positions = batch["attention_mask"].reshape(-1).nonzero().squeeze(1)
+def _row_means(kl: torch.Tensor, rows: torch.Tensor, answer: torch.Tensor, n_rows: int) -> list[float]:
+    def means(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows[keep], kl[keep].double())
+        count = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+        return total, count
+
+    answer_sum, answer_count = means(answer)
+    all_sum, all_count = means(torch.ones_like(answer))
+    row_kl = torch.where(answer_count > 0, answer_sum / answer_count.clamp(min=1), all_sum / all_count.clamp(min=1))
+    return row_kl.tolist()
+
+
+def real_token_chunks(batch: dict[str, torch.Tensor], first_row: int = 0, chunk: int = TOKEN_CHUNK) -> Iterator[TokenChunk]:
+    """A batch's real tokens, ``chunk`` at a time; its rows are numbered from ``first_row``."""
+    mask = batch["attention_mask"]
+    positions = mask.reshape(-1).nonzero().squeeze(1)
     targets = next_token_targets(batch["labels"]).reshape(-1)[positions]
+    following = torch.where(mask.bool(), batch["input_ids"], IGNORE_INDEX)
+    next_ids = next_token_targets(following).reshape(-1)[positions]
+    rows = first_row + positions // mask.shape[1]
     for start in range(0, positions.numel(), chunk):
-        yield positions[start : start + chunk], targets[start : start + chunk]
+        part = slice(start, start + chunk)
+        yield TokenChunk(positions[part], rows[part], targets[part], next_ids[part])
 
 
 @dataclass
@@ -286,14 +410,13 @@ def streamed_reference(checkpoint, rows: Sequence[dict], pad_token_id: int, devi
 def divergence_sum(reference: ReferenceOutputs, candidate_logits) -> Divergence:
     """``candidate_logits(batch_index, batch)`` gives a candidate's [b, s, vocab] logits (or a callable
     of the token positions); compared with the reference a chunk of tokens at a time."""
-    total = DivergenceSum()
+    total, first_row = DivergenceSum(), 0
     for index, batch in enumerate(reference.batches):
         logits = candidate_logits(index, batch)
-        flat = logits.flatten(0, 1) if isinstance(logits, torch.Tensor) else None
-        for positions, targets in real_token_chunks(batch):
-            cand = flat[positions.to(flat.device)] if flat is not None else logits(positions)
-            total.add(reference.logits(index, positions), cand, targets)
-    return total.result()
+        for chunk in real_token_chunks(batch, first_row):
+            total.add(reference.logits(index, chunk.positions), chunk_logits(logits, chunk.positions), chunk)
+        first_row += batch["input_ids"].shape[0]
+    return total.result(first_row)
 
 
 @torch.no_grad()

@@ -397,6 +397,9 @@ class GateSection(Section):
     """What every artifact but the base must keep, against the merged model; ``null`` switches a gate off."""
 
     max_kl_vs_merged: float | None = Field(0.05, ge=0)
+    max_kl_p99_vs_merged: float | None = Field(None, ge=0)  # the 99th percentile of per-token KL, nats
+    max_delta_p_p99: float | None = Field(None, ge=0, le=1)  # the 99th percentile of |Δp|, a probability
+    tokens: Literal["all", "answers"] = "all"  # which held-out tokens the KL and Δp gates read (metrics.TOKEN_SETS)
     min_task_ratio: float | None = Field(0.95, ge=0, le=1)
     max_task_drop_points: float | None = Field(None, ge=0, le=100)
 
@@ -407,6 +410,15 @@ class EvaluationSection(Section):
     batch_size: int = Field(16, ge=1)
     scorer: str = Field("exact_match", min_length=1)
     gates: GateSection = Field(default_factory=GateSection)
+    kv_cache_types: list[str] = Field(default_factory=list)  # extra rows: each GGUF export run with this llama.cpp KV cache
+
+    @field_validator("kv_cache_types")
+    @classmethod
+    def _known_kv_cache_types(cls, value: list[str]) -> list[str]:
+        from qtune.quant.ggml_types import kv_cache_pair
+
+        pairs = [kv_cache_pair(spec) for spec in value]
+        return ["/".join(dict.fromkeys(pair)) for pair in pairs]
 
     @field_validator("scorer")
     @classmethod

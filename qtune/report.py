@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qtune import rundir
 from qtune.errors import QtuneError, stage
-from qtune.evaluate import EvalResult, gate_failures, read_results
+from qtune.evaluate import EvalResult, gate_failures, read_results, split_kv_cache_artifact
 from qtune.paths import atomic_file, write_text_atomic
 from qtune.recipe import GateSection, Recipe
 from qtune.runtimes import MERGED, RUNTIMES, runtime_support
@@ -44,7 +44,9 @@ class Row:
 
     @property
     def verdict(self) -> str:
-        return {None: "reference", True: "pass", False: "FAIL"}[self.passed]
+        if self.passed is None:
+            return "info" if split_kv_cache_artifact(self.artifact)[1] else "reference"
+        return "pass" if self.passed else "FAIL"
 
 
 @dataclass
@@ -66,6 +68,11 @@ class Report:
         return self.recipe.evaluation.gates
 
     @property
+    def _over(self) -> str:
+        """The main table's KL columns read the token set the gates read, named unless it is all tokens."""
+        return "" if self.gates.tokens == "all" else f" ({self.gates.tokens})"
+
+    @property
     def passed(self) -> bool:
         return all(row.passed is not False for row in self.rows)
 
@@ -75,7 +82,7 @@ class Report:
             self.metric,
             "Δ vs merged (points)",
             "perplexity",
-            "KL vs merged",
+            *(f"{name}{self._over}" for name in ("KL vs merged", "KL p99", "|Δp| p99")),
             "top-1 vs merged",
             "size (MB)",
             "bits/weight",
@@ -97,7 +104,9 @@ class Report:
                     f"{100 * metric:.1f}% ({row.get('correct')}/{row.get('total')})",
                     "–" if merged is None or row.artifact == "merged" else f"{100 * (metric - merged):+.1f}",
                     _num(row.get("perplexity"), ".4f"),
-                    _num(row.get("kl_vs_merged"), ".4g"),
+                    _num(row.result.vs_merged("mean_kl", self.gates.tokens), ".4g"),
+                    _num(row.result.vs_merged("p99_kl", self.gates.tokens), ".4g"),
+                    _pct(row.result.vs_merged("p99_abs_delta_p", self.gates.tokens)),
                     _num(row.get("top1_vs_merged"), ".3f"),
                     _num(row.get("size_bytes") and row.get("size_bytes") / 1e6, ".1f"),
                     _num(row.get("bits_per_weight"), ".2f"),
@@ -125,6 +134,48 @@ class Report:
             body.append([row.artifact, *(cells.get(name, "–") for name in RUNTIMES)])
         return ["file", *RUNTIMES], body
 
+    def tail_table(self) -> tuple[list[str], list[list[str]]]:
+        """Per-token KL and Δp against the merged model, over every token and over the answers alone."""
+        columns = ["artifact", "tokens", "count", "mean KL", "median", "p99", "p99.9", "max", "Δp RMS", "|Δp| p99", "Δp p1", "Δp p99", "same top-1"]
+        body = []
+        for row in self.rows:
+            for name, tail in (row.get("tail_vs_merged") or {}).items():
+                body.append(
+                    [
+                        row.artifact,
+                        name,
+                        _num(tail.get("tokens"), "d"),
+                        *(_num(tail.get(k), ".4g") for k in ("mean_kl", "median_kl", "p99_kl", "p999_kl", "max_kl")),
+                        *(_pct(tail.get(k), 2) for k in ("rms_delta_p", "p99_abs_delta_p", "p01_delta_p", "p99_delta_p")),
+                        _pct(tail.get("top1_agreement")),
+                    ]
+                )
+        return columns, body
+
+    def worst_table(self) -> tuple[list[str], list[list[str]]]:
+        """Where each artifact loses most: the category and the held-out prompt with the highest mean KL over
+        their answer tokens, and the category whose task metric falls furthest below the merged model's."""
+        merged = next((r for r in self.rows if r.artifact == "merged" and r.ok), None)
+        merged_slices = (merged.get("by_category") or {}) if merged else {}
+        body = []
+        for row in self.rows:
+            prompt = row.get("worst_prompt_vs_merged")
+            if not row.ok or prompt is None:
+                continue
+            category = row.get("worst_category_vs_merged")
+            drops = {k: 100 * (merged_slices[k] - v) for k, v in (row.get("by_category") or {}).items() if k in merged_slices}
+            task = max(drops.items(), key=lambda item: item[1]) if len(drops) > 1 else None
+            body.append(
+                [
+                    row.artifact,
+                    f"{category[0]}: {category[1]:.4g}" if category else "–",
+                    f"{task[0]}: {task[1]:+.1f}" if task else "–",
+                    f"{prompt['mean_kl']:.4g}",
+                    _clip(prompt["prompt"], 80) + " ⟶ " + _clip(prompt["answer"], 40, end=False),
+                ]
+            )
+        return ["artifact", "worst category (mean KL)", f"worst category ({self.metric} points below merged)", "worst prompt (mean KL)", "its text"], body
+
     def _merged_metric(self) -> float | None:
         merged = next((r for r in self.rows if r.artifact == "merged" and r.ok), None)
         return merged.get("task_metric") if merged else None
@@ -132,7 +183,9 @@ class Report:
     def gate_lines(self) -> list[str]:
         lines = []
         for row in self.rows:
-            if row.passed is None:
+            if row.passed is None and row.verdict == "info":
+                lines.append(f"- {row.artifact}: not gated (a KV cache is a runtime setting; scored to show its cost)")
+            elif row.passed is None:
                 lines.append(f"- {row.artifact}: reference (not gated)")
             else:
                 lines.append(f"- {row.artifact}: {'PASS' if row.passed else 'FAIL'}" + (f" ({'; '.join(row.reasons)})" if row.reasons else ""))
@@ -170,7 +223,11 @@ def collect(run_dir: Path) -> Report:
     recipe = rundir.load_run_recipe(run_dir).recipe
     results = read_results(run_dir)
     export_order = [t.default_name() for t in recipe.export]
-    order = [n for n in FIXED_ORDER if n in results] + [n for n in export_order if n in results]
+    by_file: dict[str, list[str]] = {}
+    for name in sorted(results):  # a file's KV-cache rows follow it
+        by_file.setdefault(split_kv_cache_artifact(name)[0], []).append(name)
+    order = [n for n in FIXED_ORDER if n in results]
+    order += [n for file in export_order for n in by_file.get(file, [])]
     order += sorted(n for n in results if n not in order)
     history = _read_json(run_dir / "train_log.json") or []
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
@@ -194,22 +251,35 @@ def _plot_quality_vs_size(report: Report, path: Path) -> None:
 
     rows = [r for r in report.rows if r.ok and r.get("size_bytes")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    tail_labelled = False
     for row in rows:
         size = row.get("size_bytes") / 1e6
         colour = "#1f77b4" if row.passed is not False else "#d62728"
         left.scatter(size, 100 * row.get("task_metric"), color=colour, s=46, zorder=3)
         left.annotate(row.artifact, (size, 100 * row.get("task_metric")), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        if row.get("kl_vs_merged"):
-            right.scatter(size, row.get("kl_vs_merged"), color=colour, s=46, zorder=3)
-            right.annotate(row.artifact, (size, row.get("kl_vs_merged")), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        mean, p99 = row.result.vs_merged("mean_kl", report.gates.tokens), row.result.vs_merged("p99_kl", report.gates.tokens)
+        if mean:
+            if p99:  # the tail above its mean, on one vertical line per artifact
+                right.plot([size, size], [mean, p99], color=colour, linewidth=1, alpha=0.6, zorder=2)
+                right.scatter(size, p99, color=colour, marker="^", s=40, zorder=3, label=None if tail_labelled else "p99 per-token KL")
+                tail_labelled = True
+            right.scatter(size, mean, color=colour, s=46, zorder=3)
+            right.annotate(row.artifact, (size, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
     sizes = [r.get("size_bytes") for r in rows]
     xscale = "log" if sizes and max(sizes) > 20 * min(sizes) else "linear"  # log ticks crowd over a small range
     left.set(xlabel="size (MB)", ylabel=f"{report.metric} (%)", title="task metric against size", xscale=xscale)
-    right.set(xlabel="size (MB)", ylabel="mean KL vs merged (nats/token)", title="divergence from the merged model", xscale=xscale)
-    if report.gates.max_kl_vs_merged:
-        right.axhline(report.gates.max_kl_vs_merged, color="#d62728", linestyle="--", linewidth=1, label="gate")
+    right.set(
+        xlabel="size (MB)",
+        ylabel=f"KL vs merged (nats/token, {report.gates.tokens} tokens)",
+        title="divergence from the merged model: mean (●) and p99 (▲)",
+        xscale=xscale,
+    )
+    for limit, style, label in ((report.gates.max_kl_vs_merged, "--", "mean KL gate"), (report.gates.max_kl_p99_vs_merged, ":", "p99 KL gate")):
+        if limit:
+            right.axhline(limit, color="#d62728", linestyle=style, linewidth=1, label=label)
+    if right.get_legend_handles_labels()[0]:
         right.legend(loc="best", fontsize=8)
-    if any(r.get("kl_vs_merged") for r in rows):
+    if any(r.result.vs_merged("mean_kl", report.gates.tokens) for r in rows):
         right.set_yscale("log")
     for axis in (left, right):
         axis.grid(True, alpha=0.3)
@@ -244,11 +314,16 @@ def _save(fig, path: Path) -> None:
 def _slices(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
     """Per-slice task metric tables (title, slice names, one row per artifact); a single slice says nothing new."""
     tables = []
-    for key, title in (("by_category", "by category"), ("by_length", "by reference length")):
+    kl = lambda value: _num(value, ".4g")  # noqa: E731
+    for key, title, cell in (
+        ("by_category", f"{report.metric} by category", _pct),
+        ("by_length", f"{report.metric} by reference length", _pct),
+        ("kl_by_category_vs_merged", "mean KL vs merged by category (answer tokens)", kl),
+    ):
         names = sorted({s for r in report.rows if r.ok for s in (r.get(key) or {})})
         if len(names) > 1:
-            body = [[r.artifact] + [_pct((r.get(key) or {}).get(s)) for s in names] for r in report.rows if r.ok]
-            tables.append((f"{report.metric} {title}", names, body))
+            body = [[r.artifact] + [cell((r.get(key) or {}).get(s)) for s in names] for r in report.rows if r.ok and r.get(key)]
+            tables.append((title, names, body))
     return tables
 
 
@@ -269,9 +344,24 @@ def _slices_md(report: Report) -> str:
     return "\n\n".join(f"### {title}\n\n" + _md_table(["artifact", *names], body) for title, names, body in _slices(report))
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
 
+
+def _clip(text: str, width: int, end: bool = True) -> str:
+    """``width`` characters of one line of ``text``: its end (or its start, ``end=False``)."""
+    flat = " ".join(text.split())
+    if len(flat) <= width:
+        return flat
+    return "…" + flat[-width:] if end else flat[:width] + "…"
+
+
+TAIL_NOTE = (
+    "Per-token KL (nats) and Δp (the change in the probability of the text's next token) against the merged model, "
+    "over the same held-out tokens for every artifact: all tokens (prompts and answers) and the answer tokens alone "
+    "(the recipe's evaluation.gates.tokens says which the gates read). Worst category and prompt: the highest mean KL "
+    "over their answer tokens."
+)
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -313,6 +403,10 @@ def _html(report: Report, images: dict[str, bytes]) -> str:
 {merge}
 <h2>Plots</h2>
 <div id="plots">{plots}</div>
+<h2>Tail</h2>
+<p>{html.escape(TAIL_NOTE)}</p>
+{_html_table(*report.tail_table(), "id='tail'")}
+{_html_table(*report.worst_table(), "id='worst'")}
 <h2>Slices</h2>
 {_slices_html(report)}
 <h2>Where each file runs</h2>
@@ -328,11 +422,15 @@ def _markdown(report: Report) -> str:
         kl = ", ".join(f"{k} {v:.3g}" for k, v in report.merge["kl"].items())
         merge = f"Merge base: **{report.merge['chosen']}** ({report.merge['dtype']}); KL to the adapter model, nats/token: {kl}\n\n"
     plots = "\n".join(f"![{name}](report/{name})" for name in rundir.REPORT_PLOTS)
-    return (
-        f"# qtune report: {report.run_dir.name}\n\n{_md_table(columns, body)}\n\n## Gates\n\n"
-        + "\n".join(report.gate_lines())
-        + f"\n\n{merge}## Plots\n\n{plots}\n\n## Slices\n\n{_slices_md(report)}\n\n## Where each file runs\n\n{_md_table(*report.runtimes_table())}\n"
-    )
+    sections = [
+        f"# qtune report: {report.run_dir.name}\n\n{_md_table(columns, body)}",
+        "## Gates\n\n" + "\n".join(report.gate_lines()) + (f"\n\n{merge.rstrip()}" if merge else ""),
+        f"## Plots\n\n{plots}",
+        f"## Tail\n\n{TAIL_NOTE}\n\n{_md_table(*report.tail_table())}\n\n{_md_table(*report.worst_table())}",
+        f"## Slices\n\n{_slices_md(report)}",
+        f"## Where each file runs\n\n{_md_table(*report.runtimes_table())}",
+    ]
+    return "\n\n".join(sections) + "\n"
 
 
 def write_report(run_dir: Path, track: bool = True) -> Report:

@@ -90,13 +90,26 @@ def log_report(report) -> None:
     try:
         columns, body = report.table()
         images = {f"report/{name.removesuffix('.png')}": wandb.Image(str(report.run_dir / "report" / name)) for name in rundir.REPORT_PLOTS}
-        run.log({"report/artifacts": wandb.Table(columns=columns, data=body), **images}, step=report.last_step + 1)
+        tail_columns, tail_body = report.tail_table()
+        tables = {"report/artifacts": wandb.Table(columns=columns, data=body), "report/tail": wandb.Table(columns=tail_columns, data=tail_body)}
+        run.log({**tables, **images}, step=report.last_step + 1)
         for row in report.rows:
             prefix = f"report/{row.artifact}"
             run.summary[f"{prefix}/gate"] = row.verdict
-            for key in ("task_metric", "perplexity", "kl_vs_merged", "top1_vs_merged", "size_bytes", "bits_per_weight", "generation_tokens_per_second"):
+            for key in (
+                "task_metric",
+                "perplexity",
+                "kl_vs_merged",
+                "top1_vs_merged",
+                "size_bytes",
+                "bits_per_weight",
+                "generation_tokens_per_second",
+            ):
                 if row.get(key) is not None:
                     run.summary[f"{prefix}/{key}"] = row.get(key)
+            for tokens, tail in (row.get("tail_vs_merged") or {}).items():
+                for key, value in tail.items():
+                    run.summary[f"{prefix}/tail/{tokens}/{key}"] = value
         run.summary["report/passed"] = report.passed
         upload = report.recipe.tracking.upload_artifacts
         for row in report.rows:

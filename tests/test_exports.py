@@ -40,6 +40,16 @@ def test_gguf_export_from_a_run_merges_calibrates_and_checks_the_chat_template(r
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+@pytest.mark.parametrize("quant,qtype", [("IQ4_XS", "IQ4_XS"), ("iq4_nl", "IQ4_NL")])
+def test_iq4_gguf_export_needs_no_imatrix(run_dir: Path, tmp_path: Path, quant: str, qtype: str):
+    out = tmp_path / f"model-{qtype}.gguf"
+    result = qtune_cli("export", str(run_dir), "--format", "gguf", "--quant", quant, "--no-imatrix", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == qtype and types["token_embd.weight"] == "Q6_K"
+    assert json.loads(out.with_name(out.name + ".report.json").read_text())["imatrix"] is None
+
+
 def test_gptq_export_reads_back_through_our_dequantizer(run_dir: Path, tmp_path: Path):
     out = tmp_path / "gptq"
     result = qtune_cli("export", str(run_dir), "--format", "gptq", "--group-size", "64", "--samples", "8", "--seq-len", "128", "--output", str(out))

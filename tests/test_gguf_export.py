@@ -303,6 +303,23 @@ def test_mix_rules_and_fallbacks():
         choose_types("Q7_K", [], 1)
 
 
+def test_iq4_mix_rules():
+    """llama.cpp's IQ4_NL/IQ4_XS file types: Q6_K output, Q5_K attn_v under GQA of 4 or more, and Q5_K for
+    the first eighth of ffn_down unless an imatrix is given; IQ4_XS rows not a multiple of 256 take IQ4_NL."""
+    names = _llama_names(16)
+    xs = choose_types("IQ4_XS", names, 16, n_gqa=2).types
+    assert xs["token_embd.weight"] == Q.Q6_K and xs["blk.5.attn_q.weight"] == Q.IQ4_XS and xs["blk.5.attn_v.weight"] == Q.IQ4_XS
+    assert [xs[f"blk.{i}.ffn_down.weight"] for i in (0, 1, 2)] == [Q.Q5_K, Q.Q5_K, Q.IQ4_XS]
+    gqa = choose_types("IQ4_XS", names, 16, n_gqa=4, has_imatrix=True).types
+    assert all(gqa[f"blk.{i}.attn_v.weight"] == Q.Q5_K for i in range(16))
+    assert all(gqa[f"blk.{i}.ffn_down.weight"] == Q.IQ4_XS for i in range(16))
+    nl = choose_types("IQ4_NL", names, 16).types
+    assert nl["blk.0.ffn_down.weight"] == Q.Q5_K and nl["blk.3.attn_k.weight"] == Q.IQ4_NL
+    odd = choose_types("IQ4_XS", _llama_names(8, width=576, ff=1536), 8)
+    assert odd.types["blk.0.attn_q.weight"] == Q.IQ4_NL and odd.types["blk.1.ffn_down.weight"] == Q.IQ4_XS
+    assert (Q.IQ4_XS, Q.IQ4_NL) in {(f.wanted, f.used) for f in odd.fallbacks}
+
+
 def test_llama_tensor_order():
     names = ["blk.10.attn_q.weight", "output.weight", "blk.2.ffn_up.weight", "token_embd.weight", "blk.2.attn_k.weight"]
     assert llama_tensor_order(names) == ["output.weight", "token_embd.weight", "blk.2.attn_k.weight", "blk.2.ffn_up.weight", "blk.10.attn_q.weight"]
@@ -498,6 +515,9 @@ def test_llama_cpp_tokenizes_like_hf(models, exported, model):
         ("llama-odd", "Q4_K_M"),
         ("qwen2", "Q4_K_M"),
         ("llama-odd", "Q2_K"),
+        ("llama", "IQ4_XS"),
+        ("llama-odd", "IQ4_XS"),
+        ("llama-odd", "IQ4_NL"),
         ("qwen3", "Q4_K_M"),
         ("fused-qkv", "Q4_K_M"),
         ("gemma2", "Q4_K_M"),
@@ -518,6 +538,7 @@ def test_llama_cpp_tokenizes_like_hf(models, exported, model):
                 ("llama", "BF16"),
                 ("qwen3", "Q3_K_M"),
                 ("fused-qkv", "Q5_K_M"),
+                ("qwen2", "IQ4_NL"),
             ]
         ],
     ],
@@ -561,6 +582,12 @@ def test_imatrix_export_equals_llama_model_quantize(models, exported, builtin_di
     llama_quantize(exported["llama-odd", "F32"], theirs, "Q4_K_M", {k: v.numpy() for k, v in gguf_means.items()})
     assert_same_file(ours, theirs)
     assert read_tensors(ours)["blk.0.attn_q.weight"] != read_tensors(exported["llama-odd", "Q4_K_M"])["blk.0.attn_q.weight"]
+
+    # IQ4_XS with the same imatrix: its ffn_down rule reads whether one is given
+    ours_iq4, theirs_iq4 = tmp_path / "ours-iq4.gguf", tmp_path / "llama-iq4.gguf"
+    export_gguf(model_dir, ours_iq4, "IQ4_XS", imatrix=means)
+    llama_quantize(exported["llama-odd", "F32"], theirs_iq4, "IQ4_XS", {k: v.numpy() for k, v in gguf_means.items()})
+    assert_same_file(ours_iq4, theirs_iq4)
 
     # the imatrix file round trip gives llama.cpp's loader values
     path = tmp_path / "imatrix.gguf"

@@ -53,18 +53,37 @@ def test_run_scores_every_artifact_and_writes_the_report(full_run):
             assert scored[key] is not None, (name, key)
         if name != "merged":
             assert scored["kl_vs_merged"] > -1e-6 and 0 <= scored["top1_vs_merged"] <= 1
+            _check_tail(scored)
         assert np.isfinite(scored["perplexity"])
     assert _eval(run_dir, "model-Q8_0.gguf")["runtime"] == gguf_runtime()
     # a coarser file is smaller and further from the merged model
     q8, q4 = _eval(run_dir, "model-Q8_0.gguf"), _eval(run_dir, "model-Q4_K_M.gguf")
     assert q4["size_bytes"] < q8["size_bytes"] and q4["kl_vs_merged"] > q8["kl_vs_merged"]
+    assert q4["tail_vs_merged"]["all"]["p99_kl"] > q8["tail_vs_merged"]["all"]["p99_kl"]
+    # every artifact is measured over the same tokens
+    assert len({json.dumps({k: v["tokens"] for k, v in _eval(run_dir, n)["tail_vs_merged"].items()}) for n in ["base", "adapter", *EXPORT_NAMES]}) == 1
     assert 8.4 < q8["bits_per_weight"] < 9.5  # Q8_0 is 8.5 bits per weight; norms stay F32
     report_md = (run_dir / "report.md").read_text()
     for name in ["base", "adapter", "merged", *EXPORT_NAMES]:
         assert f"| {name} |" in report_md and f"| {name} |" in result.stdout
     assert "report/quality_vs_size.png" in report_md
+    tail = report_md[report_md.index("## Tail") : report_md.index("## Slices")]
+    for name in EXPORT_NAMES:
+        assert f"| {name} | all |" in tail and f"| {name} | answers |" in tail
     for plot in ("quality_vs_size.png", "loss.png"):
         assert (run_dir / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_tail(scored: dict) -> None:
+    tails = scored["tail_vs_merged"]
+    assert set(tails) == {"all", "answers"}
+    assert 0 < tails["answers"]["tokens"] < tails["all"]["tokens"]
+    assert tails["all"]["mean_kl"] == pytest.approx(scored["kl_vs_merged"])
+    for tail in tails.values():
+        assert -1e-6 < tail["median_kl"] <= tail["p99_kl"] <= tail["p999_kl"] <= tail["max_kl"]
+        assert 0 <= tail["p99_abs_delta_p"] <= 1 and tail["p01_delta_p"] <= tail["p99_delta_p"]
+    worst = scored["worst_prompt_vs_merged"]
+    assert worst["mean_kl"] >= tails["answers"]["mean_kl"] - 1e-9 and worst["prompt"] and worst["answer"]
 
 
 def test_the_report_says_where_each_file_runs(full_run):
@@ -134,6 +153,12 @@ def test_gates_fail_the_run_and_name_the_artifact(full_run):
     recipe_file = run_dir / "recipe.resolved.yaml"
     saved = recipe_file.read_text()
     try:
+        q4 = _eval(run_dir, "model-Q4_K_M.gguf")["tail_vs_merged"]["answers"]["p99_kl"]
+        assert "max_kl_p99_vs_merged: null" in saved and "tokens: all" in saved
+        recipe_file.write_text(saved.replace("max_kl_p99_vs_merged: null", f"max_kl_p99_vs_merged: {q4 * 0.99}").replace("tokens: all", "tokens: answers"))
+        result = qtune_cli("report", str(run_dir), "--no-tracking")
+        assert result.returncode == 1, result.stderr
+        assert f"- model-Q4_K_M.gguf: FAIL (KL p99 over answers {q4:.4g} > {q4 * 0.99})" in result.stdout
         recipe_file.write_text(saved.replace("max_kl_vs_merged: 10.0", "max_kl_vs_merged: 1.0e-12"))
         result = qtune_cli("report", str(run_dir), "--no-tracking")
         assert result.returncode == 1, result.stderr
@@ -167,6 +192,39 @@ def test_an_artifact_that_cannot_load_is_reported_not_fatal(full_run):
     finally:
         broken.unlink()
         (run_dir / "eval" / "broken.gguf.json").unlink(missing_ok=True)
+
+
+@needs_llama_cpp
+def test_a_gguf_export_is_scored_with_a_quantized_kv_cache(full_run):
+    """`NAME.gguf@kv-TYPE` runs the file in llama.cpp with that KV cache: an extra row that shows what the
+    cache costs, placed after its file and not gated; a recipe's kv_cache_types list those rows."""
+    from qtune.evaluate import available_artifacts
+
+    run_dir, _ = full_run
+    names = ["model-Q8_0.gguf@kv-q4_0", "model-Q8_0.gguf@kv-q8_0-q4_0"]
+    assert set(names) <= set(available_artifacts(run_dir, ["q4_0", "q8_0/q4_0"]))
+    assert not any("@kv-" in n for n in available_artifacts(run_dir))
+    try:
+        result = qtune_cli("eval", str(run_dir), *(a for n in names for a in ("--artifact", n)))
+        assert result.returncode == 0, result.stderr[-3000:]
+        plain = _eval(run_dir, "model-Q8_0.gguf")
+        for name, kv in zip(names, ["q4_0", "q8_0/q4_0"]):
+            scored = _eval(run_dir, name)
+            assert scored["status"] == "ok" and scored["runtime"] == f"llama.cpp, KV cache {kv}, flash attention"
+            assert scored["size_bytes"] == plain["size_bytes"]
+            # on top of the file's own rounding, a 4-bit cache moves the logits further from the merged model
+            assert scored["kl_vs_merged"] > plain["kl_vs_merged"], (name, scored["kl_vs_merged"], plain["kl_vs_merged"])
+        report = qtune_cli("report", str(run_dir), "--no-tracking")
+        assert report.returncode == 0, report.stderr[-2000:]
+        assert "- model-Q8_0.gguf@kv-q4_0: not gated (a KV cache is a runtime setting" in report.stdout
+        order = [line.split("|")[1].strip() for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| model-Q8_0.gguf")]
+        assert order[:3] == ["model-Q8_0.gguf", *names]
+        bad = qtune_cli("eval", str(run_dir), "--artifact", "model-Q8_0.gguf@kv-q3_k")
+        assert bad.returncode != 0 and "KV cache type 'q3_k'" in bad.stderr and "Traceback" not in bad.stderr
+    finally:
+        for name in names:
+            (run_dir / "eval" / f"{name}.json").unlink(missing_ok=True)
+        qtune_cli("report", str(run_dir), "--no-tracking")
 
 
 def test_a_merged_model_that_cannot_load_is_reported_and_the_rest_scored(full_run, tmp_path: Path):
@@ -207,6 +265,9 @@ def test_wandb_offline_run_holds_the_report(full_run):
             for item in r.summary.update:
                 summary["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
     assert summary["report/model-Q8_0.gguf/kl_vs_merged"] == pytest.approx(q8["kl_vs_merged"])
+    assert summary["report/model-Q8_0.gguf/tail/all/p99_kl"] == pytest.approx(q8["tail_vs_merged"]["all"]["p99_kl"])
+    assert summary["report/model-Q8_0.gguf/tail/answers/max_kl"] == pytest.approx(q8["tail_vs_merged"]["answers"]["max_kl"])
+    assert logged["report/tail"]["_type"] == "table-file" and logged["report/tail"]["nrows"] == 2 * (2 + len(EXPORT_NAMES))
     assert summary["report/passed"] is True
     artifacts = {r.artifact.name: r.artifact for r in records if r.WhichOneof("record_type") == "artifact"}
     assert {"run-adapter", "run-merged", "run-model-Q8_0.gguf", "run-gptq-4bit-g32"} <= set(artifacts)

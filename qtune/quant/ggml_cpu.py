@@ -30,7 +30,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
-from qtune.quant.ggml_types import GGML_TYPES
+from qtune.quant.ggml_types import GGML_TYPES, IQ4_NL_VALUES
 
 Q = GGMLQuantizationType
 QK_K = 256
@@ -890,6 +890,133 @@ def _q8_0(x, qw, y, s):
             yb[2 + j] = _trunc_i32(_roundf(xb[j] * inv)) & 0xFF
 
 
+IQ4_VALUES = np.array(IQ4_NL_VALUES, dtype=np.int8)
+
+
+@_jit
+def _iq4_index(x):
+    """best_index_int8(16, kvalues_iq4nl, x): the nearest codebook entry (the upper one on a tie)."""
+    if x <= F(IQ4_VALUES[0]):
+        return 0
+    if x >= F(IQ4_VALUES[15]):
+        return 15
+    ml, mu = 0, 15
+    while mu - ml > 1:
+        mav = (ml + mu) // 2
+        if x < F(IQ4_VALUES[mav]):
+            mu = mav
+        else:
+            ml = mav
+    return mu - 1 if x - F(IQ4_VALUES[mu - 1]) < F(IQ4_VALUES[mu]) - x else mu
+
+
+IQ4_LEVELS = IQ4_VALUES.astype(np.float32)
+
+
+@_jit
+def _iq4_level(x):
+    """IQ4_LEVELS[_iq4_index(x)] without branches on the data, so that a block's 32 run as SIMD lanes:
+    mu counts the levels at or below x (kept within 1..15), then the nearer of the two around x."""
+    mu = 0
+    for k in range(1, 15):
+        mu += IQ4_LEVELS[k] <= x
+    mu += 1
+    lo, hi = IQ4_LEVELS[mu - 1], IQ4_LEVELS[mu]
+    level = lo if x - lo < hi - x else hi
+    level = IQ4_LEVELS[0] if x <= IQ4_LEVELS[0] else level
+    return IQ4_LEVELS[15] if x >= IQ4_LEVELS[15] or x != x else level
+
+
+@_jit
+def _iq4_fit(xb, weight, inv):
+    """sum(w*q*x) and sum(w*q*q) over a 32-wide block for codes chosen at scale 1/inv."""
+    q = np.empty(32, np.float32)
+    for j in range(32):
+        q[j] = _iq4_level(inv * xb[j])
+    sumqx, sumq2 = F0, F0
+    for j in range(32):
+        w = weight[j]
+        sumqx += w * q[j] * xb[j]
+        sumq2 += w * q[j] * q[j]
+    return sumqx, sumq2
+
+
+@_jit
+def _iq4_super_block(x, qw, weighted, y, L, scales, weight):
+    """quantize_row_iq4_nl_impl with ntry 7 (quantize_iq4_nl and quantize_iq4_xs): one super-block of
+    32 (IQ4_NL) or 256 (IQ4_XS) values into y."""
+    n = x.shape[0]
+    nb = n // 32
+    sigma2 = F0
+    for j in range(n):
+        sigma2 += x[j] * x[j]
+    sigma2 *= F(2.0) / F(n)
+    max_scale, amax_scale = F0, F0
+    for ib in range(nb):
+        xb = x[32 * ib : 32 * ib + 32]
+        for j in range(32):
+            weight[j] = qw[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j]) if weighted else xb[j] * xb[j]
+        amax, mx = F0, F0
+        for j in range(32):
+            ax = abs(xb[j])
+            if ax > amax:
+                amax, mx = ax, xb[j]
+        if amax < GROUP_MAX_EPS:
+            scales[ib] = F0
+            continue
+        d = -mx / F(IQ4_VALUES[0])
+        sumqx, sumq2 = _iq4_fit(xb, weight, F1 / d)  # (the codes chosen here are chosen again below)
+        d = sumqx / sumq2 if sumq2 > F0 else F0
+        best = d * sumqx
+        for itry in range(-7, 8):
+            sumqx, sumq2 = _iq4_fit(xb, weight, F(itry + IQ4_VALUES[0]) / mx)
+            if sumq2 > F0 and sumqx * sumqx > best * sumq2:
+                d = sumqx / sumq2
+                best = d * sumqx
+        scales[ib] = d
+        if abs(d) > amax_scale:
+            amax_scale, max_scale = abs(d), d
+    if nb > 1:  # IQ4_XS: 6-bit sub-block scales of a super-block fp16 scale
+        d = -max_scale / F(32.0)
+        _put_fp16(y, 0, d)
+        inv = F1 / d if d != F0 else F0
+        scales_h = 0
+        for ib in range(nb):
+            l = max(-32, min(31, nearest_int(inv * scales[ib])))
+            dl = d * F(l)
+            idl = F1 / dl if dl != F0 else F0
+            for j in range(32):
+                L[32 * ib + j] = _iq4_index(idl * x[32 * ib + j])
+            l += 32
+            if ib % 2 == 0:
+                y[4 + ib // 2] = l & 0xF
+            else:
+                y[4 + ib // 2] |= (l & 0xF) << 4
+            scales_h |= (l >> 4) << (2 * (ib % 8))
+        y[2] = scales_h & 0xFF
+        y[3] = (scales_h >> 8) & 0xFF
+        qs = 8
+    else:  # IQ4_NL
+        _put_fp16(y, 0, scales[0])
+        inv = F1 / scales[0] if scales[0] != F0 else F0
+        for j in range(n):
+            L[j] = _iq4_index(inv * x[j])
+        qs = 2
+    for i in range(n // 32):
+        for j in range(16):
+            y[qs + 16 * i + j] = (L[32 * i + j] | (L[32 * i + 16 + j] << 4)) & 0xFF
+
+
+@_jit
+def _iq4(x, qw, y, s, weighted, n):
+    """IQ4_NL (n=32) and IQ4_XS (n=256): super-blocks of n values, each searched on its own."""
+    blocks = x.shape[0] // n
+    type_bytes = y.shape[0] // blocks
+    for b in range(blocks):
+        qb = qw[n * b : n * (b + 1)] if weighted else qw
+        _iq4_super_block(x[n * b : n * (b + 1)], qb, weighted, y[type_bytes * b : type_bytes * (b + 1)], s.L, s.scales, s.buf)
+
+
 # ------------------------------------------------------------ row driver
 
 GROUP_VALUES = 4096  # values encoded together: up to 16 super-blocks or 128 legacy blocks, one lane each sub-block
@@ -934,6 +1061,8 @@ for _qtype, _encoder, _ref, _impl, _row_weights in (
     (Q.Q4_K, _q45_k, (False, 15, F(-1.0), F(0.1), 20), (True, 15, F(-0.9), F(0.05), 36), False),
     (Q.Q5_K, _q45_k, (False, 31, F(-0.5), F(0.1), 15), (True, 31, F(-0.9), F(0.05), 36), False),
     (Q.Q6_K, _q6_k, (False,), (True,), False),
+    (Q.IQ4_NL, _iq4, (False, 32), (True, 32), False),
+    (Q.IQ4_XS, _iq4, (False, 256), (True, 256), False),
 ):
     _block, _size = GGML_TYPES[_qtype].block_size, GGML_TYPES[_qtype].type_size
     _ENCODERS[_qtype, False] = (len(_ENCODERS), _block, _size, _encoder, _ref, False)

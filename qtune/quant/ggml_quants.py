@@ -2,7 +2,8 @@
 
 ``quantize`` reproduces ``ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix)`` of
 ggml 0.25.3 (the llama.cpp bundled with llama-cpp-python 0.3.36) byte for byte, with or without an
-importance matrix, for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+importance matrix, for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+IQ4_NL and IQ4_XS.
 Two encoders give the same bytes. On the CPU, ``ggml_cpu``'s compiled ports of the C loops run (faster
 than ggml's own quantizer on the k-quants). On other devices (or with ``QTUNE_GGML_ENCODER=torch``) the vectorized torch
 encoders run; they keep the float32 operation order of the C code (see ``ggml_search``), so CUDA
@@ -97,7 +98,7 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType, imatrix: torch.Tensor
         xc = x[r0 : r0 + step]
         nr = xc.shape[0]
         blocks = xc.reshape(-1, bs)
-        if entry.family == "k-quant":
+        if entry.family in ("k-quant", "i-quant"):
             qw = imatrix.expand(nr, n_per_row).reshape(-1, bs) if weighted else None
             data = entry.encode(blocks, qw)
         elif weighted:

@@ -130,7 +130,8 @@ def _write_gguf(
     shapes = {name: src.shape for name, src in sources.items()} | {n: tuple(t.shape) for n, t in extra.items()}
     order = llama_tensor_order(shapes)
     is_70b = arch.gguf_is_70b(hp["n_layer"], hp["n_head"], hp["n_head_kv"])
-    choice = choose_types(mix.name, [(n, shapes[n]) for n in order], hp["n_layer"], is_70b=is_70b)
+    n_gqa = hp["n_head"] // hp["n_head_kv"]
+    choice = choose_types(mix.name, [(n, shapes[n]) for n in order], hp["n_layer"], is_70b=is_70b, n_gqa=n_gqa, has_imatrix=bool(imatrix))
     importance = _imatrix_by_gguf_name(imatrix, arch, shapes) if imatrix else {}
 
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)

@@ -4,13 +4,16 @@ Mirrors ``src/llama-quant.cpp`` of the llama.cpp bundled with llama-cpp-python 0
 (``tensor_allows_quantization``, ``llama_tensor_get_type_impl``, ``tensor_type_fallback``) for dense
 (non-MoE) models:
 
-- mixes Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K: llama.cpp's own file types, with its
-  per-tensor rules (output/tied embeddings to Q6_K, more bits for some attn_v / ffn_down layers);
+- mixes Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS: llama.cpp's own file types,
+  with its per-tensor rules (output/tied embeddings to Q6_K, more bits for some attn_v / ffn_down
+  layers; for IQ4_NL/IQ4_XS attn_v gets Q5_K under GQA of 4 or more, and without an imatrix the
+  first eighth of ffn_down gets Q5_K);
 - single types F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K: every quantizable tensor gets
   that type, as ``llama-quantize --pure`` does.
 
 Both then apply llama.cpp's fallback when a row is not a multiple of the type's block (k-quants need
-256: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0; F16 when even 32 does not divide).
+256: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL; F16 when even 32
+does not divide).
 The iteration order matters (attn_v / ffn_down use running counters), so tensors are visited in
 llama.cpp's ``weights_map`` order; ``llama_tensor_order`` gives it.
 """
@@ -51,6 +54,8 @@ _MIXES = [
     QuantMix("Q5_K_S", Q.Q5_K, F.MOSTLY_Q5_K_S, False),
     QuantMix("Q5_K_M", Q.Q5_K, F.MOSTLY_Q5_K_M, False),
     QuantMix("Q6_K", Q.Q6_K, F.MOSTLY_Q6_K, False),
+    QuantMix("IQ4_NL", Q.IQ4_NL, F.MOSTLY_IQ4_NL, False),
+    QuantMix("IQ4_XS", Q.IQ4_XS, F.MOSTLY_IQ4_XS, False),
     QuantMix("F32", Q.F32, F.ALL_F32, True),
     QuantMix("F16", Q.F16, F.MOSTLY_F16, True),
     QuantMix("BF16", Q.BF16, F.MOSTLY_BF16, True),
@@ -67,7 +72,7 @@ _MIXES = [
 QUANT_MIXES: dict[str, QuantMix] = {m.name: m for m in _MIXES}
 
 _FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL}
 _NOT_QUANTIZED_PARTS = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "ssm_conv1d", "attn_rel_b.weight")
 
 
@@ -124,12 +129,15 @@ def choose_types(
     n_layer: int,
     *,
     is_70b: bool = False,
+    n_gqa: int = 1,
+    has_imatrix: bool = False,
 ) -> MixChoice:
     """Types for ``tensors`` ((GGUF name, numpy shape) pairs) under mix ``quant``.
 
     Tensors that are not quantized (1-D norms and the like) stay F32. ``n_layer`` is the model's
     block count; ``is_70b`` is llama.cpp's LLM_TYPE_70B (``Architecture.gguf_is_70b``), which
-    gives attn_v more bits.
+    gives attn_v more bits; ``n_gqa`` is heads per KV head (n_head // n_head_kv) and ``has_imatrix``
+    whether an importance matrix is given, which some rules read.
     """
     mix = quant_mix(quant)
     shapes = {name: tuple(shape) for name, shape in tensors}
@@ -150,7 +158,7 @@ def choose_types(
             types[name] = qtype
             continue
         if not mix.pure:
-            qtype = _mix_rule(mix, name, shape[-1], qtype, counters, n_attention_wv, n_layer, tied, is_70b)
+            qtype = _mix_rule(mix, name, shape[-1], qtype, counters, n_attention_wv, n_layer, tied, is_70b, n_gqa, has_imatrix)
         used = _fallback(qtype, shape[-1])
         if used != qtype:
             fallbacks.append(Fallback(name, qtype, used, shape[-1]))
@@ -195,8 +203,11 @@ def _mix_rule(
     n_layer: int,
     tied: bool,
     is_70b: bool,
+    n_gqa: int,
+    has_imatrix: bool,
 ) -> GGMLQuantizationType:
-    """llama_tensor_get_type_impl restricted to the K-quant mixes of dense models."""
+    """llama_tensor_get_type_impl restricted to the K-quant and IQ4 mixes of dense models."""
+    iq4 = mix.file_type in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS)
     ftype = mix.file_type
     category = _category(name)
     if category == "output" or (tied and category == "token_embd"):
@@ -207,6 +218,8 @@ def _mix_rule(
         i = counters["attn_v"]
         if ftype == F.MOSTLY_Q3_K_M:
             qtype = Q.Q5_K if i < 2 else Q.Q4_K
+        elif iq4 and n_gqa >= 4:
+            qtype = Q.Q5_K
         elif ftype in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and _use_more_bits(i, n_attention_wv):
             qtype = Q.Q6_K
         elif ftype == F.MOSTLY_Q4_K_S and i < 4:
@@ -222,6 +235,8 @@ def _mix_rule(
         elif ftype == F.MOSTLY_Q4_K_M:
             if _use_more_bits(i, n_layer):
                 qtype = Q.Q6_K
+        elif iq4 and i < n_layer // 8 and not has_imatrix:
+            qtype = Q.Q5_K
         elif ftype == F.MOSTLY_Q5_K_M and _use_more_bits(i, n_layer):
             qtype = Q.Q6_K
         elif ftype == F.MOSTLY_Q4_K_S and i < n_layer // 8:
