@@ -78,7 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="gguf-lora: the run's LoRA adapter alone, for llama.cpp --lora or Ollama's ADAPTER",
     )
     default = {name: field.default for name, field in ExportTarget.model_fields.items()}  # the one place they are set
-    p.add_argument("--quant", help=f"GGUF type or mix, e.g. Q4_K_M, Q5_K_M, Q8_0, F16 (default {default['quant']}; gguf-lora: F16)")
+    p.add_argument(
+        "--quant",
+        help=f"GGUF type or mix, e.g. Q4_K_M, IQ4_XS, Q8_0, F16, or auto (each tensor's type chosen on the calibration data "
+        f"within --target-bpw or --max-size) (default {default['quant']}; gguf-lora: F16)",
+    )
+    p.add_argument("--target-bpw", type=float, help="GGUF --quant auto: tensor bits per weight, e.g. 4.5")
+    p.add_argument("--max-size", help="GGUF --quant auto: the tensors' size, e.g. 4.2GB (the file adds its metadata and tokenizer)")
+    p.add_argument(
+        "--tensor-type",
+        action="append",
+        default=[],
+        metavar="PATTERN=TYPE",
+        help="GGUF: the type of tensors whose name matches the regex PATTERN, e.g. ffn_down=Q6_K (repeatable, first match wins; as llama-quantize)",
+    )
     p.add_argument("--output", help="output file (GGUF) or directory (GPTQ/AWQ); default: RUN_DIR/exports/<name>")
     p.add_argument("--bits", type=int, help=f"GPTQ: 2, 3, 4 or 8; AWQ: 4 (default {default['bits']})")
     p.add_argument("--group-size", type=int, help=f"32, 64, 128, or -1 for one group per row (default {default['group_size']})")
@@ -264,6 +277,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             "samples": args.samples,
             "seq_len": args.seq_len,
             "seed": args.seed,
+            "target_bpw": args.target_bpw,
+            "max_size": args.max_size,
+            "tensor_types": _tensor_types(args.tensor_type) or None,
         }
         try:  # what is not given takes ExportTarget's default
             target = ExportTarget(
@@ -333,3 +349,14 @@ def _from_cwd(name: str | None) -> str | None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _tensor_types(given: list[str]) -> dict[str, str]:
+    """--tensor-type PATTERN=TYPE options, in order."""
+    pairs = {}
+    for item in given:
+        pattern, sep, qtype = item.rpartition("=")
+        if not sep or not pattern or not qtype:
+            raise QtuneError(f"--tensor-type {item!r}: write PATTERN=TYPE, e.g. ffn_down=Q6_K")
+        pairs[pattern] = qtype
+    return pairs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gguf import GGMLQuantizationType
 
 from qtune import rundir
 from qtune.architectures import Architecture
@@ -28,7 +30,7 @@ from qtune.cpu import fit_threads
 from qtune.errors import QtuneError, is_disk_full, stage
 from qtune.paths import atomic_dir, staging_prefix, write_text_atomic
 from qtune.quant import CT_SCHEMES
-from qtune.recipe import DEFAULT_MAX_SHARD_SIZE, DataSection, ExportTarget, parse_size
+from qtune.recipe import AUTO_QUANT, DEFAULT_MAX_SHARD_SIZE, DataSection, ExportTarget, parse_size
 from qtune.runtimes import runtime_support
 
 log = logging.getLogger(__name__)
@@ -158,8 +160,9 @@ def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: 
     from qtune.formats.gguf.vocab import check_chat_roundtrip
     from qtune.modelfile import write_modelfile
 
-    importance, calibrated_on = None, None
+    importance, calibrated_on, batches = None, None, []
     weighted = target.uses_imatrix
+    auto = target.quant == AUTO_QUANT
     if weighted and (source.data is not None or target.calibration is not None):
         from qtune.blockwise import StreamedModel
         from qtune.imatrix import collect_imatrix_streamed
@@ -169,14 +172,20 @@ def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: 
         batches = [row[mask.bool()].unsqueeze(0) for row, mask in zip(calibration.input_ids, calibration.attention_mask)]
         importance = collect_imatrix_streamed(streamed, batches).means()
         calibrated_on = calibration.description
+        del streamed
+    elif auto:
+        raise QtuneError("quant: auto measures each tensor's loss on calibration data: export a run directory, or give --calibration")
     elif weighted:
         log.warning("no calibration data for the importance matrix (plain checkpoint, no --calibration); quantizing without one")
     device = _device()
+    overrides = [(pattern, GGMLQuantizationType[name]) for pattern, name in target.tensor_types.items()]
+    mix = _auto_mix(source, target, importance, batches, tokenizer, overrides, device) if auto else None
     # The file is checked before it takes its final name: a GGUF whose chat template or stop tokens
     # differ from training's is never published.
     staged = output.with_name(f"{staging_prefix(output)}{uuid.uuid4().hex[:8]}")
     try:
-        report = export_gguf(source.checkpoint, staged, target.quant, imatrix=importance, device=device)
+        types = mix.types if mix else None
+        report = export_gguf(source.checkpoint, staged, target.quant, imatrix=importance, device=device, tensor_types=overrides, types=types)
         problems = check_chat_roundtrip(staged, source.checkpoint)
         if problems:
             raise QtuneError(f"the GGUF's chat template or stop tokens differ from training, so {output} was not written: {'; '.join(problems)}")
@@ -200,7 +209,42 @@ def _export_gguf(source: ExportSource, target: ExportTarget, tokenizer, output: 
         "fallbacks": [str(f) for f in report.fallbacks],
         "imatrix": calibrated_on,
         "chat_roundtrip": "ok",
+        **({"tensor_types": target.tensor_types} if target.tensor_types else {}),
+        **({"auto": mix.as_dict()} if mix else {}),
     }
+
+
+AUTO_KL_TOKENS = 2048  # calibration tokens the auto mix's KL probes run on (each probe is a forward pass of the model)
+
+
+def kl_probe_rows(sequences: list[torch.Tensor], tokens: int = AUTO_KL_TOKENS) -> list[dict]:
+    """The first calibration sequences, up to ``tokens`` tokens in all, as rows for ``metrics``."""
+    rows, total = [], 0
+    for ids in sequences:
+        ids = ids[: tokens - total].tolist()
+        if len(ids) < 2:
+            break
+        rows.append({"input_ids": ids, "labels": ids, "num_real_tokens": len(ids)})
+        total += len(ids)
+    return rows
+
+
+def _auto_mix(source: ExportSource, target: ExportTarget, importance, batches: list, tokenizer, overrides, device):
+    """quant: auto's per-tensor types (qtune.auto_mix), measured on the first calibration rows."""
+    from qtune.auto_mix import calibration_kl, choose_mix
+    from qtune.formats.gguf.convert import gguf_tensors
+
+    plan = gguf_tensors(source.checkpoint)
+    n_params = sum(math.prod(shape) for shape in plan.shapes.values())
+    weights = plan.importance(importance)
+    rows = kl_probe_rows([b[0] for b in batches])
+    measure = calibration_kl(plan, source.checkpoint, weights, rows, tokenizer.pad_token_id, device)
+    try:
+        mix = choose_mix(plan, weights, target.budget_bytes(n_params), measure, overrides, device)
+    except ValueError as exc:
+        raise QtuneError(f"quant: auto: {exc}") from None
+    log.info("auto mix: %s", ", ".join(f"{n}× {t}" for t, n in sorted(mix.as_dict()["type_counts"].items())))
+    return mix
 
 
 def _export_checkpoint(source: ExportSource, target: ExportTarget, tokenizer, output: Path, overwrite: bool) -> dict:

@@ -302,7 +302,8 @@ def config_dtype(checkpoint: Path) -> torch.dtype | None:
 
 @torch.no_grad()
 def measure_candidates(streamed: StreamedModel, sources: dict[str, Callable[[str], Tensor]], reference: ReferenceOutputs) -> dict[str, Divergence]:
-    """Each candidate's divergence from the adapter model, each run one decoder block at a time."""
+    """Each candidate's divergence from the reference, each candidate run one decoder block at a time from
+    its source (a function of the checkpoint's tensor names)."""
     results = {}
     for name, source in sources.items():
         hidden = streamed.final_hidden(reference.batches, source)
@@ -317,7 +318,6 @@ def measure_candidates(streamed: StreamedModel, sources: dict[str, Callable[[str
         finally:
             release(head)
         del hidden
-        log.info("merge into the %s base: KL %.3g nats/token, top-1 agreement %.4f", name, results[name].mean_kl, results[name].top1_agreement)
     return results
 
 
@@ -401,6 +401,8 @@ def _merge_run(run_dir: Path) -> MergeResult:
         bases = ("original",)  # an unquantized base has no dequantized variant
     sources = {name: candidate_source(name, streamed.reader, specs, deltas, dtype) for name in bases}
     scores = measure_candidates(streamed, sources, reference)
+    for name, score in scores.items():
+        log.info("merge into the %s base: KL %.3g nats/token, top-1 agreement %.4f", name, score.mean_kl, score.top1_agreement)
     del reference
     chosen = min(scores, key=lambda name: scores[name].mean_kl)
     report = MergeReport(

@@ -259,7 +259,8 @@ class OutputSection(Section):
         return str(value)
 
 
-GGUF_TYPES = tuple(QUANT_MIXES)  # single types and llama.cpp's mixes
+AUTO_QUANT = "AUTO"  # quant: auto, each tensor's type chosen on the user's data within target_bpw or max_size
+GGUF_TYPES = (*QUANT_MIXES, AUTO_QUANT)  # single types, llama.cpp's mixes, and auto
 
 
 class ExportTarget(Section):
@@ -273,6 +274,9 @@ class ExportTarget(Section):
     scheme: Literal["W4A16", "W8A8", "FP8"] = "W4A16"
     smoothing: float | None = Field(None, ge=0, le=1)  # SmoothQuant's strength α (0: off); default: the scheme's
     imatrix: bool = True
+    target_bpw: float | None = Field(None, gt=1.5, le=16)  # quant: auto: tensor bits per weight, as llama.cpp counts them
+    max_size: str | None = None  # quant: auto: the tensors' bytes (e.g. 4.2GB); the file adds its metadata and tokenizer
+    tensor_types: dict[str, str] = Field(default_factory=dict)  # GGUF: {regex: type}, as llama-quantize's --tensor-type
     bits: int = DEFAULT_BITS
     group_size: int = DEFAULT_GROUP_SIZE
     sym: bool = True
@@ -298,6 +302,23 @@ class ExportTarget(Section):
         if unknown:
             raise ValueError(f"unknown runtime {unknown[0]!r} (known: {', '.join(RUNTIMES)})")
         return [known[name.lower()] for name in value]
+
+    @field_validator("max_size", mode="before")
+    @classmethod
+    def _max_size(cls, value):
+        if value is None:
+            return None
+        if not isinstance(value, (str, int)):
+            raise ValueError("must be a size such as 4.2GB or 800MiB")
+        parse_size(value)
+        return str(value)
+
+    @field_validator("tensor_types")
+    @classmethod
+    def _tensor_types(cls, value: dict[str, str]) -> dict[str, str]:
+        from qtune.formats.gguf.mixes import parse_tensor_types
+
+        return {pattern: qtype.name for pattern, qtype in parse_tensor_types(value)}
 
     @field_validator("quant")
     @classmethod
@@ -332,12 +353,25 @@ class ExportTarget(Section):
     @property
     def uses_imatrix(self) -> bool:
         """A GGUF export whose types are importance-weighted (with ``imatrix``, calibrated on the data)."""
-        return self.format == "gguf" and self.imatrix and QUANT_MIXES[self.quant].uses_imatrix
+        return self.format == "gguf" and self.imatrix and (self.quant == AUTO_QUANT or QUANT_MIXES[self.quant].uses_imatrix)
+
+    def budget_bytes(self, n_params: int) -> int:
+        """quant: auto's budget for tensor data."""
+        return int(self.target_bpw * n_params / 8) if self.target_bpw is not None else parse_size(str(self.max_size))
 
     def problems(self) -> list[tuple[str, str]]:
         found = []
         if self.format == "gguf-lora" and self.quant not in ("F32", "F16", "BF16"):
             found.append(("quant", f"a GGUF LoRA adapter is written as F32, F16 or BF16, not {self.quant}"))
+        auto = self.format == "gguf" and self.quant == AUTO_QUANT
+        if auto and (self.target_bpw is None) == (self.max_size is None):
+            found.append(("quant", "quant: auto needs a budget: target_bpw (e.g. 4.5) or max_size (e.g. 4.2GB), one of them"))
+        if auto and not self.imatrix:
+            found.append(("imatrix", "quant: auto measures each tensor's loss on calibration data; it needs imatrix: true"))
+        if not auto and (self.target_bpw is not None or self.max_size is not None):
+            found.append(("target_bpw" if self.target_bpw is not None else "max_size", "a size budget applies to quant: auto"))
+        if self.tensor_types and self.format != "gguf":
+            found.append(("tensor_types", "tensor_types applies to GGUF exports"))
         if self.group_size not in (32, 64, 128, -1):
             found.append(("group_size", "must be 32, 64, 128 or -1 (one group per row)"))
         if self.format == "gptq" and self.bits not in (2, 3, 4, 8):
@@ -378,6 +412,9 @@ class ExportTarget(Section):
         return found
 
     def default_name(self) -> str:
+        if self.format == "gguf" and self.quant == AUTO_QUANT:
+            budget = f"{self.target_bpw:g}bpw" if self.target_bpw is not None else str(self.max_size).replace(" ", "")
+            return f"model-auto-{budget}.gguf"
         if self.format == "gguf":
             return f"model-{self.quant}.gguf"
         if self.format == "gguf-lora":

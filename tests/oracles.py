@@ -78,8 +78,11 @@ def libggml_base() -> Path | None:
     return path if path.exists() else None
 
 
-def llama_quantize(src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None = None, threads: int = 1) -> None:
-    """llama.cpp's llama_model_quantize with the ftype (and --pure) of qtune's mix ``quant``."""
+def llama_quantize(
+    src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None = None, threads: int = 1, tensor_types: dict[str, str] | None = None
+) -> None:
+    """llama.cpp's llama_model_quantize with the ftype (and --pure) of qtune's mix ``quant``, and
+    ``tensor_types`` ({regex: type}) as llama-quantize's --tensor-type overrides."""
     import llama_cpp
 
     from qtune.formats.gguf.mixes import QUANT_MIXES
@@ -101,6 +104,17 @@ def llama_quantize(src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarr
             entries[i].size = values.size
         params.imatrix = entries
         keep.append(entries)
+    if tensor_types:
+        from gguf import GGMLQuantizationType
+
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, name) in enumerate(tensor_types.items()):
+            key = pattern.encode()
+            keep.append(key)
+            overrides[i].pattern = key
+            overrides[i].type = int(GGMLQuantizationType[name.upper()])
+        params.tt_overrides = overrides
+        keep.append(overrides)
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize failed for {dst}")
 

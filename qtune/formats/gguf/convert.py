@@ -14,7 +14,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from qtune.architectures import Architecture
 from qtune.cpu import fit_threads
 from qtune.errors import QtuneError
 from qtune.formats.gguf.layout import byte_shape, tensor_nbytes
-from qtune.formats.gguf.mixes import Fallback, choose_types, llama_tensor_order, quant_mix
+from qtune.formats.gguf.mixes import Fallback, choose_types, explicit_types, llama_tensor_order, quant_mix
 from qtune.formats.gguf.names import gguf_architecture, hf_to_gguf_name, hyperparameters, permute_for_rope, read_config
 from qtune.formats.gguf.vocab import tokenizer_metadata
 from qtune.formats.gguf.writer import write_atomically
@@ -86,15 +86,55 @@ def export_gguf(
     quant: str = "Q4_K_M",
     imatrix: dict[str, torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
+    tensor_types: Sequence[tuple[str, GGMLQuantizationType]] = (),
+    types: dict[str, GGMLQuantizationType] | None = None,
 ) -> GGUFExportReport:
     """Write ``checkpoint_dir`` (an HF safetensors checkpoint with its tokenizer) as one GGUF file.
 
     ``imatrix`` maps tensors (HF module names such as ``model.layers.0.mlp.down_proj`` or GGUF names
     such as ``blk.0.ffn_down.weight``) to per-input-column importances (mean x², ``qtune.imatrix``).
+    ``tensor_types`` are the user's (regex, type) overrides of the mix, as llama-quantize's
+    ``--tensor-type``; ``types`` gives every quantized tensor's type outright (``quant: auto``).
     The file is written under a temporary name beside ``output`` and renamed when complete.
     """
     with _gc_paused():
-        return _write_gguf(checkpoint_dir, output, quant, imatrix, device)
+        return _write_gguf(checkpoint_dir, output, quant, imatrix, device, tensor_types, types)
+
+
+@dataclass
+class GGUFTensors:
+    """What a checkpoint becomes in GGUF before any quantization: its tensors by GGUF name (each
+    loaded on demand, in GGUF's layout), their numpy shapes, and llama.cpp's tensor order."""
+
+    config: dict
+    arch: Architecture
+    hp: dict
+    sources: dict[str, _Source]
+    extra: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    order: list[str]
+
+    def load(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.extra[name] if name in self.extra else self.sources[name].load(device)
+
+    def importance(self, imatrix: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``imatrix`` (HF or GGUF names) by GGUF tensor name."""
+        return _imatrix_by_gguf_name(imatrix, self.arch, self.shapes) if imatrix else {}
+
+    def mix_settings(self, has_imatrix: bool) -> dict:
+        """The model facts llama.cpp's mix rules read (``mixes.choose_types``' keyword arguments)."""
+        hp = self.hp
+        return dict(is_70b=self.arch.gguf_is_70b(hp["n_layer"], hp["n_head"], hp["n_head_kv"]), n_gqa=hp["n_head"] // hp["n_head_kv"], has_imatrix=has_imatrix)
+
+
+def gguf_tensors(checkpoint_dir: Path) -> GGUFTensors:
+    config = read_config(checkpoint_dir)
+    arch = gguf_architecture(config)
+    hp = hyperparameters(config)
+    sources = _tensor_sources(checkpoint_dir, config, arch)
+    extra = _extra_tensors(config, hp)
+    shapes = {name: src.shape for name, src in sources.items()} | {n: tuple(t.shape) for n, t in extra.items()}
+    return GGUFTensors(config, arch, hp, sources, extra, shapes, llama_tensor_order(shapes))
 
 
 @contextlib.contextmanager
@@ -116,23 +156,21 @@ def _write_gguf(
     quant: str,
     imatrix: dict[str, torch.Tensor] | None,
     device: str | torch.device,
+    tensor_types: Sequence[tuple[str, GGMLQuantizationType]],
+    types: dict[str, GGMLQuantizationType] | None,
 ) -> GGUFExportReport:
     start = time.perf_counter()
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
-    mix = quant_mix(quant)
-    config = read_config(checkpoint_dir)
-    arch = gguf_architecture(config)
-    hp = hyperparameters(config)
+    plan = gguf_tensors(checkpoint_dir)
+    config, arch, hp, shapes, order = plan.config, plan.arch, plan.hp, plan.shapes, plan.order
     tokenizer_kv = tokenizer_metadata(checkpoint_dir, hp["vocab_size"])
-    sources = _tensor_sources(checkpoint_dir, config, arch)
-    extra = _extra_tensors(config, hp)
-
-    shapes = {name: src.shape for name, src in sources.items()} | {n: tuple(t.shape) for n, t in extra.items()}
-    order = llama_tensor_order(shapes)
-    is_70b = arch.gguf_is_70b(hp["n_layer"], hp["n_head"], hp["n_head_kv"])
-    n_gqa = hp["n_head"] // hp["n_head_kv"]
-    choice = choose_types(mix.name, [(n, shapes[n]) for n in order], hp["n_layer"], is_70b=is_70b, n_gqa=n_gqa, has_imatrix=bool(imatrix))
-    importance = _imatrix_by_gguf_name(imatrix, arch, shapes) if imatrix else {}
+    if types is None:
+        mix = quant_mix(quant)
+        choice = choose_types(mix.name, [(n, shapes[n]) for n in order], hp["n_layer"], tensor_types=tensor_types, **plan.mix_settings(bool(imatrix)))
+    else:
+        choice = explicit_types(quant, types, [(n, shapes[n]) for n in order])
+        mix = choice.mix
+    importance = plan.importance(imatrix)
 
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
     _add_model_metadata(writer, config, checkpoint_dir, arch, hp)
@@ -153,7 +191,7 @@ def _write_gguf(
         for name in order:
             fit_threads()
             qtype, shape = choice.types[name], shapes[name]
-            weight = extra[name] if name in extra else sources[name].load(device)
+            weight = plan.load(name, device)
             weights = importance.get(name)
             if not GGML_TYPES[qtype].uses_imatrix:
                 weights = None

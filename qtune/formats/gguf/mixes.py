@@ -20,6 +20,7 @@ llama.cpp's ``weights_map`` order; ``llama_tensor_order`` gives it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -131,18 +132,22 @@ def choose_types(
     is_70b: bool = False,
     n_gqa: int = 1,
     has_imatrix: bool = False,
+    tensor_types: Sequence[tuple[str, GGMLQuantizationType]] = (),
 ) -> MixChoice:
     """Types for ``tensors`` ((GGUF name, numpy shape) pairs) under mix ``quant``.
 
     Tensors that are not quantized (1-D norms and the like) stay F32. ``n_layer`` is the model's
     block count; ``is_70b`` is llama.cpp's LLM_TYPE_70B (``Architecture.gguf_is_70b``), which
     gives attn_v more bits; ``n_gqa`` is heads per KV head (n_head // n_head_kv) and ``has_imatrix``
-    whether an importance matrix is given, which some rules read.
+    whether an importance matrix is given, which some rules read. ``tensor_types`` are (regex, type)
+    overrides as llama-quantize's ``--tensor-type``: the first pattern found in a quantized tensor's
+    name gives its type in place of the mix's rule (whose layer counters then skip it), and the
+    row-length fallback still applies.
     """
     mix = quant_mix(quant)
     shapes = {name: tuple(shape) for name, shape in tensors}
     order = llama_tensor_order(shapes)
-    n_attention_wv = sum(1 for n in order if _category(n) == "attn_v")
+    n_attention_wv = sum(1 for n in order if tensor_category(n) == "attn_v")
     tied = "output.weight" not in shapes
     counters = {"attn_v": 0, "ffn_down": 0}
 
@@ -157,7 +162,10 @@ def choose_types(
         if qtype in _FLOAT_TYPES:
             types[name] = qtype
             continue
-        if not mix.pure:
+        manual = next((t for pattern, t in tensor_types if re.search(pattern, name)), None)
+        if manual is not None:
+            qtype = manual
+        elif not mix.pure:
             qtype = _mix_rule(mix, name, shape[-1], qtype, counters, n_attention_wv, n_layer, tied, is_70b, n_gqa, has_imatrix)
         used = _fallback(qtype, shape[-1])
         if used != qtype:
@@ -166,7 +174,43 @@ def choose_types(
     return MixChoice(mix, types, fallbacks)
 
 
-def _category(name: str) -> str:
+def parse_tensor_types(overrides: dict[str, str]) -> list[tuple[str, GGMLQuantizationType]]:
+    """``{pattern: type name}`` (llama-quantize's ``--tensor-type PATTERN=TYPE``) as (regex, type) pairs in
+    the given order; ValueError naming a pattern that is not a regex or a type qtune does not write."""
+    pairs = []
+    for pattern, type_name in overrides.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"tensor_types: '{pattern}' is not a regular expression ({exc})") from None
+        qtype = Q.__members__.get(str(type_name).upper())
+        if qtype is None or qtype not in GGML_TYPES:
+            raise ValueError(f"tensor_types: '{pattern}': unknown type '{type_name}'; one of {', '.join(t.name for t in GGML_TYPES)}")
+        pairs.append((pattern, qtype))
+    return pairs
+
+
+def explicit_types(label: str, types: dict[str, GGMLQuantizationType], tensors: Sequence[tuple[str, Sequence[int]]]) -> MixChoice:
+    """A MixChoice from a type for every quantized tensor (``quant: auto``); the others stay F32. The file
+    type written is llama.cpp's for the type that holds the most weights."""
+    chosen: dict[str, GGMLQuantizationType] = {}
+    weights: dict[GGMLQuantizationType, int] = {}
+    for name, shape in tensors:
+        if not allows_quantization(name, shape):
+            chosen[name] = Q.F32
+            continue
+        if name not in types:
+            raise ValueError(f"no type chosen for {name}")
+        qtype = chosen[name] = types[name]
+        if shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+            raise ValueError(f"{name}: rows of {shape[-1]} are not a multiple of {GGML_QUANT_SIZES[qtype][0]} ({qtype.name})")
+        weights[qtype] = weights.get(qtype, 0) + math.prod(shape)
+    dominant = max(weights, key=weights.__getitem__) if weights else Q.F32
+    file_type = next((m.file_type for m in _MIXES if m.default_type == dominant), F.GUESSED)
+    return MixChoice(QuantMix(label, dominant, file_type, pure=False), chosen, [])
+
+
+def tensor_category(name: str) -> str:
     if name == "output.weight":
         return "output"
     if name == "token_embd.weight":
@@ -209,7 +253,7 @@ def _mix_rule(
     """llama_tensor_get_type_impl restricted to the K-quant and IQ4 mixes of dense models."""
     iq4 = mix.file_type in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS)
     ftype = mix.file_type
-    category = _category(name)
+    category = tensor_category(name)
     if category == "output" or (tied and category == "token_embd"):
         if n_per_row % GGML_QUANT_SIZES[qtype][0] != 0:
             return Q.Q8_0
