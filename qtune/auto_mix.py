@@ -220,8 +220,9 @@ def calibration_kl(plan, checkpoint, importance: dict[str, torch.Tensor], rows: 
     from qtune.merge import measure_candidates
     from qtune.metrics import streamed_outputs
 
+    # the reference keeps its own skeleton: a candidate's head is loaded into its model's lm_head module
+    reference = streamed_outputs(StreamedModel(checkpoint, device, torch.float32), rows, pad_token_id)
     streamed = StreamedModel(checkpoint, device, torch.float32)
-    reference = streamed_outputs(streamed, rows, pad_token_id)
     gguf_name = {src.key: name for name, src in plan.sources.items()}
 
     def measure(types: dict[str, GGMLQuantizationType]) -> float:

@@ -173,3 +173,20 @@ def test_tensor_types_equal_llama_quantize_tt_overrides(tmp_path: Path):
     assert ours.read_bytes() == theirs.read_bytes()
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(ours).tensors}
     assert types["blk.1.attn_v.weight"] == Q.Q8_0 and types["blk.5.ffn_down.weight"] == Q.Q3_K and types["blk.3.attn_q.weight"] == Q.IQ4_XS
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_calibration_kl_sees_the_head(tmp_path: Path, tied: bool):
+    """The probe of the output head (or, tied, of the embedding that is also the head) moves the logits: the
+    reference must not share the candidate's head module."""
+    from qtune.auto_mix import calibration_kl
+    from qtune.formats.gguf.convert import gguf_tensors
+
+    model = tiny_model_dir(tmp_path / "m", hidden=256, tied=tied)
+    plan = gguf_tensors(model)
+    rows = [{"input_ids": list(range(5, 69)), "labels": list(range(5, 69)), "num_real_tokens": 64}]
+    measure = calibration_kl(plan, model, {}, rows, 0, "cpu")
+    head = "token_embd.weight" if tied else "output.weight"
+    assert measure({head: Q.Q2_K}) > 1e-4
+    assert measure({}) == pytest.approx(0.0, abs=1e-9)
+    assert measure({"blk.0.ffn_down.weight": Q.Q2_K}) > 1e-5
