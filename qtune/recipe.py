@@ -670,8 +670,16 @@ def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
+def _is_union_tag(part: object) -> bool:
+    """A part of a pydantic error location that names a union member or validator, not a recipe key."""
+    return isinstance(part, str) and (part.startswith("function-") or "[" in part or part in _TYPE_NAMES)
+
+
 def _describe_pydantic_error(error: dict) -> tuple[tuple, str]:
-    path = tuple(part for part in error["loc"] if not (isinstance(part, str) and (part.startswith("function-") or "[" in part or part in _TYPE_NAMES)))
+    loc = error["loc"]
+    # an unknown key is the location's last part, even when the user named it like a type ('list')
+    last = len(loc) - 1 if error["type"] == "extra_forbidden" else None
+    path = tuple(part for i, part in enumerate(loc) if i == last or not _is_union_tag(part))
     if error["type"] == "extra_forbidden":
         key = str(path[-1])
         valid = _field_names(Recipe, path[:-1])

@@ -316,6 +316,16 @@ def test_overrides_refuse_nonsense(tmp_path_factory, data):
     assert_refused(code, output, named)
 
 
+@pytest.mark.parametrize("word", ["list", "dict", "str", "none"])
+def test_an_unknown_key_named_like_a_type_is_named(tmp_path: Path, word: str):
+    """Found by the property test above: pydantic's union tags ('list', 'str') were dropped from error
+    locations, and with them an unknown key that the user happened to name so."""
+    recipe = write_recipe(tmp_path, with_value(("lora", "r"), 16))
+    code, output = run_cli("validate", str(recipe), "--set", f"lora.{word}=1")
+    assert_refused(code, output, f"unknown key '{word}'")
+    assert f"lora.{word}:" in output
+
+
 def test_overrides_reach_into_the_export_list(tmp_path: Path):
     recipe = write_recipe(tmp_path, with_value(("lora", "r"), 16))
     code, output = run_cli("validate", str(recipe), "--set", "export.2.group_size=64", "--set", "export.4.format=gguf", "--print")
