@@ -169,7 +169,7 @@ class Report:
                 [
                     row.artifact,
                     f"{category[0]}: {category[1]:.4g}" if category else "–",
-                    f"{task[0]}: {task[1]:+.1f}" if task else "–",
+                    ("none below merged" if task[1] <= 0 else f"{task[0]}: {task[1]:+.1f}") if task else "–",
                     f"{prompt['mean_kl']:.4g}",
                     _clip(prompt["prompt"], 80) + " ⟶ " + _clip(prompt["answer"], 40, end=False),
                 ]
@@ -205,7 +205,7 @@ def _num(value, spec: str) -> str:
 
 def _md_table(columns: list[str], body: list[list[str]]) -> str:
     escape = lambda cell: str(cell).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(escape(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(escape(c) for c in cells) + " |" for cells in body]
     return "\n".join(lines)
 

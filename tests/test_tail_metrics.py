@@ -13,7 +13,7 @@ import torch
 from qtune.evaluate import EvalResult, gate_failures
 from qtune.metrics import divergence, quantile, token_tail
 from qtune.recipe import GateSection, Recipe
-from qtune.report import Report, Row, apply_gates
+from qtune.report import Report, Row, _markdown, apply_gates
 from support import tiny_model_dir
 
 ROWS = [  # prompt tokens unlabelled, answers labelled
@@ -154,3 +154,6 @@ def test_the_report_shows_the_tail_and_where_it_sits(tmp_path: Path):
     assert [row[:2] for row in body] == [["q4", "all"], ["q4", "answers"]]
     columns, body = report.worst_table()
     assert body == [["q4", "math: 0.08", "math: +50.0", "0.91", "What is 17 * 23? ⟶ 391"]]
+    q4.by_category = {"code": 1.0, "math": 1.0}
+    assert report.worst_table()[1][0][2] == "none below merged"
+    assert "\\|Δp\\| p99" in _markdown(report).splitlines()[2]  # a header's pipes are escaped too
