@@ -18,8 +18,6 @@ The model runs one decoder block at a time (``blockwise.StreamedModel``); nothin
 from __future__ import annotations
 
 import logging
-import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +25,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qtune.formats.gguf.layout import tensor_nbytes
-from qtune.formats.gguf.mixes import allows_quantization, tensor_category
+from qtune.formats.gguf.mixes import allows_quantization, override_type, tensor_category
 from qtune.quant.ggml_quants import dequantize, quantize
 
 log = logging.getLogger(__name__)
@@ -62,9 +60,14 @@ class TensorCost:
     error: dict[GGMLQuantizationType, float]
 
 
+def round_trip(rows: torch.Tensor, qtype: GGMLQuantizationType, importance: torch.Tensor | None) -> torch.Tensor:
+    """``rows`` encoded by ggml's ``qtype`` (importance-weighted where given) and decoded again."""
+    return dequantize(quantize(rows, qtype, importance), qtype, rows.shape[1])
+
+
 def weighted_error(rows: torch.Tensor, qtype: GGMLQuantizationType, importance: torch.Tensor | None) -> float:
     """sum over rows and columns of importance_j * (w - q(w))^2, with q ggml's encoding of ``qtype``."""
-    back = dequantize(quantize(rows, qtype, importance), qtype, rows.shape[1])
+    back = round_trip(rows, qtype, importance)
     squared = (rows - back).double().square()
     return float((squared * importance.double()).sum() if importance is not None else squared.sum())
 
@@ -170,7 +173,7 @@ def choose_mix(
     fixed, manual_names, costs, fixed_bytes = {}, [], [], 0
     for name in quantized:
         shape = plan.shapes[name]
-        manual = next((t for pattern, t in tensor_types if re.search(pattern, name)), None)
+        manual = override_type(name, tensor_types)
         if manual is not None:
             if not fits(manual, shape[-1]):
                 raise ValueError(f"tensor_types: {name} has rows of {shape[-1]}, not a multiple of {GGML_QUANT_SIZES[manual][0]} ({manual.name})")
@@ -185,7 +188,7 @@ def choose_mix(
             continue
         costs.append(tensor_cost(name, plan.load(name, device), importance.get(name), types))
     unquantized = sum(tensor_nbytes(Q.F32, plan.shapes[n]) for n in plan.order if n not in quantized)
-    n_params = sum(math.prod(s) for s in plan.shapes.values())
+    n_params = plan.n_params
 
     probe_kl, factors = {}, {}
     for category in sorted({c.category for c in costs}):
@@ -233,8 +236,7 @@ def calibration_kl(plan, checkpoint, importance: dict[str, torch.Tensor], rows: 
                 return tensor
             rows = tensor.to(device=device, dtype=torch.float32).reshape(-1, plan.shapes[name][-1])
             weights = importance.get(name)
-            back = dequantize(quantize(rows, types[name], None if weights is None else weights.to(rows.device)), types[name], rows.shape[1])
-            return back.reshape(tensor.shape)
+            return round_trip(rows, types[name], None if weights is None else weights.to(rows.device)).reshape(tensor.shape)
 
         return measure_candidates(streamed, {"mix": source}, reference)["mix"].mean_kl
 

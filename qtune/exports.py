@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -235,12 +234,11 @@ def _auto_mix(source: ExportSource, target: ExportTarget, importance, batches: l
     from qtune.formats.gguf.convert import gguf_tensors
 
     plan = gguf_tensors(source.checkpoint)
-    n_params = sum(math.prod(shape) for shape in plan.shapes.values())
     weights = plan.importance(importance)
     rows = kl_probe_rows([b[0] for b in batches])
     measure = calibration_kl(plan, source.checkpoint, weights, rows, tokenizer.pad_token_id, device)
     try:
-        mix = choose_mix(plan, weights, target.budget_bytes(n_params), measure, overrides, device)
+        mix = choose_mix(plan, weights, target.budget_bytes(plan.n_params), measure, overrides, device)
     except ValueError as exc:
         raise QtuneError(f"quant: auto: {exc}") from None
     log.info("auto mix: %s", ", ".join(f"{n}× {t}" for t, n in sorted(mix.as_dict()["type_counts"].items())))

@@ -186,7 +186,6 @@ def quality(args: argparse.Namespace, ckpt: Path, tmp: Path, f32: Path, quants: 
 def auto_export(ckpt: Path, out: Path, imatrix: dict, calib_ids: torch.Tensor, pad: int, bpw: float) -> tuple[float, float]:
     """quant: auto at ``bpw`` with the same imatrix, its KL probes on the first calibration rows, as
     ``qtune export`` runs it; seconds for finding the mix and writing the file, and the file's bpw."""
-    import math
 
     from qtune.auto_mix import calibration_kl, choose_mix
     from qtune.exports import kl_probe_rows
@@ -195,9 +194,8 @@ def auto_export(ckpt: Path, out: Path, imatrix: dict, calib_ids: torch.Tensor, p
     t = time.perf_counter()
     plan = gguf_tensors(ckpt)
     weights = plan.importance(imatrix)
-    n_params = sum(math.prod(s) for s in plan.shapes.values())
     rows = kl_probe_rows(list(calib_ids.split(512)))
-    mix = choose_mix(plan, weights, int(bpw * n_params / 8), calibration_kl(plan, ckpt, weights, rows, pad, "cpu"))
+    mix = choose_mix(plan, weights, int(bpw * plan.n_params / 8), calibration_kl(plan, ckpt, weights, rows, pad, "cpu"))
     report = export_gguf(ckpt, out, "auto", imatrix=imatrix, types=mix.types)
     counts = mix.as_dict()["type_counts"]
     print(f"auto at {bpw:.3f} bpw: {report.bits_per_weight:.3f} bpw, predicted KL {mix.predicted_kl:.4g}, on calibration {mix.measured_kl:.4g}; {counts}")

@@ -114,6 +114,10 @@ class GGUFTensors:
     shapes: dict[str, tuple[int, ...]]
     order: list[str]
 
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
     def load(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         return self.extra[name] if name in self.extra else self.sources[name].load(device)
 

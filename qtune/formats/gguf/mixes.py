@@ -162,7 +162,7 @@ def choose_types(
         if qtype in _FLOAT_TYPES:
             types[name] = qtype
             continue
-        manual = next((t for pattern, t in tensor_types if re.search(pattern, name)), None)
+        manual = override_type(name, tensor_types)
         if manual is not None:
             qtype = manual
         elif not mix.pure:
@@ -188,6 +188,11 @@ def parse_tensor_types(overrides: dict[str, str]) -> list[tuple[str, GGMLQuantiz
             raise ValueError(f"tensor_types: '{pattern}': unknown type '{type_name}'; one of {', '.join(t.name for t in GGML_TYPES)}")
         pairs.append((pattern, qtype))
     return pairs
+
+
+def override_type(name: str, tensor_types: Sequence[tuple[str, GGMLQuantizationType]]) -> GGMLQuantizationType | None:
+    """The type of the first (regex, type) override whose pattern is found in ``name``, as llama-quantize matches them."""
+    return next((qtype for pattern, qtype in tensor_types if re.search(pattern, name)), None)
 
 
 def explicit_types(label: str, types: dict[str, GGMLQuantizationType], tensors: Sequence[tuple[str, Sequence[int]]]) -> MixChoice:
